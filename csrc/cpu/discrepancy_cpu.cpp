@@ -1,0 +1,429 @@
+// CPU kernels of the discrepancy ops (SPEC sections 1-2): all K layer pairs in one call,
+// at::parallel_for over (sample, layer) tiles, float64 accumulation for every input dtype.
+//
+// Tiles are numbered sample-major / layer-minor, so the contiguous chunk each thread receives
+// holds every layer in equal measure: layers of very different sizes (a ResNet's stages) still
+// balance across threads.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/host_prep.h"
+
+namespace lwkd {
+namespace {
+
+using acc_t = double;  // CPU accumulation type for every input dtype (memory-bound: it is free)
+
+// ---------------------------------------------------------------------------------------------
+// Channel reduction: out[i] = (1/C) sum_c |x[c, i]|^p for one sample of a (C, N) strided map.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t, PowMode M>
+void reduce_channels_impl(const scalar_t* __restrict__ x, int64_t C, int64_t N, int64_t sc,
+                          int64_t sn, acc_t p, acc_t* __restrict__ out) {
+  std::fill(out, out + N, acc_t(0));
+  if (sn == 1) {
+    // NCHW: stream rows of N contiguous values, four channels per sweep over `out`.
+    int64_t c = 0;
+    for (; c + 4 <= C; c += 4) {
+      const scalar_t* __restrict__ r0 = x + c * sc;
+      const scalar_t* __restrict__ r1 = r0 + sc;
+      const scalar_t* __restrict__ r2 = r1 + sc;
+      const scalar_t* __restrict__ r3 = r2 + sc;
+      for (int64_t i = 0; i < N; ++i) {
+        out[i] += (abs_pow<M>(acc_t(r0[i]), p) + abs_pow<M>(acc_t(r1[i]), p)) +
+                  (abs_pow<M>(acc_t(r2[i]), p) + abs_pow<M>(acc_t(r3[i]), p));
+      }
+    }
+    for (; c < C; ++c) {
+      const scalar_t* __restrict__ r = x + c * sc;
+      for (int64_t i = 0; i < N; ++i) out[i] += abs_pow<M>(acc_t(r[i]), p);
+    }
+  } else if (sc == 1) {
+    // channels_last / token layout: each location holds C contiguous channel values.
+    for (int64_t i = 0; i < N; ++i) {
+      const scalar_t* __restrict__ r = x + i * sn;
+      acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      int64_t c = 0;
+      for (; c + 4 <= C; c += 4) {
+        a0 += abs_pow<M>(acc_t(r[c]), p);
+        a1 += abs_pow<M>(acc_t(r[c + 1]), p);
+        a2 += abs_pow<M>(acc_t(r[c + 2]), p);
+        a3 += abs_pow<M>(acc_t(r[c + 3]), p);
+      }
+      for (; c < C; ++c) a0 += abs_pow<M>(acc_t(r[c]), p);
+      out[i] = (a0 + a1) + (a2 + a3);
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < N; ++i) out[i] += abs_pow<M>(acc_t(x[c * sc + i * sn]), p);
+  }
+  const acc_t inv_c = acc_t(1) / acc_t(C);
+  for (int64_t i = 0; i < N; ++i) out[i] *= inv_c;
+}
+
+// g[c, i] = h[i] * d|x|^p/dx at x[c, i]   (h already carries the 1/C of the channel mean)
+template <typename scalar_t, PowMode M>
+void channel_grad_impl(const scalar_t* __restrict__ x, int64_t C, int64_t N, int64_t sc, int64_t sn,
+                       scalar_t* __restrict__ g, int64_t gsc, int64_t gsn,
+                       const at::opmath_type<scalar_t>* __restrict__ h,
+                       at::opmath_type<scalar_t> p) {
+  using op_t = at::opmath_type<scalar_t>;
+  if (sn == 1 && gsn == 1) {
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* __restrict__ r = x + c * sc;
+      scalar_t* __restrict__ o = g + c * gsc;
+      for (int64_t i = 0; i < N; ++i) o[i] = scalar_t(h[i] * abs_pow_grad<M>(op_t(r[i]), p));
+    }
+  } else if (sc == 1 && gsc == 1) {
+    for (int64_t i = 0; i < N; ++i) {
+      const scalar_t* __restrict__ r = x + i * sn;
+      scalar_t* __restrict__ o = g + i * gsn;
+      const op_t hi = h[i];
+      for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(hi * abs_pow_grad<M>(op_t(r[c]), p));
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < N; ++i)
+        g[c * gsc + i * gsn] = scalar_t(h[i] * abs_pow_grad<M>(op_t(x[c * sc + i * sn]), p));
+  }
+}
+
+// A (B, C, N) strided tensor as raw pointer + strides.
+struct Bcn {
+  const void* ptr;
+  void* mut;
+  at::ScalarType dtype;
+  int64_t C, N, sb, sc, sn;
+};
+
+Bcn bcn_of(const at::Tensor& t3) {
+  return Bcn{t3.const_data_ptr(), nullptr, t3.scalar_type(), t3.size(1), t3.size(2),
+             t3.stride(0), t3.stride(1), t3.stride(2)};
+}
+
+Bcn bcn_of_mut(at::Tensor& t3) {
+  Bcn b = bcn_of(t3);
+  b.mut = t3.mutable_data_ptr();
+  return b;
+}
+
+#define LWKD_DISPATCH_POW(pm, ...)                              \
+  switch (pm) {                                                 \
+    case PowMode::kTwo: { constexpr PowMode kM = PowMode::kTwo; __VA_ARGS__; break; } \
+    case PowMode::kOne: { constexpr PowMode kM = PowMode::kOne; __VA_ARGS__; break; } \
+    default: { constexpr PowMode kM = PowMode::kGeneral; __VA_ARGS__; break; }        \
+  }
+
+void reduce_channels(const Bcn& f, int64_t b, PowMode pm, acc_t p, acc_t* out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.dtype, "lwkd_reduce_channels", [&] {
+    const scalar_t* x = static_cast<const scalar_t*>(f.ptr) + b * f.sb;
+    LWKD_DISPATCH_POW(pm, reduce_channels_impl<scalar_t, kM>(x, f.C, f.N, f.sc, f.sn, p, out));
+  });
+}
+
+void channel_grad(const Bcn& f, const Bcn& g, int64_t b, PowMode pm, acc_t p, const acc_t* ga,
+                  std::vector<double>& hbuf) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.dtype, "lwkd_channel_grad", [&] {
+    using op_t = at::opmath_type<scalar_t>;
+    op_t* h = reinterpret_cast<op_t*>(hbuf.data());  // hbuf holds N doubles >= N op_t
+    const acc_t inv_c = acc_t(1) / acc_t(f.C);
+    for (int64_t i = 0; i < f.N; ++i) h[i] = op_t(ga[i] * inv_c);
+    const scalar_t* x = static_cast<const scalar_t*>(f.ptr) + b * f.sb;
+    scalar_t* o = static_cast<scalar_t*>(g.mut) + b * g.sb;
+    LWKD_DISPATCH_POW(pm, channel_grad_impl<scalar_t, kM>(x, f.C, f.N, f.sc, f.sn, o, g.sc, g.sn, h, op_t(p)));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-sample metric on two maps a_s, a_t of length N (double buffers), SPEC section 2.
+// ---------------------------------------------------------------------------------------------
+
+// P = a / max(sum a, eps) or softmax(a / tau); returns the statistic the backward needs
+// (sum a for the sum normalisation, unused for softmax).
+acc_t to_distribution(const acc_t* a, int64_t N, const MetricParams& prm, acc_t* P) {
+  if (prm.normalize == Normalize::kSum) {
+    acc_t s = 0;
+    for (int64_t i = 0; i < N; ++i) s += a[i];
+    const acc_t inv = acc_t(1) / clamp_eps(s, acc_t(prm.eps));
+    for (int64_t i = 0; i < N; ++i) P[i] = a[i] * inv;
+    return s;
+  }
+  const acc_t inv_tau = acc_t(1) / acc_t(prm.tau);
+  acc_t mx = a[0];
+  for (int64_t i = 1; i < N; ++i) mx = lwkd_max(mx, a[i]);
+  acc_t z = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    P[i] = lwkd_exp((a[i] - mx) * inv_tau);
+    z += P[i];
+  }
+  const acc_t inv_z = acc_t(1) / z;
+  for (int64_t i = 0; i < N; ++i) P[i] *= inv_z;
+  return z;
+}
+
+acc_t l2norm(const acc_t* a, int64_t N) {
+  acc_t s = 0;
+  for (int64_t i = 0; i < N; ++i) s += a[i] * a[i];
+  return lwkd_sqrt(s);
+}
+
+acc_t metric_forward(const acc_t* as, const acc_t* at, int64_t N, const MetricParams& prm,
+                     acc_t* ps, acc_t* pt) {
+  const acc_t eps = prm.eps;
+  if (prm.metric == Metric::kJsd) {
+    to_distribution(as, N, prm, ps);
+    to_distribution(at, N, prm, pt);
+    const acc_t beta = prm.beta;
+    acc_t d = 0;
+    for (int64_t i = 0; i < N; ++i) d += jsd_term(ps[i], pt[i], beta);
+    return d;
+  }
+  const acc_t inv_ns = acc_t(1) / clamp_eps(l2norm(as, N), eps);
+  const acc_t inv_nt = acc_t(1) / clamp_eps(l2norm(at, N), eps);
+  acc_t d = 0;
+  for (int64_t i = 0; i < N; ++i) d += sqdist_term(as[i], at[i], inv_ns, inv_nt);
+  return prm.metric == Metric::kAt ? d / acc_t(N) : d;
+}
+
+// ga[i] = gd * d(metric)/d(a_s[i])
+void metric_backward(const acc_t* as, const acc_t* at, int64_t N, const MetricParams& prm,
+                     acc_t gd, acc_t* ga, acc_t* ps, acc_t* pt) {
+  const acc_t eps = prm.eps;
+  if (prm.metric == Metric::kJsd) {
+    const acc_t s = to_distribution(as, N, prm, ps);
+    to_distribution(at, N, prm, pt);
+    const acc_t beta = prm.beta;
+    acc_t proj = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      ga[i] = gd * jsd_grad_ps(ps[i], pt[i], beta);
+      proj += ga[i] * ps[i];
+    }
+    if (prm.normalize == Normalize::kSum) {
+      if (!passes_clamp(s, eps)) proj = 0;
+      const acc_t inv_n = acc_t(1) / clamp_eps(s, eps);
+      for (int64_t i = 0; i < N; ++i) ga[i] = sumnorm_grad_a(ga[i], inv_n, proj);
+    } else {
+      const acc_t inv_tau = acc_t(1) / acc_t(prm.tau);
+      for (int64_t i = 0; i < N; ++i) ga[i] = softmax_grad_a(ga[i], ps[i], proj, inv_tau);
+    }
+    return;
+  }
+  const acc_t rs = l2norm(as, N);
+  const acc_t inv_ns = acc_t(1) / clamp_eps(rs, eps);
+  const acc_t inv_nt = acc_t(1) / clamp_eps(l2norm(at, N), eps);
+  const acc_t scale = prm.metric == Metric::kAt ? acc_t(1) / acc_t(N) : acc_t(1);
+  const acc_t two_scale_gd = acc_t(2) * scale * gd;
+  acc_t proj = 0;
+  if (passes_clamp(rs, eps))
+    for (int64_t i = 0; i < N; ++i)
+      proj += as[i] * inv_ns * sqdist_grad_q(as[i], at[i], inv_ns, inv_nt, two_scale_gd);
+  for (int64_t i = 0; i < N; ++i)
+    ga[i] = sqdist_grad_a(sqdist_grad_q(as[i], at[i], inv_ns, inv_nt, two_scale_gd), as[i], inv_ns, proj);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for reading / writing one sample of a map.
+// ---------------------------------------------------------------------------------------------
+void load_row(const at::Tensor& m, int64_t b, int64_t N, acc_t* out, bool absval) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "lwkd_load_row", [&] {
+    const scalar_t* r = m.const_data_ptr<scalar_t>() + b * N;
+    if (absval)
+      for (int64_t i = 0; i < N; ++i) out[i] = lwkd_abs(acc_t(r[i]));
+    else
+      for (int64_t i = 0; i < N; ++i) out[i] = acc_t(r[i]);
+  });
+}
+
+void store_value(at::Tensor& d, int64_t idx, acc_t v) {
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "lwkd_store_value", [&] { d.mutable_data_ptr<scalar_t>()[idx] = scalar_t(v); });
+}
+
+void store_row(at::Tensor& m, int64_t b, int64_t N, const acc_t* in) {
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "lwkd_store_row", [&] {
+    scalar_t* r = m.mutable_data_ptr<scalar_t>() + b * N;
+    for (int64_t i = 0; i < N; ++i) r[i] = scalar_t(in[i]);
+  });
+}
+
+struct Scratch {
+  std::vector<acc_t> a, b, c, d, e;
+  explicit Scratch(int64_t n) : a(n), b(n), c(n), d(n), e(n) {}
+};
+
+// Runs f(k, b, scratch) over every (layer k, sample b) tile.  Tiles are numbered sample-major /
+// layer-minor (see the file comment); tiny problems stay on one thread because a parallel
+// region costs a few microseconds.
+template <typename F>
+void parallel_tiles(int64_t K, int64_t B, int64_t elems_all_layers, int64_t nmax, const F& f) {
+  const int64_t per_tile = std::max<int64_t>(1, elems_all_layers / std::max<int64_t>(K, 1));
+  const int64_t grain = std::max<int64_t>(1, 32768 / per_tile);
+  at::parallel_for(0, K * B, grain, [&](int64_t begin, int64_t end) {
+    Scratch w(nmax);
+    for (int64_t t = begin; t < end; ++t) f(t % K, t / K, w);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> attention_discrepancy_cpu(
+    at::TensorList student, at::TensorList teacher, double p, c10::string_view metric,
+    double beta, c10::string_view normalize, double tau, double eps, int64_t channel_dim) {
+  const MetricParams prm = parse_params(metric, normalize, beta, tau, eps, /*attention=*/true);
+  TORCH_CHECK(p > 0.0 && std::isfinite(p), "lwkd::attention_discrepancy: p must be positive and finite, got ", p);
+  const int64_t B = check_pair_lists(student, teacher, "attention_discrepancy");
+  const int64_t K = static_cast<int64_t>(student.size());
+  const auto out_dt = acc_dtype(student, teacher);
+  const auto opts = student[0].options().dtype(out_dt);
+
+  std::vector<at::Tensor> s3(K), t3(K), maps_s(K), maps_t(K);
+  std::vector<Bcn> fs(K), ft(K);
+  int64_t nmax = 1, total = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    s3[k] = bcn_view(student[k], wrap_dim(channel_dim, student[k].dim()));
+    t3[k] = bcn_view(teacher[k], wrap_dim(channel_dim, teacher[k].dim()));
+    TORCH_CHECK(s3[k].size(2) == t3[k].size(2), "lwkd::attention_discrepancy: pair ", k,
+                ": student has ", s3[k].size(2), " locations but teacher has ", t3[k].size(2));
+    fs[k] = bcn_of(s3[k]);
+    ft[k] = bcn_of(t3[k]);
+    const int64_t N = fs[k].N;
+    maps_s[k] = at::empty({B, N}, opts);
+    maps_t[k] = at::empty({B, N}, opts);
+    nmax = std::max(nmax, N);
+    total += (fs[k].C + ft[k].C) * N;
+  }
+  at::Tensor d = at::empty({K, B}, opts);
+  const PowMode pm = pow_mode(p);
+
+  parallel_tiles(K, B, total, nmax, [&](int64_t k, int64_t b, Scratch& w) {
+    const int64_t N = fs[k].N;
+    reduce_channels(fs[k], b, pm, p, w.a.data());
+    reduce_channels(ft[k], b, pm, p, w.b.data());
+    const acc_t v = metric_forward(w.a.data(), w.b.data(), N, prm, w.c.data(), w.d.data());
+    store_row(maps_s[k], b, N, w.a.data());
+    store_row(maps_t[k], b, N, w.b.data());
+    store_value(d, k * B + b, v);
+  });
+  return {d, maps_s, maps_t};
+}
+
+std::vector<at::Tensor> attention_discrepancy_backward_cpu(
+    const at::Tensor& grad, at::TensorList student, at::TensorList maps_s, at::TensorList maps_t,
+    double p, c10::string_view metric, double beta, c10::string_view normalize, double tau,
+    double eps, int64_t channel_dim) {
+  const MetricParams prm = parse_params(metric, normalize, beta, tau, eps, /*attention=*/true);
+  const int64_t K = static_cast<int64_t>(student.size());
+  TORCH_CHECK(maps_s.size() == student.size() && maps_t.size() == student.size(),
+              "lwkd::attention_discrepancy_backward: list lengths differ");
+  if (K == 0) return {};
+  const int64_t B = student[0].size(0);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == K && grad.size(1) == B,
+              "lwkd::attention_discrepancy_backward: grad must be (", K, ", ", B, "), got ", grad.sizes());
+  const at::Tensor g = grad.to(at::kDouble).contiguous();
+  const double* gp = g.const_data_ptr<double>();
+
+  std::vector<at::Tensor> s3(K), grads(K), g3(K), ms(K), mt(K);
+  std::vector<Bcn> fs(K), fg(K);
+  int64_t nmax = 1, total = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t cd = wrap_dim(channel_dim, student[k].dim());
+    s3[k] = bcn_view(student[k], cd);
+    auto gb = bcn_grad_buffer(student[k], cd);
+    grads[k] = gb.first;
+    g3[k] = gb.second;
+    fs[k] = bcn_of(s3[k]);
+    fg[k] = bcn_of_mut(g3[k]);
+    ms[k] = maps_s[k].contiguous();
+    mt[k] = maps_t[k].contiguous();
+    TORCH_CHECK(ms[k].numel() == B * fs[k].N && mt[k].numel() == B * fs[k].N,
+                "lwkd::attention_discrepancy_backward: pair ", k, ": saved maps do not match the student");
+    nmax = std::max(nmax, fs[k].N);
+    total += fs[k].C * fs[k].N;
+  }
+  const PowMode pm = pow_mode(p);
+  parallel_tiles(K, B, total, nmax, [&](int64_t k, int64_t b, Scratch& w) {
+    const int64_t N = fs[k].N;
+    load_row(ms[k], b, N, w.a.data(), false);
+    load_row(mt[k], b, N, w.b.data(), false);
+    metric_backward(w.a.data(), w.b.data(), N, prm, gp[k * B + b], w.e.data(), w.c.data(), w.d.data());
+    channel_grad(fs[k], fg[k], b, pm, p, w.e.data(), w.c);
+  });
+  return grads;
+}
+
+at::Tensor map_discrepancy_cpu(at::TensorList student, at::TensorList teacher,
+                               c10::string_view metric, double beta, double eps) {
+  const MetricParams prm = parse_params(metric, "sum", beta, 1.0, eps, /*attention=*/false);
+  const int64_t B = check_pair_lists(student, teacher, "map_discrepancy");
+  const int64_t K = static_cast<int64_t>(student.size());
+  const auto out_dt = acc_dtype(student, teacher);
+  std::vector<FlatPair> fp(K);
+  int64_t nmax = 1, total = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    fp[k] = flat_pair(student[k], teacher[k]);
+    nmax = std::max(nmax, fp[k].N);
+    total += 2 * fp[k].N;
+  }
+  at::Tensor d = at::empty({K, B}, student[0].options().dtype(out_dt));
+  const bool absval = prm.metric == Metric::kJsd;
+  parallel_tiles(K, B, total, nmax, [&](int64_t k, int64_t b, Scratch& w) {
+    const int64_t N = fp[k].N;
+    load_row(fp[k].s, b, N, w.a.data(), absval);
+    load_row(fp[k].t, b, N, w.b.data(), absval);
+    store_value(d, k * B + b, metric_forward(w.a.data(), w.b.data(), N, prm, w.c.data(), w.d.data()));
+  });
+  return d;
+}
+
+std::vector<at::Tensor> map_discrepancy_backward_cpu(const at::Tensor& grad, at::TensorList student,
+                                                     at::TensorList teacher, c10::string_view metric,
+                                                     double beta, double eps) {
+  const MetricParams prm = parse_params(metric, "sum", beta, 1.0, eps, /*attention=*/false);
+  const int64_t B = check_pair_lists(student, teacher, "map_discrepancy_backward");
+  const int64_t K = static_cast<int64_t>(student.size());
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == K && grad.size(1) == B,
+              "lwkd::map_discrepancy_backward: grad must be (", K, ", ", B, "), got ", grad.sizes());
+  const at::Tensor g = grad.to(at::kDouble).contiguous();
+  const double* gp = g.const_data_ptr<double>();
+  std::vector<FlatPair> fp(K);
+  std::vector<at::Tensor> grads(K);
+  int64_t nmax = 1, total = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    fp[k] = flat_pair(student[k], teacher[k]);
+    grads[k] = at::empty_like(fp[k].s);  // dense: same memory order as fp[k].s
+    nmax = std::max(nmax, fp[k].N);
+    total += 3 * fp[k].N;
+  }
+  const bool absval = prm.metric == Metric::kJsd;
+  parallel_tiles(K, B, total, nmax, [&](int64_t k, int64_t b, Scratch& w) {
+    const int64_t N = fp[k].N;
+    load_row(fp[k].s, b, N, w.a.data(), absval);
+    load_row(fp[k].t, b, N, w.b.data(), absval);
+    metric_backward(w.a.data(), w.b.data(), N, prm, gp[k * B + b], w.e.data(), w.c.data(), w.d.data());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[k].scalar_type(), "lwkd_map_grad", [&] {
+      const scalar_t* u = fp[k].s.const_data_ptr<scalar_t>() + b * N;
+      scalar_t* o = grads[k].mutable_data_ptr<scalar_t>() + b * N;
+      if (absval)
+        for (int64_t i = 0; i < N; ++i) o[i] = scalar_t(w.e[i] * lwkd_sign(acc_t(u[i])));
+      else
+        for (int64_t i = 0; i < N; ++i) o[i] = scalar_t(w.e[i]);
+    });
+  });
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lwkd, CPU, m) {
+  m.impl("attention_discrepancy", &attention_discrepancy_cpu);
+  m.impl("attention_discrepancy_backward", &attention_discrepancy_backward_cpu);
+  m.impl("map_discrepancy", &map_discrepancy_cpu);
+  m.impl("map_discrepancy_backward", &map_discrepancy_backward_cpu);
+}
+
+}  // namespace lwkd

@@ -1,0 +1,557 @@
+"""Operator layer of lwkd_fast: native-library loading, backend selection, fake kernels,
+autograd registration, input validation and the public discrepancy functions.
+
+Backends (ARCHITECTURE "Backends and dispatch"):
+
+``reference``  pure torch (:mod:`lwkd_fast.reference`), runs anywhere, autograd through torch;
+``native``     the C++/CUDA extension ``lwkd_fast._C`` (``torch.ops.lwkd.*``);
+``triton``     Triton kernels (:mod:`lwkd_fast.triton`) for CUDA tensors, or CPU tensors under
+               ``TRITON_INTERPRET=1``.
+
+``auto`` (the default) picks native when the extension loaded and has a kernel for the device,
+else Triton on CUDA tensors, else the reference, and logs the reason for a fallback once.
+``LWKD_BACKEND=reference|native|triton`` or :func:`use_backend` force one backend; a forced
+backend that cannot run raises with the reason instead of falling back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import logging
+import math
+import os
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+log = logging.getLogger("lwkd_fast")
+
+BACKENDS = ("reference", "native", "triton")
+_REQUESTS = ("auto",) + BACKENDS
+
+# ------------------------------------------------------------------------------------------------
+# Soft loading of the native library
+# ------------------------------------------------------------------------------------------------
+
+_C = None
+_C_ERROR: Optional[str] = None
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+if _truthy(os.environ.get("LWKD_DISABLE_NATIVE")):
+    _C_ERROR = "disabled by LWKD_DISABLE_NATIVE=1"
+else:
+    try:
+        from . import _C  # noqa: F811  (registers torch.ops.lwkd.*)
+    except ImportError as exc:  # not built (LWKD_NO_EXT=1), or built against another torch
+        _C = None
+        _C_ERROR = f"lwkd_fast._C did not load ({type(exc).__name__}: {exc})"
+        if "No module named" in str(exc):
+            _C_ERROR = "lwkd_fast._C is not built (installed with LWKD_NO_EXT=1, or the build was skipped)"
+
+NATIVE_OPS = (
+    "attention_discrepancy",
+    "attention_discrepancy_backward",
+    "map_discrepancy",
+    "map_discrepancy_backward",
+)
+
+
+def _has_native_kernel(op: str, dispatch_key: str) -> bool:
+    if _C is None:
+        return False
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"lwkd::{op}", dispatch_key))
+    except RuntimeError:  # schema not defined
+        return False
+
+
+def native_kernels() -> Dict[str, List[str]]:
+    """``{op: [dispatch keys with a native kernel]}`` for every ``lwkd::`` op."""
+    return {op: [k for k in ("CPU", "CUDA") if _has_native_kernel(op, k)] for op in _native_op_names()}
+
+
+def _native_op_names() -> List[str]:
+    names = list(NATIVE_OPS)
+    for extra in _EXTRA_NATIVE_OPS:
+        if extra not in names:
+            names.append(extra)
+    return names
+
+
+# other modules (the optimizer) add the names of their native ops here
+_EXTRA_NATIVE_OPS: List[str] = []
+
+# ------------------------------------------------------------------------------------------------
+# Backend selection
+# ------------------------------------------------------------------------------------------------
+
+_forced_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lwkd_backend", default=None)
+
+
+def _check_backend_name(name: str, source: str) -> str:
+    name = (name or "auto").strip().lower()
+    if name not in _REQUESTS:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {', '.join(_REQUESTS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force one backend (``"reference"``, ``"native"``, ``"triton"`` or ``"auto"``) inside a
+    ``with`` block.  Overrides ``LWKD_BACKEND``.  A forced backend that cannot run an op raises."""
+    token = _forced_backend.set(_check_backend_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _forced_backend.reset(token)
+
+
+def requested_backend() -> str:
+    """The backend asked for right now: :func:`use_backend`, else ``LWKD_BACKEND``, else ``auto``."""
+    forced = _forced_backend.get()
+    if forced is not None:
+        return forced
+    return _check_backend_name(os.environ.get("LWKD_BACKEND", "auto"), "LWKD_BACKEND")
+
+
+def _native_status(op: str, device_type: str) -> Tuple[bool, str]:
+    if _C is None:
+        return False, _C_ERROR or "lwkd_fast._C is not loaded"
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False, f"no native kernels for device type {device_type!r}"
+    if not _has_native_kernel(op, key):
+        if key == "CUDA":
+            return False, f"the extension has no CUDA kernel for lwkd::{op} (built without CUDA?)"
+        return False, f"the extension has no {key} kernel for lwkd::{op}"
+    return True, ""
+
+
+def _triton_status(op: str, device_type: str) -> Tuple[bool, str]:
+    try:
+        mod = importlib.import_module("lwkd_fast.triton")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("lwkd_fast.triton", "triton"):
+            return False, "the Triton backend is not part of this build"
+        raise
+    return mod.status(op, device_type)
+
+
+def backend_status(backend: str, op: str, device_type: str) -> Tuple[bool, str]:
+    """``(available, reason)`` of one backend for one op on one device type."""
+    if backend == "reference":
+        return True, ""
+    if backend == "native":
+        return _native_status(op, device_type)
+    if backend == "triton":
+        return _triton_status(op, device_type)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+_logged: set = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        log.info(msg)
+
+
+@torch.compiler.assume_constant_result
+def _auto_choice(op: str, device_type: str) -> str:
+    ok, why = _native_status(op, device_type)
+    if ok:
+        return "native"
+    if device_type == "cuda":
+        ok_t, why_t = _triton_status(op, device_type)
+        if ok_t:
+            _log_once(f"lwkd_fast: {op} on cuda uses the Triton backend (native: {why})")
+            return "triton"
+        why = f"{why}; triton: {why_t}"
+    _log_once(f"lwkd_fast: {op} on {device_type} uses the reference backend ({why})")
+    return "reference"
+
+
+def select_backend(op: str, device: torch.device) -> str:
+    """The backend that will run ``op`` on ``device`` now (raises if a forced one cannot)."""
+    req = requested_backend()
+    if req == "auto":
+        return _auto_choice(op, device.type)
+    ok, why = backend_status(req, op, device.type)
+    if not ok:
+        raise RuntimeError(f"lwkd_fast: backend {req!r} was forced but cannot run {op} on {device.type}: {why}")
+    return req
+
+
+def backends() -> Dict[str, Dict[str, object]]:
+    """What can run here: ``{backend: {"available", "devices", "reason"}}``.
+
+    ``devices`` lists the device types the backend serves for the discrepancy ops;
+    ``reason`` says why a backend (or one of its devices) is unavailable.
+    """
+    cuda_here = torch.cuda.is_available()
+    out: Dict[str, Dict[str, object]] = {}
+    for b in BACKENDS:
+        devices, reasons = [], []
+        for dev in ("cpu", "cuda"):
+            ok, why = backend_status(b, "attention_discrepancy", dev)
+            if ok:
+                devices.append(dev)
+            elif why:
+                reasons.append(f"{dev}: {why}")
+        if b == "reference":
+            devices = ["cpu", "cuda"] if cuda_here else ["cpu"]
+        out[b] = {"available": bool(devices), "devices": devices, "reason": "; ".join(reasons)}
+    out["native"]["kernels"] = native_kernels()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Native ops: fake kernels and autograd
+# ------------------------------------------------------------------------------------------------
+
+
+def _bcn_n(x: torch.Tensor, channel_dim: int) -> int:
+    if x.dim() == 1:
+        return 1
+    cd = channel_dim % x.dim()
+    n = 1
+    for d in range(1, x.dim()):
+        if d != cd:
+            n *= x.shape[d]
+    return n
+
+
+if _C is not None:
+
+    @torch.library.register_fake("lwkd::attention_discrepancy")
+    def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim):
+        dt = reference.acc_dtype(*student, *teacher)
+        B = student[0].shape[0]
+        d = student[0].new_empty((len(student), B), dtype=dt)
+        maps_s = [x.new_empty((B, _bcn_n(x, channel_dim)), dtype=dt) for x in student]
+        maps_t = [x.new_empty((B, _bcn_n(x, channel_dim)), dtype=dt) for x in teacher]
+        return d, maps_s, maps_t
+
+    @torch.library.register_fake("lwkd::attention_discrepancy_backward")
+    def _attention_bwd_fake(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau, eps, channel_dim):
+        return [torch.empty_like(x) for x in student]
+
+    @torch.library.register_fake("lwkd::map_discrepancy")
+    def _map_fake(student, teacher, metric, beta, eps):
+        dt = reference.acc_dtype(*student, *teacher)
+        return student[0].new_empty((len(student), student[0].shape[0]), dtype=dt)
+
+    @torch.library.register_fake("lwkd::map_discrepancy_backward")
+    def _map_bwd_fake(grad, student, teacher, metric, beta, eps):
+        return [torch.empty_like(x) for x in student]
+
+    def _attention_setup(ctx, inputs, output):
+        student, _teacher, p, metric, beta, normalize, tau, eps, channel_dim = inputs
+        _d, maps_s, maps_t = output
+        ctx.K = len(student)
+        ctx.args = (p, metric, beta, normalize, tau, eps, channel_dim)
+        ctx.save_for_backward(*student, *maps_s, *maps_t)
+
+    def _attention_backward(ctx, grad_d, _grad_maps_s, _grad_maps_t):
+        K = ctx.K
+        saved = ctx.saved_tensors
+        student, maps_s, maps_t = saved[:K], saved[K : 2 * K], saved[2 * K :]
+        if grad_d is None:
+            grads = [None] * K
+        else:
+            grads = torch.ops.lwkd.attention_discrepancy_backward(grad_d, student, maps_s, maps_t, *ctx.args)
+        return list(grads), [None] * K, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "lwkd::attention_discrepancy", _attention_backward, setup_context=_attention_setup
+    )
+
+    def _map_setup(ctx, inputs, output):
+        student, teacher, metric, beta, eps = inputs
+        ctx.K = len(student)
+        ctx.args = (metric, beta, eps)
+        ctx.save_for_backward(*student, *teacher)
+
+    def _map_backward(ctx, grad_d):
+        K = ctx.K
+        saved = ctx.saved_tensors
+        grads = torch.ops.lwkd.map_discrepancy_backward(grad_d, saved[:K], saved[K:], *ctx.args)
+        return list(grads), [None] * K, None, None, None
+
+    torch.library.register_autograd("lwkd::map_discrepancy", _map_backward, setup_context=_map_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+
+TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _as_list(x: TensorOrList, name: str, op: str) -> List[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    raise TypeError(f"{op}: {name} must be a tensor or a list/tuple of tensors, got {type(x).__name__}")
+
+
+def _shape(x: torch.Tensor) -> Tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def _check_choice(op: str, name: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(f"{op}: unknown {name} {value!r}; expected one of {', '.join(repr(a) for a in allowed)}")
+
+
+def _check_float(op: str, name: str, value, *, lo: float, hi: float = math.inf, lo_open: bool = True,
+                 hi_open: bool = True) -> float:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a Python number, got {type(value).__name__}")
+    v = float(value)
+    bad = (
+        not math.isfinite(v)
+        or (v <= lo if lo_open else v < lo)
+        or (v >= hi if hi_open else v > hi)
+    )
+    if bad:
+        lb = "(" if lo_open else "["
+        hb = ")" if hi_open else "]"
+        raise ValueError(f"{op}: {name} must lie in {lb}{lo}, {hi}{hb} and be finite, got {value!r}")
+    return v
+
+
+def _check_tensor(op: str, name: str, x, min_dim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{op}: {name} has dtype {x.dtype} (shape {_shape(x)}); expected a floating dtype "
+            "(float16, bfloat16, float32 or float64)"
+        )
+    if x.dim() < min_dim:
+        raise ValueError(f"{op}: {name} must have at least {min_dim} dimensions, got shape {_shape(x)}")
+
+
+def _check_common(op: str, s: List[torch.Tensor], t: List[torch.Tensor], s_name: str, t_name: str,
+                  min_dim: int) -> None:
+    """List lengths, tensor types/dtypes, devices and batch sizes (shared by both ops)."""
+    if len(s) != len(t):
+        raise ValueError(
+            f"{op}: got {len(s)} student tensors ({s_name}) but {len(t)} teacher tensors ({t_name}); "
+            "pass one tensor per matched layer pair"
+        )
+    B0 = dev0 = None
+    for k, (a, b) in enumerate(zip(s, t)):
+        _check_tensor(op, f"{s_name}[{k}]", a, min_dim)
+        _check_tensor(op, f"{t_name}[{k}]", b, min_dim)
+        if a.device != b.device:
+            raise ValueError(
+                f"{op}: pair {k}: {s_name}[{k}] is on {a.device} but {t_name}[{k}] is on {b.device} "
+                f"(shapes {_shape(a)} and {_shape(b)}); move both to one device"
+            )
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(
+                f"{op}: pair {k}: batch sizes differ: {s_name}[{k}] has shape {_shape(a)} and "
+                f"{t_name}[{k}] has shape {_shape(b)}"
+            )
+        if a.shape[0] == 0:
+            raise ValueError(f"{op}: pair {k}: batch size is 0 ({s_name}[{k}] has shape {_shape(a)})")
+        if k == 0:
+            B0, dev0 = a.shape[0], a.device
+        else:
+            if a.device != dev0:
+                raise ValueError(
+                    f"{op}: pair {k} is on {a.device} but pair 0 is on {dev0}; all pairs must share one device"
+                )
+            if a.shape[0] != B0:
+                raise ValueError(
+                    f"{op}: pair {k} has batch size {a.shape[0]} (shape {_shape(a)}) but pair 0 has {B0}; "
+                    "all pairs must come from one batch"
+                )
+
+
+def _spatial(x: torch.Tensor, cd: int) -> Tuple[int, ...]:
+    return tuple(s for d, s in enumerate(x.shape) if d not in (0, cd))
+
+
+def _pool_to(x: torch.Tensor, cd: int, target: Tuple[int, ...]) -> torch.Tensor:
+    if _spatial(x, cd) == target:
+        return x
+    y = x.movedim(cd, 1)
+    n = len(target)
+    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}.get(n)
+    if pool is None:  # flatten extra leading spatial dims is not meaningful; pool per axis instead
+        raise ValueError(f"resize='pool' supports 1 to 3 spatial dimensions, got {n}")
+    return pool(y, target).movedim(1, cd)
+
+
+def _check_features(op: str, s: List[torch.Tensor], t: List[torch.Tensor], channel_dim: int,
+                    resize: Optional[str]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    _check_common(op, s, t, "student_feats", "teacher_feats", min_dim=2)
+    out_s, out_t = [], []
+    for k, (a, b) in enumerate(zip(s, t)):
+        if a.dim() != b.dim():
+            raise ValueError(
+                f"{op}: pair {k}: student_feats[{k}] has shape {_shape(a)} but teacher_feats[{k}] has "
+                f"shape {_shape(b)}; both need the layout (B, C, *S) (or channel_dim={channel_dim})"
+            )
+        if not -a.dim() <= channel_dim < a.dim() or channel_dim % a.dim() == 0:
+            raise ValueError(
+                f"{op}: channel_dim={channel_dim} is not a channel dimension of pair {k} (shape {_shape(a)})"
+            )
+        cd = channel_dim % a.dim()
+        Ss, St = _spatial(a, cd), _spatial(b, cd)
+        if Ss != St:
+            if resize != "pool":
+                raise ValueError(
+                    f"{op}: pair {k}: spatial sizes differ: student_feats[{k}] has shape {_shape(a)} "
+                    f"(spatial {Ss}) and teacher_feats[{k}] has shape {_shape(b)} (spatial {St}); "
+                    "pass resize='pool' to adaptive-average-pool the larger map to the smaller size"
+                )
+            target = tuple(min(x, y) for x, y in zip(Ss, St))
+            a, b = _pool_to(a, cd, target), _pool_to(b, cd, target)
+        out_s.append(a)
+        out_t.append(b)
+    return out_s, out_t
+
+
+def _check_options(op: str, *, metric: str, metrics: Sequence[str], beta, reduction: str, eps,
+                   p=None, normalize: str = "sum", tau=1.0, resize=None) -> None:
+    _check_choice(op, "metric", metric, metrics)
+    _check_choice(op, "reduction", reduction, ("mean", "none"))
+    _check_choice(op, "normalize", normalize, ("sum", "softmax"))
+    _check_choice(op, "resize", resize, (None, "pool"))
+    _check_float(op, "beta", beta, lo=0.0, hi=1.0)
+    _check_float(op, "eps", eps, lo=0.0)
+    _check_float(op, "tau", tau, lo=0.0)
+    if p is not None:
+        _check_float(op, "p", p, lo=0.0)
+
+
+def _reduce(d: torch.Tensor, reduction: str) -> torch.Tensor:
+    return d.mean(dim=1) if reduction == "mean" else d
+
+
+def _empty_result(reduction: str) -> torch.Tensor:
+    return torch.empty((0,) if reduction == "mean" else (0, 0), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public functions
+# ------------------------------------------------------------------------------------------------
+
+
+def attention_maps(feat: torch.Tensor, *, p: float = 2.0, channel_dim: int = 1) -> torch.Tensor:
+    """Attention map ``a[b, i] = (1/C) sum_c |feat[b, c, i]|^p`` of one feature tensor, (B, N).
+
+    Computed in float32 (float64 for float64 input) and differentiable.
+    """
+    op = "attention_maps"
+    _check_tensor(op, "feat", feat, 2)
+    _check_float(op, "p", p, lo=0.0)
+    if not -feat.dim() <= channel_dim < feat.dim() or channel_dim % feat.dim() == 0:
+        raise ValueError(f"{op}: channel_dim={channel_dim} is not a channel dimension of shape {_shape(feat)}")
+    if feat.shape[0] == 0:
+        raise ValueError(f"{op}: batch size is 0 (feat has shape {_shape(feat)})")
+    return reference.attention_maps(feat, p=p, channel_dim=channel_dim)
+
+
+def attention_discrepancy(
+    student_feats: TensorOrList,
+    teacher_feats: TensorOrList,
+    *,
+    p: float = 2.0,
+    metric: str = "at",
+    beta: float = 0.5,
+    normalize: str = "sum",
+    tau: float = 1.0,
+    channel_dim: int = 1,
+    resize: Optional[str] = None,
+    reduction: str = "mean",
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Per-layer attention-map discrepancy of K student/teacher layer pairs (SPEC sections 1-2).
+
+    ``student_feats[j]`` is (B, C_s, *S) and ``teacher_feats[j]`` is (B, C_t, *S) (channels may
+    differ; ``channel_dim=-1`` for token layouts (B, N, D)).  All K pairs run in one op call.
+    Returns D of shape (K,) (``reduction="mean"``) or per-sample values (K, B)
+    (``reduction="none"``), float32 (float64 for float64 inputs).  Differentiable with respect to
+    the student features; the teacher features are constants and never receive a gradient.
+    Non-finite inputs propagate to D (the layer-wise rate rule skips such layers).
+    """
+    op = "attention_discrepancy"
+    s = _as_list(student_feats, "student_feats", op)
+    t = _as_list(teacher_feats, "teacher_feats", op)
+    _check_options(op, metric=metric, metrics=("at", "jsd"), beta=beta, reduction=reduction, eps=eps, p=p,
+                   normalize=normalize, tau=tau, resize=resize)
+    if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
+        raise TypeError(f"{op}: channel_dim must be an int, got {type(channel_dim).__name__}")
+    if not s and not t:
+        return _empty_result(reduction)
+    s, t = _check_features(op, s, t, channel_dim, resize)
+    p, beta, tau, eps = float(p), float(beta), float(tau), float(eps)
+    backend = select_backend(op, s[0].device)
+    if backend == "native":
+        d = torch.ops.lwkd.attention_discrepancy(s, t, p, metric, beta, normalize, tau, eps, channel_dim)[0]
+    elif backend == "triton":
+        d = importlib.import_module("lwkd_fast.triton").attention_discrepancy(
+            s, t, p, metric, beta, normalize, tau, eps, channel_dim
+        )
+    else:
+        d = reference.attention_discrepancy(
+            s, t, p=p, metric=metric, beta=beta, normalize=normalize, tau=tau, channel_dim=channel_dim, eps=eps
+        )
+    return _reduce(d, reduction)
+
+
+def map_discrepancy(
+    student_maps: TensorOrList,
+    teacher_maps: TensorOrList,
+    *,
+    metric: str = "cos",
+    beta: float = 0.5,
+    reduction: str = "mean",
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Per-layer discrepancy of per-sample derivative maps (input Jacobians, Hessian-vector
+    products), SPEC section 2.
+
+    ``student_maps[j]`` and ``teacher_maps[j]`` have the same shape (B, *); each sample is
+    flattened.  ``metric="cos"`` is ``||u/|u| - w/|w| ||^2`` (``2 - 2 cos``), ``"jsd"`` the
+    Jensen-Shannon divergence of ``|u| / sum |u|``.  Returns (K,) or (K, B); differentiable with
+    respect to the student maps only.
+    """
+    op = "map_discrepancy"
+    s = _as_list(student_maps, "student_maps", op)
+    t = _as_list(teacher_maps, "teacher_maps", op)
+    _check_options(op, metric=metric, metrics=("cos", "jsd"), beta=beta, reduction=reduction, eps=eps)
+    if not s and not t:
+        return _empty_result(reduction)
+    _check_common(op, s, t, "student_maps", "teacher_maps", min_dim=1)
+    for k, (a, b) in enumerate(zip(s, t)):
+        if a.shape != b.shape:
+            raise ValueError(
+                f"{op}: pair {k}: student_maps[{k}] has shape {_shape(a)} but teacher_maps[{k}] has shape "
+                f"{_shape(b)}; derivative maps of one pair must have the same shape"
+            )
+    beta, eps = float(beta), float(eps)
+    backend = select_backend(op, s[0].device)
+    if backend == "native":
+        d = torch.ops.lwkd.map_discrepancy(s, t, metric, beta, eps)
+    elif backend == "triton":
+        d = importlib.import_module("lwkd_fast.triton").map_discrepancy(s, t, metric, beta, eps)
+    else:
+        d = reference.map_discrepancy(s, t, metric=metric, beta=beta, eps=eps)
+    return _reduce(d, reduction)

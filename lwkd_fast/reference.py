@@ -1,0 +1,159 @@
+"""Pure-torch reference implementations (SPEC sections 1-2).
+
+This module is three things at once:
+
+* the **oracle** of the test-suite (run in float64),
+* the **fallback backend** that runs anywhere (autograd through plain torch ops),
+* the **baseline** of the benchmarks: it is written the way knowledge-distillation repositories
+  write attention transfer -- one Python iteration per layer of ``pow``/``mean``/``normalize``.
+
+Every function takes already-validated inputs (see :mod:`lwkd_fast.ops` for the public,
+validated entry points).  ``compute_dtype`` selects the precision of the arithmetic; ``None``
+means the SPEC's policy (float64 inputs in float64, everything else in float32).  Passing the
+input dtype (e.g. ``torch.float16``) reproduces plain eager torch in that precision, which the
+tests use for the SPEC's "twice the error of eager torch" tolerance rule.
+
+Teacher tensors are constants: they are detached, so no gradient ever reaches the teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "acc_dtype",
+    "attention_maps",
+    "attention_discrepancy",
+    "map_discrepancy",
+    "eager_at_loss",
+]
+
+
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any tensor is float64, else float32 (SPEC section 2)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _to_bcn(feat: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """(B, C, N) view (or copy) of a feature map whose channel dimension is ``channel_dim``."""
+    if feat.dim() == 1:
+        return feat.reshape(feat.shape[0], 1, 1)
+    x = feat.movedim(channel_dim, 1)
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def attention_maps(
+    feat: torch.Tensor,
+    *,
+    p: float = 2.0,
+    channel_dim: int = 1,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``a[b, i] = (1/C) sum_c |A[b, c, i]|^p`` as a (B, N) tensor (SPEC section 1)."""
+    dtype = compute_dtype or acc_dtype(feat)
+    x = _to_bcn(feat, channel_dim).to(dtype)
+    x = x.pow(2) if p == 2 else x.abs().pow(p)
+    return x.mean(1)
+
+
+def _safe_plogp_over_m(P: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``P * log(P / M)`` with ``0 log 0 = 0`` and finite gradients everywhere.
+
+    The masked positions use a safe value inside the logarithms (the double-``where`` idiom), so
+    autograd never multiplies a zero by an infinite ``log 0``.
+    """
+    pos = P > 0
+    one = torch.ones((), dtype=P.dtype, device=P.device)
+    P_safe = torch.where(pos, P, one)
+    M_safe = torch.where(pos, M, one)
+    return torch.where(pos, P * (torch.log(P_safe) - torch.log(M_safe)), torch.zeros_like(P))
+
+
+def _distribution(a: torch.Tensor, normalize: str, tau: float, eps: float) -> torch.Tensor:
+    if normalize == "softmax":
+        return torch.softmax(a / tau, dim=1)
+    return a / a.sum(dim=1, keepdim=True).clamp_min(eps)
+
+
+def _jsd(Ps: torch.Tensor, Pt: torch.Tensor, beta: float) -> torch.Tensor:
+    M = beta * Ps + (1.0 - beta) * Pt
+    return (beta * _safe_plogp_over_m(Ps, M) + (1.0 - beta) * _safe_plogp_over_m(Pt, M)).sum(1)
+
+
+def _sqdist(u: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-sample ``sum_i (u/max(|u|,eps) - w/max(|w|,eps))^2`` of (B, N) tensors."""
+    return (F.normalize(u, dim=1, eps=eps) - F.normalize(w, dim=1, eps=eps)).pow(2).sum(1)
+
+
+def attention_discrepancy(
+    student_feats: Sequence[torch.Tensor],
+    teacher_feats: Sequence[torch.Tensor],
+    *,
+    p: float = 2.0,
+    metric: str = "at",
+    beta: float = 0.5,
+    normalize: str = "sum",
+    tau: float = 1.0,
+    channel_dim: int = 1,
+    eps: float = 1e-12,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Per-sample attention discrepancy of every layer pair, as a (K, B) tensor."""
+    dtype = compute_dtype or acc_dtype(*student_feats, *teacher_feats)
+    rows = []
+    for fs, ft in zip(student_feats, teacher_feats):
+        a_s = attention_maps(fs, p=p, channel_dim=channel_dim, compute_dtype=dtype)
+        a_t = attention_maps(ft.detach(), p=p, channel_dim=channel_dim, compute_dtype=dtype)
+        if metric == "at":
+            rows.append(_sqdist(a_s, a_t, eps) / a_s.shape[1])
+        elif metric == "jsd":
+            rows.append(
+                _jsd(_distribution(a_s, normalize, tau, eps), _distribution(a_t, normalize, tau, eps), beta)
+            )
+        else:
+            raise ValueError(f"unknown metric {metric!r}")
+    return torch.stack(rows)
+
+
+def map_discrepancy(
+    student_maps: Sequence[torch.Tensor],
+    teacher_maps: Sequence[torch.Tensor],
+    *,
+    metric: str = "cos",
+    beta: float = 0.5,
+    eps: float = 1e-12,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Per-sample discrepancy of derivative maps (Jacobians, HVPs), as a (K, B) tensor."""
+    dtype = compute_dtype or acc_dtype(*student_maps, *teacher_maps)
+    rows = []
+    for us, ut in zip(student_maps, teacher_maps):
+        u = us.reshape(us.shape[0], -1).to(dtype)
+        w = ut.detach().reshape(ut.shape[0], -1).to(dtype)
+        if metric == "cos":
+            rows.append(_sqdist(u, w, eps))
+        elif metric == "jsd":
+            rows.append(_jsd(_distribution(u.abs(), "sum", 1.0, eps), _distribution(w.abs(), "sum", 1.0, eps), beta))
+        else:
+            raise ValueError(f"unknown metric {metric!r}")
+    return torch.stack(rows)
+
+
+def eager_at_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Attention-transfer loss exactly as KD repositories write it (Zagoruyko & Komodakis):
+
+    ``sum_j (at(s_j) - at(t_j)).pow(2).mean()`` with ``at(x) = F.normalize(x.pow(2).mean(1).view(B, -1))``.
+
+    The per-layer Python loop with one chain of eager ops per layer is the baseline the
+    benchmarks compare against.  It equals ``attention_discrepancy(...).sum()`` for p=2, "at".
+    """
+    total = None
+    for fs, ft in zip(student_feats, teacher_feats):
+        a_s = F.normalize(fs.pow(2).mean(1).view(fs.size(0), -1))
+        a_t = F.normalize(ft.pow(2).mean(1).view(ft.size(0), -1))
+        term = (a_s - a_t).pow(2).mean()
+        total = term if total is None else total + term
+    return total
