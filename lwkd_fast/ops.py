@@ -143,7 +143,10 @@ def _triton_status(op: str, device_type: str) -> Tuple[bool, str]:
         if exc.name in ("lwkd_fast.triton", "triton"):
             return False, "the Triton backend is not part of this build"
         raise
-    return mod.status(op, device_type)
+    status = getattr(mod, "status", None)
+    if status is None:
+        return False, "the Triton backend is not part of this build"
+    return status(op, device_type)
 
 
 def backend_status(backend: str, op: str, device_type: str) -> Tuple[bool, str]:
