@@ -36,4 +36,8 @@ TORCH_LIBRARY(lwkd, m) {
   m.def(
       "map_discrepancy_backward(Tensor grad, Tensor[] student, Tensor[] teacher, str metric, "
       "float beta, float eps) -> Tensor[]");
+
+  // Bytes held by the CPU gradient-buffer pool (csrc/cpu/buffer_pool.h); release=True first
+  // drops every idle buffer.
+  m.def("cpu_buffer_pool(bool release=False) -> int");
 }

@@ -10,21 +10,11 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__, ops
+    from .benchmarking import cpu_name
 
     print(f"lwkd_fast {__version__}")
     print(f"python    {platform.python_version()} ({sys.executable})")
@@ -37,7 +27,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - report any import failure
         tri = f"not importable ({type(exc).__name__})"
     print(f"triton    {tri}  (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})")
-    print(f"cpu       {_cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
+    print(f"cpu       {cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
     if ops._C is not None:
         print(f"extension {ops._C.__file__}")
     else:

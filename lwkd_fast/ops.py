@@ -293,6 +293,21 @@ if _C is not None:
 
     torch.library.register_autograd("lwkd::map_discrepancy", _map_backward, setup_context=_map_setup)
 
+    def _no_double_backward(op):
+        def setup(ctx, inputs, output):
+            pass
+
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                f"lwkd_fast: differentiating lwkd::{op} (double backward through a native discrepancy) "
+                "is not supported; run that computation under lwkd_fast.use_backend('reference')"
+            )
+
+        torch.library.register_autograd(f"lwkd::{op}", backward, setup_context=setup)
+
+    _no_double_backward("attention_discrepancy_backward")
+    _no_double_backward("map_discrepancy_backward")
+
 
 # ------------------------------------------------------------------------------------------------
 # Validation

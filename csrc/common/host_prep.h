@@ -14,6 +14,10 @@
 
 namespace lwkd {
 
+// How an implementation allocates its gradient outputs (the CPU uses its buffer pool).
+using OutputAlloc = at::Tensor (*)(const at::Tensor&);
+inline at::Tensor plain_empty_like(const at::Tensor& x) { return at::empty_like(x); }
+
 inline MetricParams parse_params(c10::string_view metric, c10::string_view normalize, double beta,
                                  double tau, double eps, bool attention) {
   MetricParams prm{};
@@ -95,20 +99,38 @@ inline at::Tensor bcn_view(const at::Tensor& x, int64_t cd) {
   return x.movedim(cd, 1).reshape(shape);
 }
 
-// Gradient buffer of the same shape as x (strides of x where it is dense) and its (B, C, N)
-// view to write into.
-inline std::pair<at::Tensor, at::Tensor> bcn_grad_buffer(const at::Tensor& x, int64_t cd) {
-  at::Tensor g = at::empty_like(x);
-  if (x.dim() == 1) return {g, g.view({x.size(0), 1, 1})};
-  at::Tensor g3 = bcn_view(g, cd);
-  if (!g3.is_alias_of(g)) {  // spatial dims not mergeable in x's layout: write (B, C, N) directly
-    g3 = at::empty(bcn_shape(x, cd), x.options());
-    std::vector<int64_t> full{x.size(0), x.size(cd)};
-    for (int64_t d = 1; d < x.dim(); ++d)
-      if (d != cd) full.push_back(x.size(d));
-    g = g3.view(full).movedim(1, cd);
+// Gradient of a feature tensor x: `out` always has the layout of at::empty_like(x) (what the fake
+// kernel promises); `work` is its (B, C, N) view for the kernel to write.  When x's layout does
+// not let the spatial dims merge (channel dim in the middle of a contiguous tensor), `work` is a
+// separate (B, C, N) buffer and finish() copies it into `out` once.
+struct GradBuffer {
+  at::Tensor out, work;
+  int64_t cd = 1;
+  bool copy_back = false;
+
+  void finish() {
+    if (!copy_back) return;
+    std::vector<int64_t> full{out.size(0), out.size(cd)};
+    for (int64_t d = 1; d < out.dim(); ++d)
+      if (d != cd) full.push_back(out.size(d));
+    out.copy_(work.view(full).movedim(1, cd));
   }
-  return {g, g3};
+};
+
+inline GradBuffer bcn_grad_buffer(const at::Tensor& x, int64_t cd, OutputAlloc alloc = &plain_empty_like) {
+  GradBuffer gb;
+  gb.cd = cd;
+  gb.out = alloc(x);
+  if (x.dim() == 1) {
+    gb.work = gb.out.view({x.size(0), 1, 1});
+    return gb;
+  }
+  gb.work = bcn_view(gb.out, cd);
+  if (!gb.work.is_alias_of(gb.out)) {
+    gb.work = at::empty(bcn_shape(x, cd), x.options());
+    gb.copy_back = true;
+  }
+  return gb;
 }
 
 // Per-sample flat view (B, N) of a derivative map pair.  The metrics are sums over elements
@@ -118,6 +140,7 @@ inline std::pair<at::Tensor, at::Tensor> bcn_grad_buffer(const at::Tensor& x, in
 struct FlatPair {
   at::Tensor s, t;   // dense tensors in matching memory order
   int64_t N;         // elements per sample
+  bool copied;       // s is a contiguous copy of the student (layouts differed)
 };
 
 inline bool dense_batch_outer(const at::Tensor& x) {
@@ -142,12 +165,31 @@ inline FlatPair flat_pair(const at::Tensor& s, const at::Tensor& t) {
   if (dense_batch_outer(s) && dense_batch_outer(t) && same_layout(s, t)) {
     fp.s = s;
     fp.t = t;
+    fp.copied = false;
   } else {
     fp.s = s.contiguous();
     fp.t = t.contiguous();
+    fp.copied = !fp.s.is_same(s);
   }
   fp.N = s.numel() / s.size(0);
   return fp;
+}
+
+// Gradient of a derivative map: `out` has the layout of at::empty_like(student); `work` is dense
+// in the memory order the kernel walks (fp.s's).  finish() copies when the two differ.
+struct FlatGrad {
+  at::Tensor out, work;
+  void finish() {
+    if (!work.is_same(out)) out.copy_(work);
+  }
+};
+
+inline FlatGrad flat_grad_buffer(const at::Tensor& student, const FlatPair& fp,
+                                 OutputAlloc alloc = &plain_empty_like) {
+  FlatGrad g;
+  g.out = alloc(student);
+  g.work = (!fp.copied && same_layout(g.out, fp.s)) ? g.out : at::empty_like(fp.s);
+  return g;
 }
 
 }  // namespace lwkd

@@ -13,54 +13,69 @@
 #include <vector>
 
 #include "common/host_prep.h"
+#include "cpu/buffer_pool.h"
 
 namespace lwkd {
 namespace {
 
-using acc_t = double;  // CPU accumulation type for every input dtype (memory-bound: it is free)
+at::Tensor pooled_empty_like(const at::Tensor& x) { return CpuBufferPool::instance().empty_like(x); }
+
+using acc_t = double;  // CPU accumulator of every reduction (see reduce_channels_impl)
 
 // ---------------------------------------------------------------------------------------------
 // Channel reduction: out[i] = (1/C) sum_c |x[c, i]|^p for one sample of a (C, N) strided map.
+//
+// Precision/speed: blocks of 8 channels are summed in the input's opmath type (float for
+// float16/bfloat16/float32, a pairwise tree, relative error <= 3 ulp per block) and every block
+// is added into a float64 accumulator.  Converting each element to double instead costs 2x in
+// this memory-bound loop; a plain float accumulator would grow its error with C.
 // ---------------------------------------------------------------------------------------------
+constexpr int64_t kBlock = 8;
+
 template <typename scalar_t, PowMode M>
 void reduce_channels_impl(const scalar_t* __restrict__ x, int64_t C, int64_t N, int64_t sc,
                           int64_t sn, acc_t p, acc_t* __restrict__ out) {
+  using op_t = at::opmath_type<scalar_t>;
+  const op_t pp = op_t(p);
+  auto f = [pp](scalar_t v) { return abs_pow<M>(op_t(v), pp); };
   std::fill(out, out + N, acc_t(0));
   if (sn == 1) {
-    // NCHW: stream rows of N contiguous values, four channels per sweep over `out`.
+    // NCHW: stream 8 rows of N contiguous values per sweep over `out`.
     int64_t c = 0;
-    for (; c + 4 <= C; c += 4) {
+    for (; c + kBlock <= C; c += kBlock) {
       const scalar_t* __restrict__ r0 = x + c * sc;
       const scalar_t* __restrict__ r1 = r0 + sc;
       const scalar_t* __restrict__ r2 = r1 + sc;
       const scalar_t* __restrict__ r3 = r2 + sc;
+      const scalar_t* __restrict__ r4 = r3 + sc;
+      const scalar_t* __restrict__ r5 = r4 + sc;
+      const scalar_t* __restrict__ r6 = r5 + sc;
+      const scalar_t* __restrict__ r7 = r6 + sc;
       for (int64_t i = 0; i < N; ++i) {
-        out[i] += (abs_pow<M>(acc_t(r0[i]), p) + abs_pow<M>(acc_t(r1[i]), p)) +
-                  (abs_pow<M>(acc_t(r2[i]), p) + abs_pow<M>(acc_t(r3[i]), p));
+        const op_t v = ((f(r0[i]) + f(r1[i])) + (f(r2[i]) + f(r3[i]))) +
+                       ((f(r4[i]) + f(r5[i])) + (f(r6[i]) + f(r7[i])));
+        out[i] += acc_t(v);
       }
     }
     for (; c < C; ++c) {
       const scalar_t* __restrict__ r = x + c * sc;
-      for (int64_t i = 0; i < N; ++i) out[i] += abs_pow<M>(acc_t(r[i]), p);
+      for (int64_t i = 0; i < N; ++i) out[i] += acc_t(f(r[i]));
     }
   } else if (sc == 1) {
     // channels_last / token layout: each location holds C contiguous channel values.
     for (int64_t i = 0; i < N; ++i) {
       const scalar_t* __restrict__ r = x + i * sn;
-      acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      acc_t total = 0;
       int64_t c = 0;
-      for (; c + 4 <= C; c += 4) {
-        a0 += abs_pow<M>(acc_t(r[c]), p);
-        a1 += abs_pow<M>(acc_t(r[c + 1]), p);
-        a2 += abs_pow<M>(acc_t(r[c + 2]), p);
-        a3 += abs_pow<M>(acc_t(r[c + 3]), p);
-      }
-      for (; c < C; ++c) a0 += abs_pow<M>(acc_t(r[c]), p);
-      out[i] = (a0 + a1) + (a2 + a3);
+      for (; c + kBlock <= C; c += kBlock)
+        total += acc_t(((f(r[c]) + f(r[c + 1])) + (f(r[c + 2]) + f(r[c + 3]))) +
+                       ((f(r[c + 4]) + f(r[c + 5])) + (f(r[c + 6]) + f(r[c + 7]))));
+      for (; c < C; ++c) total += acc_t(f(r[c]));
+      out[i] = total;
     }
   } else {
     for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < N; ++i) out[i] += abs_pow<M>(acc_t(x[c * sc + i * sn]), p);
+      for (int64_t i = 0; i < N; ++i) out[i] += acc_t(f(x[c * sc + i * sn]));
   }
   const acc_t inv_c = acc_t(1) / acc_t(C);
   for (int64_t i = 0; i < N; ++i) out[i] *= inv_c;
@@ -327,17 +342,16 @@ std::vector<at::Tensor> attention_discrepancy_backward_cpu(
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
 
-  std::vector<at::Tensor> s3(K), grads(K), g3(K), ms(K), mt(K);
+  std::vector<at::Tensor> s3(K), ms(K), mt(K);
+  std::vector<GradBuffer> gbuf(K);
   std::vector<Bcn> fs(K), fg(K);
   int64_t nmax = 1, total = 0;
   for (int64_t k = 0; k < K; ++k) {
     const int64_t cd = wrap_dim(channel_dim, student[k].dim());
     s3[k] = bcn_view(student[k], cd);
-    auto gb = bcn_grad_buffer(student[k], cd);
-    grads[k] = gb.first;
-    g3[k] = gb.second;
+    gbuf[k] = bcn_grad_buffer(student[k], cd, &pooled_empty_like);
     fs[k] = bcn_of(s3[k]);
-    fg[k] = bcn_of_mut(g3[k]);
+    fg[k] = bcn_of_mut(gbuf[k].work);
     ms[k] = maps_s[k].contiguous();
     mt[k] = maps_t[k].contiguous();
     TORCH_CHECK(ms[k].numel() == B * fs[k].N && mt[k].numel() == B * fs[k].N,
@@ -353,6 +367,11 @@ std::vector<at::Tensor> attention_discrepancy_backward_cpu(
     metric_backward(w.a.data(), w.b.data(), N, prm, gp[k * B + b], w.e.data(), w.c.data(), w.d.data());
     channel_grad(fs[k], fg[k], b, pm, p, w.e.data(), w.c);
   });
+  std::vector<at::Tensor> grads(K);
+  for (int64_t k = 0; k < K; ++k) {
+    gbuf[k].finish();
+    grads[k] = gbuf[k].out;
+  }
   return grads;
 }
 
@@ -391,11 +410,11 @@ std::vector<at::Tensor> map_discrepancy_backward_cpu(const at::Tensor& grad, at:
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
   std::vector<FlatPair> fp(K);
-  std::vector<at::Tensor> grads(K);
+  std::vector<FlatGrad> gbuf(K);
   int64_t nmax = 1, total = 0;
   for (int64_t k = 0; k < K; ++k) {
     fp[k] = flat_pair(student[k], teacher[k]);
-    grads[k] = at::empty_like(fp[k].s);  // dense: same memory order as fp[k].s
+    gbuf[k] = flat_grad_buffer(student[k], fp[k], &pooled_empty_like);
     nmax = std::max(nmax, fp[k].N);
     total += 3 * fp[k].N;
   }
@@ -405,19 +424,30 @@ std::vector<at::Tensor> map_discrepancy_backward_cpu(const at::Tensor& grad, at:
     load_row(fp[k].s, b, N, w.a.data(), absval);
     load_row(fp[k].t, b, N, w.b.data(), absval);
     metric_backward(w.a.data(), w.b.data(), N, prm, gp[k * B + b], w.e.data(), w.c.data(), w.d.data());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[k].scalar_type(), "lwkd_map_grad", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fp[k].s.scalar_type(), "lwkd_map_grad", [&] {
       const scalar_t* u = fp[k].s.const_data_ptr<scalar_t>() + b * N;
-      scalar_t* o = grads[k].mutable_data_ptr<scalar_t>() + b * N;
+      scalar_t* o = gbuf[k].work.mutable_data_ptr<scalar_t>() + b * N;
       if (absval)
         for (int64_t i = 0; i < N; ++i) o[i] = scalar_t(w.e[i] * lwkd_sign(acc_t(u[i])));
       else
         for (int64_t i = 0; i < N; ++i) o[i] = scalar_t(w.e[i]);
     });
   });
+  std::vector<at::Tensor> grads(K);
+  for (int64_t k = 0; k < K; ++k) {
+    gbuf[k].finish();
+    grads[k] = gbuf[k].out;
+  }
   return grads;
 }
 
+int64_t cpu_buffer_pool(bool release) { return CpuBufferPool::instance().report(release); }
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(lwkd, CompositeExplicitAutograd, m) {
+  m.impl("cpu_buffer_pool", &cpu_buffer_pool);
+}
 
 TORCH_LIBRARY_IMPL(lwkd, CPU, m) {
   m.impl("attention_discrepancy", &attention_discrepancy_cpu);
