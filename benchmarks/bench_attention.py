@@ -20,34 +20,19 @@ import sys
 
 import torch
 
-import lwkd_fast as lw
-from lwkd_fast import ops, reference
+from lwkd_fast import ops
 from lwkd_fast.benchmarking import machine_info, measure, read_bandwidth
 
 
-def make_inputs(K=4, B=128, C=64, H=32, W=32, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    s = [torch.randn(B, C, H, W, generator=g, dtype=dtype).requires_grad_() for _ in range(K)]
-    t = [torch.randn(B, C, H, W, generator=g, dtype=dtype) for _ in range(K)]
-    return s, t
+from lwkd_fast.bench import attention_bytes as bytes_moved
+from lwkd_fast.bench import attention_step_eager as step_eager
+from lwkd_fast.bench import attention_step_native as step_native
 
 
-def step_native(s, t):
-    with lw.use_backend("native"):
-        d = lw.attention_discrepancy(s, t)
-    return torch.autograd.grad(d.sum(), s)
+def make_inputs(K=4, B=128, C=64, H=32, W=32):
+    from lwkd_fast.bench import attention_inputs
 
-
-def step_eager(s, t):
-    return torch.autograd.grad(reference.eager_at_loss(s, t), s)
-
-
-def bytes_moved(s, t):
-    """Bytes the fused op must move: forward reads student and teacher once, backward reads the
-    student once and writes its gradient once (the small (B, N) maps are ignored)."""
-    fs = sum(x.numel() * x.element_size() for x in s)
-    ft = sum(x.numel() * x.element_size() for x in t)
-    return 3 * fs + ft
+    return attention_inputs(K, B, C, H, W, torch.device("cpu"))
 
 
 def run(repeat=20, K=4, B=128, C=64, H=32, W=32):

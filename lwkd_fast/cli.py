@@ -153,4 +153,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the package module so that sub-commands registered by other modules (which
+    # import lwkd_fast.cli) land in the same COMMANDS table
+    from lwkd_fast.cli import main as _main
+
+    sys.exit(_main())
