@@ -1,0 +1,171 @@
+"""LayerwiseDistiller: pairing, parameter groups (SPEC section 4), losses, errors, training."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lwkd_fast as lw
+from lwkd_fast.demo import DigitsCNN
+from lwkd_fast.distill import LayerwiseDistiller, find_pairs, stage_boundaries
+
+
+def models(sw=4, tw=8):
+    torch.manual_seed(0)
+    return DigitsCNN(sw), DigitsCNN(tw).eval()
+
+
+X = torch.rand(16, 1, 8, 8)
+Y = torch.arange(16) % 10
+
+
+def test_stage_boundaries_pick_the_last_module_per_spatial_size():
+    s, _ = models()
+    sb = stage_boundaries(s, X[:2])
+    assert list(sb) == [(8, 8), (4, 4), (2, 2)]
+    assert [v[0] for v in sb.values()] == ["stage1", "stage2", "stage3"]
+
+
+def test_auto_pairs_and_report():
+    s, t = models()
+    pairs, report = find_pairs(s, t, X[:2])
+    assert pairs == [("stage1", "stage1"), ("stage2", "stage2"), ("stage3", "stage3")]
+    assert "pair 2: student 'stage3' (2, 16, 2, 2) <-> teacher 'stage3' (2, 32, 2, 2)" in report
+    d = LayerwiseDistiller(s, t, example_input=X[:2])
+    assert d.pairs == pairs and d.pairs_report == report
+
+
+def test_auto_pairs_none_found_lists_candidates():
+    s, _ = models()
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(ValueError, match=r"found no student and teacher stage boundaries.*Student candidates: stage1 \(2, 4, 8, 8\)"):
+        find_pairs(s, mlp, X[:2])
+
+
+def test_explicit_pairs_unknown_name_lists_available():
+    s, t = models()
+    with pytest.raises(ValueError, match=r"the teacher has no module named 'layer9'; available: stage1, stage1.0"):
+        LayerwiseDistiller(s, t, pairs=[("stage1", "layer9")])
+    with pytest.raises(ValueError, match=r"pairs\[0\] must be a \(student_name, teacher_name\) pair"):
+        LayerwiseDistiller(s, t, pairs=["stage1"])
+
+
+def test_parameter_groups_follow_execution_order():
+    s, t = models()
+    d = LayerwiseDistiller(s, t, pairs=[("stage1", "stage1"), ("stage3", "stage3")], example_input=X[:2])
+    groups = d.parameter_groups()
+    assert [g["layer"] for g in groups] == [0, 1, None]
+    names = {id(p): n for n, p in s.named_parameters()}
+    got = [[names[id(p)] for p in g["params"]] for g in groups]
+    assert all(n.startswith("stage1.") for n in got[0])
+    assert all(n.startswith(("stage2.", "stage3.")) for n in got[1]) and any(n.startswith("stage2.") for n in got[1])
+    assert got[2] == ["head.weight", "head.bias"]
+    # every parameter exactly once
+    flat = [n for g in got for n in g]
+    assert sorted(flat) == sorted(n for n, _ in s.named_parameters())
+
+
+def test_parameter_groups_root_parameter_goes_first():
+    class WithRootParam(DigitsCNN):
+        def __init__(self):
+            super().__init__(4)
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return super().forward(x * self.scale)
+
+    s = WithRootParam()
+    _, t = models()
+    d = LayerwiseDistiller(s, t, example_input=X[:2])
+    g0 = d.parameter_groups()[0]
+    assert any(p is s.scale for p in g0["params"])
+
+
+def test_group_discovery_does_not_change_model_state():
+    s, t = models()
+    s.train()
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    LayerwiseDistiller(s, t, example_input=X[:4])
+    assert s.training and all(m.training for m in s.modules())
+    for k, v in s.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_attention_forward_matches_manual_computation():
+    s, t = models()
+    d = LayerwiseDistiller(s, t, use="rates+loss", weights=[1.0, 2.0, 3.0], kd_weight=0.5, temperature=3.0,
+                           example_input=X[:2])
+    out = d(X, Y)
+    feats_s, feats_t = {}, {}
+    hs = [getattr(s, n).register_forward_hook(lambda m, i, o, n=n: feats_s.__setitem__(n, o)) for n in ("stage1", "stage2", "stage3")]
+    ht = [getattr(t, n).register_forward_hook(lambda m, i, o, n=n: feats_t.__setitem__(n, o)) for n in ("stage1", "stage2", "stage3")]
+    logits = s(X)
+    with torch.no_grad():
+        tl = t(X)
+    for h in hs + ht:
+        h.remove()
+    D = torch.stack([lw.reference.eager_at_loss([feats_s[n]], [feats_t[n]]) for n in ("stage1", "stage2", "stage3")])
+    torch.testing.assert_close(out.discrepancies, D.detach(), rtol=1e-5, atol=1e-7)
+    ce = F.cross_entropy(logits, Y)
+    kd = F.kl_div(F.log_softmax(logits / 3, 1), F.softmax(tl / 3, 1), reduction="batchmean") * 9
+    expect = 0.5 * ce + 0.5 * kd + (D * torch.tensor([1.0, 2.0, 3.0])).sum()
+    torch.testing.assert_close(out.loss, expect, rtol=1e-5, atol=1e-6)
+    assert out.match is not None and out.kd is not None
+    assert not out.discrepancies.requires_grad and out.loss.requires_grad
+
+
+def test_rates_only_does_not_backprop_through_matching():
+    s, t = models()
+    d = LayerwiseDistiller(s, t, use="rates", example_input=X[:2])
+    out = d(X, Y)
+    torch.testing.assert_close(out.loss, F.cross_entropy(s(X), Y))
+    assert out.match is None
+
+
+def test_teacher_left_in_train_mode_warns_once_and_is_evaluated():
+    s, t = models()
+    t.train()
+    d = LayerwiseDistiller(s, t, example_input=X[:2])
+    with pytest.warns(UserWarning, match="teacher is in train mode"):
+        d(X, Y)
+    assert not t.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d.train()
+        d(X, Y)
+    assert not t.training and s.training
+
+
+def test_teacher_gets_no_gradient():
+    s, t = models()
+    d = LayerwiseDistiller(s, t, use="rates+loss", example_input=X[:2])
+    d(X, Y).loss.backward()
+    assert all(p.grad is None for p in t.parameters())
+    assert all(p.grad is not None for p in s.parameters())
+
+
+def test_incompatible_explicit_pair_suggests_resize():
+    s, t = models()
+    d = LayerwiseDistiller(s, t, pairs=[("stage1", "stage2")], example_input=X[:2])
+    with pytest.raises(ValueError, match="resize='pool'"):
+        d(X, Y)
+    d2 = LayerwiseDistiller(s, t, pairs=[("stage1", "stage2")], resize="pool", example_input=X[:2])
+    assert torch.isfinite(d2(X, Y).discrepancies).all()
+
+
+def test_bad_options():
+    s, t = models()
+    with pytest.raises(ValueError, match="unknown method 'gradients'"):
+        LayerwiseDistiller(s, t, method="gradients")
+    with pytest.raises(ValueError, match="metric 'cos' does not apply to method 'attention'"):
+        LayerwiseDistiller(s, t, metric="cos")
+    with pytest.raises(ValueError, match="unknown use 'loss'"):
+        LayerwiseDistiller(s, t, use="loss")
+    with pytest.raises(ValueError, match="got 2 weights for 3 layer pairs"):
+        LayerwiseDistiller(s, t, weights=[1, 2], example_input=X[:2])
+    d = LayerwiseDistiller(s, t)
+    with pytest.raises(RuntimeError, match="pass example_input="):
+        d.parameter_groups()
