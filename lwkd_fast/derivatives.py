@@ -49,15 +49,18 @@ Strategies
     pass of ``sum_b <g_b, v_b>``.  Merging the K passes into one with ``is_grads_batched`` was
     measured and is slower on CPU: a merged pass does K x full-depth work, the separate passes
     only sum-of-depths.  ``chunk_size`` bounds memory by processing that many samples at a time.
-``"vmap"``  ``torch.func``: ``vmap(jacrev(f))`` and ``vmap(jvp(jacrev(f)))`` over samples
-    (forward-over-reverse for HVPs), optionally chunked with ``chunk_size``.  Only plain torch code
-    runs inside the transforms (the project's custom ops do not compose with ``torch.func``).
+``"vmap"``  ``torch.func.vmap`` over samples (optionally chunked with ``chunk_size``) of a
+    per-sample function: Jacobians by one ``vjp`` and one pullback per layer, HVPs by
+    ``grad`` of ``<grad phi_j, v>`` per layer (reverse-over-reverse).  Forward-over-reverse
+    (``jvp`` of ``jacrev``) and ``jacrev`` over the K probes were measured slower on CPU, and
+    forward-mode AD is missing for some backward ops (e.g. ``silu_backward``).  Only plain torch
+    code runs inside the transforms (the project's custom ops do not compose with ``torch.func``).
 ``"loop"``  one sample at a time, one plain ``torch.autograd.grad`` per layer: the oracle.
 ``"auto"``  the fastest exact strategy, ``"batched_backward"``.
 
-Second derivatives (HVPs, or ``create_graph=True``) run with the math backend of
-``scaled_dot_product_attention`` because the fused CPU/GPU attention kernels have no
-double-backward or forward-mode derivative.
+Second derivatives (HVPs, or ``create_graph=True``) and the ``vmap`` strategy run with the math
+backend of ``scaled_dot_product_attention``: the fused attention kernels have no double backward
+and no ``vmap`` batching rule.
 
 ``create_graph=False`` (the default, always for a teacher) returns maps without a graph.
 ``create_graph=True`` returns maps that are differentiable with respect to the model's
@@ -467,8 +470,9 @@ class _Session:
 
 
 @contextlib.contextmanager
-def _second_order(enabled: bool) -> Iterator[None]:
-    """Math SDPA backend while second derivatives are taken (fused attention kernels have none)."""
+def _math_attention(enabled: bool) -> Iterator[None]:
+    """The math backend of scaled_dot_product_attention, for second derivatives (the fused
+    attention kernels have no double backward) and under vmap (no batching rule)."""
     if not enabled:
         yield
         return
@@ -546,32 +550,44 @@ def _run_loop(sess: _Session, x, labels, v, probe_fns, create_graph, keep_graph)
 
 
 def _run_vmap(sess: _Session, x, labels, v, probe_fns, create_graph, chunk):
-    from torch.func import jacrev, jvp, vmap
+    from torch.func import grad, vjp, vmap
 
     sess.record_stats(x)
     K = len(probe_fns)
 
     def per_sample(xb, yb):
         phis = sess.probes(xb.unsqueeze(0), None if yb is None else yb.unsqueeze(0), probe_fns)
-        dt = phis[0].dtype
-        for phi in phis[1:]:
-            dt = torch.promote_types(dt, phi.dtype)
-        return torch.stack([phi.reshape(()).to(dt) for phi in phis])  # (K,)
+        return tuple(phi.reshape(()) for phi in phis)
+
+    def jacobian_rows(xb, yb):
+        # one forward, then one pullback per layer (a one-hot cotangent over the K probes)
+        out, pull = vjp(lambda z: per_sample(z, yb), xb)
+        rows = []
+        for j in range(K):
+            ct = tuple(torch.ones_like(o) if i == j else torch.zeros_like(o) for i, o in enumerate(out))
+            rows.append(pull(ct)[0])
+        return tuple(rows)
+
+    def hvp_rows(xb, vb, yb):
+        # reverse-over-reverse per layer: d/dz < grad phi_j(z), v >
+        rows = []
+        for j in range(K):
+            def gv(z, j=j):
+                return (grad(lambda w: per_sample(w, yb)[j])(z) * vb).sum()
+
+            rows.append(grad(gv)(xb))
+        return tuple(rows)
 
     y_dim = None if labels is None else 0
     if v is None:
-        fn = vmap(jacrev(per_sample), in_dims=(0, y_dim), chunk_size=chunk, randomness="different")
+        fn = vmap(jacobian_rows, in_dims=(0, y_dim), chunk_size=chunk, randomness="different")
         args = (x, labels)
     else:
-        def hvp(xb, vb, yb):
-            return jvp(lambda z: jacrev(per_sample)(z, yb), (xb,), (vb,))[1]
-
-        fn = vmap(hvp, in_dims=(0, 0, y_dim), chunk_size=chunk, randomness="different")
+        fn = vmap(hvp_rows, in_dims=(0, 0, y_dim), chunk_size=chunk, randomness="different")
         args = (x, v, labels)
     ctx = contextlib.nullcontext() if create_graph else torch.no_grad()
     with ctx:
-        out = fn(*args)  # (B, K, *sample shape)
-    return [out[:, j].to(x.dtype) for j in range(K)]
+        return list(fn(*args))  # K tensors (B, *sample shape)
 
 
 def _compute(op: str, model: nn.Module, x: torch.Tensor, layers: Layers, *, v: Optional[torch.Tensor],
@@ -589,8 +605,9 @@ def _compute(op: str, model: nn.Module, x: torch.Tensor, layers: Layers, *, v: O
         return []
     create_graph = bool(create_graph)
     keep_graph = create_graph and x.requires_grad
-    second_order = v is not None or create_graph
-    with _Session(op, model, names, modules) as sess, _second_order(second_order):
+    # vmap: the math kernel also has batching rules (the fused CPU kernel falls back to a loop)
+    math_attention = v is not None or create_graph or strat == "vmap"
+    with _Session(op, model, names, modules) as sess, _math_attention(math_attention):
         if strat == "batched_backward":
             maps = _run_batched(sess, x, labels, v, probe_fns, create_graph, keep_graph, chunk)
         elif strat == "vmap":
