@@ -344,6 +344,9 @@ class _Session:
             m._check_input_dim(inp)
             if self.mode == "record":
                 mean, var = _batch_stats(inp)
+                like = m.running_mean if m.running_mean is not None else m.weight
+                if like is not None and like.dtype != mean.dtype:  # low-precision parameters
+                    mean, var = mean.to(like.dtype), var.to(like.dtype)
                 self.recorded[key].append((mean, var))
             else:
                 i = self.cursor.get(key, 0)
@@ -395,12 +398,14 @@ class _Session:
 
     def __enter__(self) -> "_Session":
         try:
-            snapshot = [(b, b.detach().clone()) for b in self.model.buffers()]
+            # copies of the buffers; at exit, version counters (no device sync) tell which ones a
+            # module modified in place, and only those are copied back
+            snapshot = [(b, b._version, b.detach().clone()) for b in self.model.buffers()]
 
             def restore_buffers():
                 with torch.no_grad():
-                    for b, old in snapshot:
-                        if b.shape == old.shape and not torch.equal(b, old):
+                    for b, version, old in snapshot:
+                        if b._version != version and b.shape == old.shape:
                             b.copy_(old)
 
             self._undo.append(restore_buffers)

@@ -413,6 +413,48 @@ def test_train_mode_instance_norm_is_per_sample_and_keeps_running_stats(kind):
     assert not compare(_maps(copy.deepcopy(model).eval(), x, ["act"], kind, **extra)[0], ref[1], F64).ok
 
 
+def test_buffers_a_module_changes_in_forward_are_restored():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros((), dtype=F64))
+            self.lin = nn.Linear(3, 3).double()
+
+        def forward(self, x):
+            self.calls += 1
+            return torch.tanh(self.lin(x))
+
+    model = Counter()
+    x = torch.randn(4, 3, dtype=F64)
+    for strategy in ("batched_backward", "loop"):
+        D.input_jacobians(model, x, ["lin"], strategy=strategy)
+        D.input_hvps(model, x, ["lin"], strategy=strategy)
+    assert model.calls.item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["jacobian", "hvp"])
+def test_lower_precision_within_spec_tolerance(dtype, kind):
+    """SPEC 6: float32 within rtol 1e-5/atol 1e-6 of float64; half types within twice the error
+    of the loop oracle run in that dtype, plus 1e-3 (relative to the maps' scale)."""
+    torch.manual_seed(0)
+    model = _randomize_bn(CNN().double()).train()
+    x = torch.randn(3, 2, 6, 5, dtype=F64)
+    extra = {"v": _v(x)} if kind == "hvp" else {}
+    ref = _maps(model, x, ["bn1", "bn2"], kind, strategy="loop", **extra)
+    low = copy.deepcopy(model).to(dtype)
+    xl = x.to(dtype)
+    extra_l = {"v": extra["v"].to(dtype)} if extra else {}
+    eager = _maps(low, xl, ["bn1", "bn2"], kind, strategy="loop", **extra_l)
+    for strategy in ("batched_backward", "vmap"):
+        got = _maps(low, xl, ["bn1", "bn2"], kind, strategy=strategy, **extra_l)
+        for g, r, e in zip(got, ref, eager):
+            assert g.dtype == dtype
+            scale = float(r.abs().max())
+            verdict = compare(g / scale, r / scale, dtype, None if dtype == torch.float32 else e / scale)
+            assert verdict.ok, (strategy, verdict)
+
+
 def test_dropout_is_off_inside_maps():
     torch.manual_seed(0)
     model = Transformer().double().train()
