@@ -311,6 +311,14 @@ def _batch_stats(inp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
+def _check_input_dim(m: nn.Module, inp: torch.Tensor) -> None:
+    """The module's own input-rank check (BatchNorm2d wants 4-D input, ...), when it has one."""
+    try:
+        m._check_input_dim(inp)
+    except (AttributeError, NotImplementedError):  # a custom subclass without the check
+        pass
+
+
 class _Session:
     """Context manager that puts ``model`` in the per-sample state described in the module
     docstring and captures the activations of ``names``.
@@ -341,7 +349,7 @@ class _Session:
         key = id(m)
 
         def forward(inp: torch.Tensor) -> torch.Tensor:
-            m._check_input_dim(inp)
+            _check_input_dim(m, inp)
             if self.mode == "record":
                 mean, var = _batch_stats(inp)
                 like = m.running_mean if m.running_mean is not None else m.weight
@@ -365,7 +373,7 @@ class _Session:
     @staticmethod
     def _in_forward(m):
         def forward(inp: torch.Tensor) -> torch.Tensor:
-            m._check_input_dim(inp)
+            _check_input_dim(m, inp)
             return F.instance_norm(inp, None, None, m.weight, m.bias, True, 0.0, m.eps)
 
         return forward
@@ -409,8 +417,9 @@ class _Session:
                             b.copy_(old)
 
             self._undo.append(restore_buffers)
+            bn_ids = {id(m) for m in self.bn}
             for m in self.model.modules():
-                if m in self.bn:
+                if id(m) in bn_ids:
                     self._patch_forward(m, self._bn_forward(m))
                 elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.training and m.track_running_stats:
                     self._patch_forward(m, self._in_forward(m))
