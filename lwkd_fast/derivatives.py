@@ -301,14 +301,18 @@ def _uses_batch_stats(m: nn.Module) -> bool:
 
 def _batch_stats(inp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Detached per-channel mean and biased variance of a (N, C, *) BatchNorm input (float32 or
-    wider, as BatchNorm accumulates)."""
+    wider, as BatchNorm accumulates).
+
+    Two passes (the mean, then the mean of squared deviations): numerically as good as
+    ``torch.var_mean`` and several times faster on CPU for NCHW inputs (measured)."""
     with torch.no_grad():
         t = inp.detach()
         if t.dtype in (torch.float16, torch.bfloat16):
             t = t.float()
         dims = [0] + list(range(2, t.dim()))
-        var, mean = torch.var_mean(t, dim=dims, correction=0)
-    return mean, var
+        mean = t.mean(dims, keepdim=True)
+        var = (t - mean).square_().mean(dims)
+    return mean.reshape(-1), var
 
 
 def _check_input_dim(m: nn.Module, inp: torch.Tensor) -> None:
