@@ -7,9 +7,12 @@ float32, CPU.
 
 Two ways to run it:
 
-* ``python benchmarks/bench_derivatives.py`` prints a table: median and inter-quartile range of
-  repeated runs per strategy, peak memory, and the speed ratios against ``batched_backward``
-  (the targets: >= 10x faster than ``loop`` and >= 1.5x faster than ``vmap``).
+* ``python benchmarks/bench_derivatives.py`` prints a table: median, inter-quartile range and
+  minimum of repeated runs per strategy (the strategies run interleaved, round-robin, so a shared
+  machine's background load hits them alike), peak memory, and the speed ratios against
+  ``batched_backward`` (the targets: >= 10x faster than ``loop`` and >= 1.5x faster than
+  ``vmap``).  ``--threads 1`` makes timings far less sensitive to other processes on a busy
+  machine; ``--size`` changes the input resolution.
   ``--json PATH`` also writes the numbers.
 * ``pytest benchmarks/bench_derivatives.py`` runs the same cases as a pytest-benchmark suite.
 
@@ -91,12 +94,12 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def make_workload(batch: int = 128, mode: str = "train", seed: int = 0):
+def make_workload(batch: int = 128, mode: str = "train", seed: int = 0, size: int = 32):
     torch.manual_seed(seed)
     model = SmallResNet()
     model.train(mode == "train")
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, 3, 32, 32, generator=g)
+    x = torch.randn(batch, 3, size, size, generator=g)
     v = D.rademacher(x.shape, generator=g, dtype=x.dtype)
     return model, x, v
 
@@ -110,18 +113,6 @@ def runner(kind: str, strategy: str, model, x, v) -> Callable[[], List[torch.Ten
 # ------------------------------------------------------------------------------------------------
 # Timing and memory helpers (local until a shared benchmarking helper exists)
 # ------------------------------------------------------------------------------------------------
-
-
-def time_runs(fn: Callable[[], object], repeats: int, warmup: int = 1) -> List[float]:
-    """Wall-clock seconds of ``repeats`` calls after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def summarize(times: List[float]) -> Dict[str, float]:
@@ -145,9 +136,9 @@ def _proc_status_kib(field: str) -> Optional[int]:
     return None
 
 
-def _child_peak(kind: str, strategy: str, batch: int, mode: str) -> Dict[str, object]:
+def _child_peak(kind: str, strategy: str, batch: int, mode: str, size: int) -> Dict[str, object]:
     """Runs in the subprocess: peak extra resident memory of one call, in MiB."""
-    model, x, v = make_workload(batch, mode)
+    model, x, v = make_workload(batch, mode, size=size)
     fn = runner(kind, strategy, model, x, v)
     import torch.func  # noqa: F401  (import cost is not the strategy's memory)
 
@@ -166,9 +157,9 @@ def _child_peak(kind: str, strategy: str, batch: int, mode: str) -> Dict[str, ob
     return {"peak_mib": (hwm - rss0) / 1024.0, "hwm_reset": reset}
 
 
-def peak_memory_mib(kind: str, strategy: str, batch: int, mode: str) -> Optional[float]:
+def peak_memory_mib(kind: str, strategy: str, batch: int, mode: str, size: int) -> Optional[float]:
     cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", kind, strategy,
-           "--batch", str(batch), "--mode", mode]
+           "--batch", str(batch), "--mode", mode, "--size", str(size), "--threads", str(torch.get_num_threads())]
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -198,9 +189,25 @@ def check_agreement(kind: str, model, x, v, strategies) -> Dict[str, float]:
     return out
 
 
+def time_round_robin(fns: Dict[str, Callable[[], object]], repeats: Dict[str, int]) -> Dict[str, List[float]]:
+    """Time several functions interleaved: round r runs every function that still needs runs, so
+    all of them see the same background load on a shared machine.  One untimed warm-up each."""
+    for fn in fns.values():
+        fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for r in range(max(repeats.values())):
+        for k, fn in fns.items():
+            if r < repeats[k]:
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def run_table(args) -> Dict[str, object]:
-    torch.set_num_threads(args.threads) if args.threads else None
-    model, x, v = make_workload(args.batch, args.mode)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, x, v = make_workload(args.batch, args.mode, size=args.size)
     results: Dict[str, object] = {
         "machine": {
             "cpu": _cpu_name(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -208,7 +215,7 @@ def run_table(args) -> Dict[str, object]:
             "load_avg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
         "workload": {"model": "SmallResNet (CIFAR ResNet-8, 16/32/64)", "layers": LAYERS, "batch": args.batch,
-                     "input": [3, 32, 32], "dtype": "float32", "mode": args.mode},
+                     "input": [3, args.size, args.size], "dtype": "float32", "mode": args.mode},
         "rows": [],
     }
     for kind in args.kinds:
@@ -216,14 +223,17 @@ def run_table(args) -> Dict[str, object]:
             agree = check_agreement(kind, model, x, v, args.strategies)
             print(f"[{kind}] max relative difference to batched_backward: "
                   + ", ".join(f"{s}: {d:.1e}" for s, d in agree.items()), flush=True)
+        fns = {s: runner(kind, s, model, x, v) for s in args.strategies}
+        reps = {s: args.loop_repeats if s == "loop" else args.repeats for s in args.strategies}
+        times = time_round_robin(fns, reps)
         for strategy in args.strategies:
-            reps = args.loop_repeats if strategy == "loop" else args.repeats
-            times = time_runs(runner(kind, strategy, model, x, v), reps, warmup=1)
-            row = {"kind": kind, "strategy": strategy, **summarize(times), "times": times}
-            row["peak_mib"] = None if args.no_memory else peak_memory_mib(kind, strategy, args.batch, args.mode)
+            row = {"kind": kind, "strategy": strategy, **summarize(times[strategy]), "times": times[strategy]}
+            row["peak_mib"] = None if args.no_memory else peak_memory_mib(kind, strategy, args.batch, args.mode,
+                                                                           args.size)
             results["rows"].append(row)
             print(f"  {kind:<9} {strategy:<17} median {row['median']:.4f}s  (IQR {row['iqr']:.4f}s, "
-                  f"{row['runs']} runs)", flush=True)
+                  f"min {row['min']:.4f}s, {row['runs']} runs)", flush=True)
+    results["machine"]["load_avg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return results
 
 
@@ -250,8 +260,13 @@ def format_table(results: Dict[str, object]) -> str:
             parts.append(f"{sp:.2f}x faster than vmap (target >= 1.5x: {'met' if sp >= 1.5 else 'MISSED'})")
         lines.append(f"{kind}: batched_backward is " + "; ".join(parts))
     m = results["machine"]
+    w = results["workload"]
+    lines.append(f"workload: {w['model']}, layers {', '.join(w['layers'])}, batch {w['batch']} x "
+                 f"{'x'.join(map(str, w['input']))} {w['dtype']}, {w['mode']} mode")
+    load = lambda t: "n/a" if t is None else " ".join(f"{a:.2f}" for a in t)  # noqa: E731
     lines.append(f"machine: {m['cpu']}, {m['logical_cores']} logical cores, torch {m['torch']} with "
-                 f"{m['torch_threads']} threads; load average at start {m['load_avg_at_start']}")
+                 f"{m['torch_threads']} threads; load average {load(m['load_avg_at_start'])} at start, "
+                 f"{load(m.get('load_avg_at_end'))} at end")
     return "\n".join(lines)
 
 
@@ -269,6 +284,7 @@ def _cpu_name() -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--size", type=int, default=32, help="input height = width (3 channels)")
     ap.add_argument("--mode", choices=("train", "eval"), default="train",
                     help="model mode (train: BatchNorm with frozen batch statistics)")
     ap.add_argument("--repeats", type=int, default=9, help="timed runs of batched_backward and vmap")
@@ -283,7 +299,9 @@ def main(argv=None) -> int:
     ap.add_argument("--_memory-child", nargs=2, metavar=("KIND", "STRATEGY"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._memory_child:
-        print(json.dumps(_child_peak(*args._memory_child, args.batch, args.mode)))
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(_child_peak(*args._memory_child, args.batch, args.mode, args.size)))
         return 0
     results = run_table(args)
     print()
