@@ -82,6 +82,8 @@ from . import reference
 __all__ = [
     "PROBES",
     "STRATEGIES",
+    "NotDifferentiableError",
+    "UnknownLayerError",
     "derivative_maps",
     "input_hvps",
     "input_jacobians",
@@ -96,19 +98,21 @@ ProbeArg = Union[str, ProbeFn, Sequence[Union[str, ProbeFn]]]
 Layers = Union[str, Sequence[str]]
 
 
-class UnknownLayerError(KeyError, ValueError):
+class UnknownLayerError(KeyError, ValueError, AttributeError):
     """A requested layer name is not a module name of the model (``model.named_modules()``).
 
-    Subclasses both :class:`KeyError` and :class:`ValueError`; the message lists the names that
-    exist."""
+    The message lists the names that exist.  Subclasses :class:`KeyError` and :class:`ValueError`,
+    and :class:`AttributeError` (what ``nn.Module.get_submodule`` raises), so code catching any of
+    them sees it."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
 
 
-class NotDifferentiableError(TypeError, ValueError):
+class NotDifferentiableError(TypeError, ValueError, RuntimeError):
     """The input cannot be differentiated (integer/bool dtype, or autograd is disabled by
-    ``torch.inference_mode``).  Subclasses both :class:`TypeError` and :class:`ValueError`."""
+    ``torch.inference_mode``).  Subclasses :class:`TypeError` and :class:`ValueError`, and
+    :class:`RuntimeError` (what torch raises for ``requires_grad_`` on an integer tensor)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -658,7 +662,9 @@ def input_jacobians(
     """Per-sample input Jacobian maps ``J_j[b] = d phi_j(x)_b / d x_b`` of the named layers.
 
     Args:
-        model: any ``nn.Module``; it is called as ``model(x)`` (once for ``batched_backward``).
+        model: any ``nn.Module``, called as ``model(batch)``: once for ``batched_backward``; the
+            per-sample strategies (and ``chunk_size``) first run the whole batch once without a
+            graph when the model has batch-statistics BatchNorm layers (module docstring).
         x: the batch (B, ...), floating point.  Gradients are taken with respect to a detached copy
             of x unless ``create_graph=True`` and x requires grad (then the maps also depend on
             whatever x depends on).

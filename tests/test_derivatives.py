@@ -585,6 +585,8 @@ def test_error_unknown_layer_lists_available_names():
         assert name in msg
     with pytest.raises(KeyError):
         D.input_hvps(model, x, ["nope"])
+    with pytest.raises(AttributeError):  # what model.get_submodule("nope") raises
+        D.input_hvps(model, x, "nope")
     with pytest.raises(ValueError, match="'zz' in teacher_layers"):
         D.derivative_maps(model, model, x, ["conv1"], ["zz"])
 
@@ -611,6 +613,8 @@ def test_error_input_without_grad(dtype):
         D.input_jacobians(model, x, ["fc1"])
     with pytest.raises(ValueError, match="does not allow gradients"):
         D.input_hvps(model, x, ["fc1"])
+    with pytest.raises(RuntimeError, match="floating-point input"):  # what torch itself raises
+        D.derivative_maps(model, model, x, ["fc1"], ["fc1"])
     with pytest.raises(ValueError, match="B >= 1"):
         D.input_jacobians(model, torch.ones(0, 6), ["fc1"])
     with torch.inference_mode():
