@@ -28,6 +28,7 @@ same way for every strategy.  Linux only; elsewhere the column reads "n/a".
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -102,6 +103,31 @@ def make_workload(batch: int = 128, mode: str = "train", seed: int = 0, size: in
     x = torch.randn(batch, 3, size, size, generator=g)
     v = D.rademacher(x.shape, generator=g, dtype=x.dtype)
     return model, x, v
+
+
+def jacobian_conv_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """Convolution FLOPs (2 x multiply-adds) of one Jacobian call on the whole batch: one forward,
+    plus for each layer j the input-gradient of every convolution that ran before layer j's output
+    (exact for this sequential ResNet, where all of them lie on a path to layer j).  The same
+    arithmetic for every strategy, so time -> achieved GFLOP/s, a roofline for the CPU."""
+    events: List[tuple] = []
+    hooks = []
+    model = copy.deepcopy(model).eval()  # no running-stat updates on the benchmarked model
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(lambda m, i, o: events.append(
+                ("conv", o.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]))))
+        if name in LAYERS:
+            hooks.append(m.register_forward_hook(lambda m, i, o, name=name: events.append(("layer", name))))
+    with torch.no_grad():
+        model(x[:1])
+    total, running = 0, 0
+    for kind, val in events:
+        if kind == "conv":
+            running += val
+        else:
+            total += running
+    return 2.0 * x.shape[0] * (running + total)
 
 
 def runner(kind: str, strategy: str, model, x, v) -> Callable[[], List[torch.Tensor]]:
@@ -228,6 +254,8 @@ def run_table(args) -> Dict[str, object]:
         times = time_round_robin(fns, reps)
         for strategy in args.strategies:
             row = {"kind": kind, "strategy": strategy, **summarize(times[strategy]), "times": times[strategy]}
+            if kind == "jacobian":
+                row["gflops_per_s"] = jacobian_conv_flops(model, x) / row["min"] / 1e9
             row["peak_mib"] = None if args.no_memory else peak_memory_mib(kind, strategy, args.batch, args.mode,
                                                                            args.size)
             results["rows"].append(row)
@@ -241,13 +269,16 @@ def format_table(results: Dict[str, object]) -> str:
     rows = results["rows"]
     base = {r["kind"]: r["median"] for r in rows if r["strategy"] == "batched_backward"}
     header = (f"{'maps':<9} {'strategy':<17} {'median s':>9} {'IQR s':>8} {'min s':>8} {'runs':>4} "
-              f"{'peak MiB':>9} {'time / batched':>15}")
+              f"{'peak MiB':>9} {'time / batched':>15} {'GFLOP/s':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         mem = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         ratio = r["median"] / base[r["kind"]] if r["kind"] in base else float("nan")
+        gf = f"{r['gflops_per_s']:.1f}" if r.get("gflops_per_s") else "-"
         lines.append(f"{r['kind']:<9} {r['strategy']:<17} {r['median']:>9.4f} {r['iqr']:>8.4f} {r['min']:>8.4f} "
-                     f"{r['runs']:>4} {mem:>9} {ratio:>14.1f}x")
+                     f"{r['runs']:>4} {mem:>9} {ratio:>14.1f}x {gf:>8}")
+    lines.append("(GFLOP/s: convolution arithmetic of a Jacobian call / min time; the loop does the same "
+                 "arithmetic, so batched/loop can exceed 10x only where the loop is overhead-bound)")
     lines.append("")
     for kind, b in base.items():
         med = {r["strategy"]: r["median"] for r in rows if r["kind"] == kind}
