@@ -2,6 +2,7 @@
 distillation in PyTorch.  See README.md and SPEC.md."""
 
 from ._version import __version__
+from .derivatives import derivative_maps, input_hvps, input_jacobians, rademacher
 from .ops import (
     attention_discrepancy,
     attention_maps,
@@ -15,6 +16,10 @@ __all__ = [
     "attention_discrepancy",
     "attention_maps",
     "backends",
+    "derivative_maps",
+    "input_hvps",
+    "input_jacobians",
     "map_discrepancy",
+    "rademacher",
     "use_backend",
 ]
