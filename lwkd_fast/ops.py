@@ -50,12 +50,13 @@ if _truthy(os.environ.get("LWKD_DISABLE_NATIVE")):
     _C_ERROR = "disabled by LWKD_DISABLE_NATIVE=1"
 else:
     try:
-        from . import _C  # noqa: F811  (registers torch.ops.lwkd.*)
+        _C = importlib.import_module("lwkd_fast._C")  # registers torch.ops.lwkd.*
     except ImportError as exc:  # not built (LWKD_NO_EXT=1), or built against another torch
         _C = None
-        _C_ERROR = f"lwkd_fast._C did not load ({type(exc).__name__}: {exc})"
-        if "No module named" in str(exc):
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "lwkd_fast._C":
             _C_ERROR = "lwkd_fast._C is not built (installed with LWKD_NO_EXT=1, or the build was skipped)"
+        else:
+            _C_ERROR = f"lwkd_fast._C did not load ({type(exc).__name__}: {exc})"
 
 NATIVE_OPS = (
     "attention_discrepancy",
