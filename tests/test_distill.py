@@ -169,3 +169,27 @@ def test_bad_options():
     d = LayerwiseDistiller(s, t)
     with pytest.raises(RuntimeError, match="pass example_input="):
         d.parameter_groups()
+
+
+@pytest.mark.parametrize("method", ["jacobian", "hessian"])
+def test_derivative_methods_match_direct_maps(method):
+    s, t = models()
+    s.train()
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    d = LayerwiseDistiller(s, t, method=method, use="rates+loss", generator=g1, example_input=X[:2])
+    out = d(X, Y)
+    names = ["stage1", "stage2", "stage3"]
+    kind = "jacobian" if method == "jacobian" else "hvp"
+    sm, tm = lw.derivative_maps(s, t, X, names, names, kind=kind, generator=g2, labels=Y)
+    torch.testing.assert_close(out.discrepancies, lw.map_discrepancy(sm, tm), rtol=1e-5, atol=1e-7)
+    out.loss.backward()  # create_graph=True maps: the matching term reaches the student
+    assert all(p.grad is not None for p in s.parameters())
+    assert all(p.grad is None for p in t.parameters())
+
+
+def test_derivative_rates_only_builds_no_second_order_graph():
+    s, t = models()
+    d = LayerwiseDistiller(s, t, method="jacobian", use="rates", example_input=X[:2])
+    out = d(X, Y)
+    assert out.match is None and not out.discrepancies.requires_grad
+    torch.testing.assert_close(out.loss, F.cross_entropy(s(X), Y))
