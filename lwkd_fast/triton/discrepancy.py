@@ -816,11 +816,12 @@ def _feat_desc(x3: torch.Tensor):
     irrelevant and normalised so that the layout class is as specific as possible."""
     B, C, N = x3.shape
     sb, sc, sn = x3.stride()
-    if N == 1:
-        sn = 1
     if C == 1:
         sc = 1
-    if sn == 1:
+    if N == 1:  # one position: only the channel stride matters
+        sn = 1
+        layout = CHAN_CONTIG if sc == 1 else POS_CONTIG
+    elif sn == 1:
         layout = POS_CONTIG
     elif sc == 1:
         layout = CHAN_CONTIG
@@ -1211,6 +1212,7 @@ def _attention_backward_fake(grad, student, maps_s, maps_t, p, metric, beta, nor
 def _attention_setup(ctx, inputs, output):
     student, _teacher, p, metric, beta, normalize, tau, eps, channel_dim = inputs
     _d, maps_s, maps_t = output
+    ctx.mark_non_differentiable(maps_s, maps_t)  # kept for the backward only
     ctx.K = len(student)
     ctx.args = (p, metric, beta, normalize, tau, eps, channel_dim)
     ctx.save_for_backward(*student, maps_s, maps_t)
@@ -1260,6 +1262,7 @@ def _map_setup(ctx, inputs, output):
     student, teacher, metric, beta, eps = inputs
     ctx.K = len(student)
     ctx.args = (metric, beta, eps)
+    ctx.mark_non_differentiable(output[1])  # row statistics, kept for the backward only
     ctx.save_for_backward(*student, *teacher, output[1])
 
 
