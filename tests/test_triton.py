@@ -320,6 +320,40 @@ def test_compiles_fullgraph():
 
 
 # ------------------------------------------------------------------------------------------------
+# GPU compilation (no GPU needed)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_kernels_compile_for_gpu_targets():
+    """Every kernel variant the host code launches compiles to sm_80 and sm_90 cubins with Triton's
+    real compiler (the interpreter never runs it), and the tile kernels get 128-bit vector loads
+    (and the gradient kernels vector stores) for aligned inputs.  See tests/triton_aot_compile.py."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.join(root, "tests", "triton_aot_compile.py"), "80", "90"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    kernels = {name for name in dir(D) if name.endswith("_kernel") and name.startswith("_")}
+    for arch in (80, 90):
+        assert {r["kernel"] for r in rows if r["arch"] == arch} == kernels
+    tile_kernels = {"_attn_maps_kernel", "_attn_grad_kernel", "_map_stats_kernel", "_map_terms_kernel",
+                    "_map_proj_kernel", "_map_grad_kernel"}
+    aligned = [r for r in rows if r["aligned"] and r["kernel"] in tile_kernels]
+    assert {r["kernel"] for r in aligned} == tile_kernels
+    scalar = sorted({(r["arch"], r["kernel"]) for r in aligned if not r["vector_loads"]})
+    assert not scalar, f"aligned variants without vector loads: {scalar}"
+    no_vst = [(r["arch"], r["kernel"]) for r in aligned if r["kernel"].endswith("grad_kernel") and not r["vector_stores"]]
+    assert not no_vst, f"aligned gradient kernels without vector stores: {no_vst}"
+
+
+# ------------------------------------------------------------------------------------------------
 # Errors and availability
 # ------------------------------------------------------------------------------------------------
 

@@ -70,49 +70,49 @@ __all__ = ["attention_discrepancy", "map_discrepancy", "CONFIG", "Config"]
 # ------------------------------------------------------------------------------------------------
 # Work-table layout (int64).  Header: float parameters as float64 bit patterns.
 # ------------------------------------------------------------------------------------------------
-_H_P: tl.constexpr = 0
-_H_BETA: tl.constexpr = 1
-_H_TAU: tl.constexpr = 2
-_H_EPS: tl.constexpr = 3
+_H_P = tl.constexpr(0)
+_H_BETA = tl.constexpr(1)
+_H_TAU = tl.constexpr(2)
+_H_EPS = tl.constexpr(3)
 HDR = 4
 
 # attention layer rows
-_A_TSTART: tl.constexpr = 0   # global index of the layer's first tile
-_A_N: tl.constexpr = 1        # positions per sample
-_A_CHUNK: tl.constexpr = 2    # positions per tile
-_A_NCH: tl.constexpr = 3      # tiles per sample
-_A_ORIG: tl.constexpr = 4     # layer index k in the caller's order
-_A_MOFF: tl.constexpr = 5     # element offset of the layer's (B, N) maps in the map buffers
-_A_SPTR: tl.constexpr = 6     # student (B, C, N): pointer, C, strides
-_A_SC: tl.constexpr = 7
-_A_SSB: tl.constexpr = 8
-_A_SSC: tl.constexpr = 9
-_A_SSN: tl.constexpr = 10
-_A_TPTR: tl.constexpr = 11    # teacher (forward) / gradient (backward) (B, C, N)
-_A_TC: tl.constexpr = 12
-_A_TSB: tl.constexpr = 13
-_A_TSC: tl.constexpr = 14
-_A_TSN: tl.constexpr = 15
+_A_TSTART = tl.constexpr(0)   # global index of the layer's first tile
+_A_N = tl.constexpr(1)        # positions per sample
+_A_CHUNK = tl.constexpr(2)    # positions per tile
+_A_NCH = tl.constexpr(3)      # tiles per sample
+_A_ORIG = tl.constexpr(4)     # layer index k in the caller's order
+_A_MOFF = tl.constexpr(5)     # element offset of the layer's (B, N) maps in the map buffers
+_A_SPTR = tl.constexpr(6)     # student (B, C, N): pointer, C, strides
+_A_SC = tl.constexpr(7)
+_A_SSB = tl.constexpr(8)
+_A_SSC = tl.constexpr(9)
+_A_SSN = tl.constexpr(10)
+_A_TPTR = tl.constexpr(11)    # teacher (forward) / gradient (backward) (B, C, N)
+_A_TC = tl.constexpr(12)
+_A_TSB = tl.constexpr(13)
+_A_TSC = tl.constexpr(14)
+_A_TSN = tl.constexpr(15)
 A_NCOL = 16
-_A_NCOL: tl.constexpr = A_NCOL
+_A_NCOL = tl.constexpr(A_NCOL)
 
 # map-op layer rows
-_M_TSTART: tl.constexpr = 0
-_M_N: tl.constexpr = 1
-_M_CHUNK: tl.constexpr = 2
-_M_NCH: tl.constexpr = 3
-_M_ORIG: tl.constexpr = 4
-_M_SPTR: tl.constexpr = 5
-_M_SSB: tl.constexpr = 6
-_M_TPTR: tl.constexpr = 7
-_M_TSB: tl.constexpr = 8
-_M_GPTR: tl.constexpr = 9
-_M_GSB: tl.constexpr = 10
+_M_TSTART = tl.constexpr(0)
+_M_N = tl.constexpr(1)
+_M_CHUNK = tl.constexpr(2)
+_M_NCH = tl.constexpr(3)
+_M_ORIG = tl.constexpr(4)
+_M_SPTR = tl.constexpr(5)
+_M_SSB = tl.constexpr(6)
+_M_TPTR = tl.constexpr(7)
+_M_TSB = tl.constexpr(8)
+_M_GPTR = tl.constexpr(9)
+_M_GSB = tl.constexpr(10)
 M_NCOL = 11
-_M_NCOL: tl.constexpr = M_NCOL
+_M_NCOL = tl.constexpr(M_NCOL)
 _M_NCH_I = 3  # host-side index of the NCH column
 
-_I64_MAX: tl.constexpr = 9223372036854775807
+_I64_MAX = tl.constexpr(9223372036854775807)
 
 # metric codes (as in lwkd_common.h)
 AT, COS, JSD = 0, 1, 2
@@ -273,24 +273,91 @@ def _jsd_grad_ps(ps, pt, beta):
     return tl.where(pos, g, tl.where(m > 0, -beta, 0.0 * beta))
 
 
+# Divisibility hints (tl.multiple_of, values checked on the host) let loads along a contiguous axis
+# become 16-byte vectors.  A hint attaches to the op that defines the value, so it is written where
+# the value is produced: a hint on a function argument or a loop induction variable (block
+# arguments, no defining op) is silently dropped.  Loops hint their lower bound instead; with a
+# constexpr step the compiler derives the induction variable's divisibility from it.
+# tests/triton_aot_compile.py checks for the vector loads in the generated PTX.
+
+
+@triton.jit
+def _base(row, COL_PTR: tl.constexpr, COL_SB: tl.constexpr, b, DT: tl.constexpr, DIV: tl.constexpr,
+          ALIGN: tl.constexpr):
+    """Pointer to sample b of the tensor in table columns (COL_PTR, COL_SB).  The alignment hint
+    goes on the pointer (in bytes): int-to-pointer casts drop an integer's divisibility."""
+    ptr = tl.multiple_of(tl.load(row + COL_PTR).to(tl.pointer_type(DT)), ALIGN)
+    return ptr + b * tl.multiple_of(tl.load(row + COL_SB), DIV)
+
+
+@triton.jit
+def _tile_ptrs(base, cc, offs_n, sc, sn, LAYOUT: tl.constexpr):
+    """(BLOCK_C, BLOCK_N) pointers of a (C, N) strided sample; the contiguous axis is literal."""
+    if LAYOUT == 0:
+        return base + cc[:, None] * sc + offs_n[None, :]
+    elif LAYOUT == 1:
+        return base + cc[:, None] + offs_n[None, :] * sn
+    else:
+        return base + cc[:, None] * sc + offs_n[None, :] * sn
+
+
+@triton.jit
+def _load_tile(ptrs, cc, C, mask_n, MASK_C: tl.constexpr, MASK_N: tl.constexpr):
+    """Masks only where needed: a mask that varies along the contiguous axis prevents vector loads,
+    one broadcast along it does not."""
+    if MASK_C:
+        if MASK_N:
+            x = tl.load(ptrs, mask=(cc < C)[:, None] & mask_n[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(cc < C)[:, None], other=0.0)
+    else:
+        if MASK_N:
+            x = tl.load(ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, v, cc, C, mask_n, MASK_C: tl.constexpr, MASK_N: tl.constexpr):
+    if MASK_C:
+        if MASK_N:
+            tl.store(ptrs, v, mask=(cc < C)[:, None] & mask_n[None, :])
+        else:
+            tl.store(ptrs, v, mask=(cc < C)[:, None])
+    else:
+        if MASK_N:
+            tl.store(ptrs, v, mask=mask_n[None, :])
+        else:
+            tl.store(ptrs, v)
+
+
+@triton.jit
+def _chan_acc(acc, base, cc, C, sc, sn, offs_n, mask_n, p, IS_BF16: tl.constexpr, ACC: tl.constexpr,
+              POW_MODE: tl.constexpr, LAYOUT: tl.constexpr, MASK_C: tl.constexpr, MASK_N: tl.constexpr):
+    x = _load_tile(_tile_ptrs(base, cc, offs_n, sc, sn, LAYOUT), cc, C, mask_n, MASK_C, MASK_N)
+    return acc + _abs_pow(_to_acc(x, IS_BF16, ACC), p, POW_MODE)
+
+
 @triton.jit
 def _chan_mean(base, C, sc, sn, offs_n, mask_n, p, IS_BF16: tl.constexpr, ACC: tl.constexpr,
                POW_MODE: tl.constexpr, LAYOUT: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_C: tl.constexpr):
+               BLOCK_C: tl.constexpr, MASK_N: tl.constexpr):
     """(1/C) sum_c |x[c, i]|^p for a block of positions of one (C, N) strided sample."""
     acc = tl.full([BLOCK_C, BLOCK_N], 0, ACC)
     offs_c = tl.arange(0, BLOCK_C)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + offs_c
-        m = (cc < C)[:, None] & mask_n[None, :]
-        if LAYOUT == 0:
-            ptrs = base + cc[:, None] * sc + offs_n[None, :]
-        elif LAYOUT == 1:
-            ptrs = base + cc[:, None] + offs_n[None, :] * sn
-        else:
-            ptrs = base + cc[:, None] * sc + offs_n[None, :] * sn
-        x = _to_acc(tl.load(ptrs, mask=m, other=0.0), IS_BF16, ACC)
-        acc += _abs_pow(x, p, POW_MODE)
+    if LAYOUT == 1:  # channels contiguous: full channel blocks unmasked along them, then the tail
+        c_full = C - C % BLOCK_C
+        for c0 in range(0, c_full, BLOCK_C):
+            acc = _chan_acc(acc, base, c0 + offs_c, C, sc, sn, offs_n, mask_n, p, IS_BF16,
+                            ACC, POW_MODE, LAYOUT, False, MASK_N)
+        for c0 in range(c_full, C, BLOCK_C):
+            acc = _chan_acc(acc, base, c0 + offs_c, C, sc, sn, offs_n, mask_n, p, IS_BF16, ACC, POW_MODE,
+                            LAYOUT, True, MASK_N)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            acc = _chan_acc(acc, base, c0 + offs_c, C, sc, sn, offs_n, mask_n, p, IS_BF16, ACC, POW_MODE,
+                            LAYOUT, True, MASK_N)
     return _sum(acc) * (1.0 / C.to(ACC))
 
 
@@ -300,11 +367,25 @@ def _chan_mean(base, C, sc, sn, offs_n, mask_n, p, IS_BF16: tl.constexpr, ACC: t
 
 
 @triton.jit
+def _maps_block(offs, mask, MASK_N: tl.constexpr, s_base, s_C, s_sc, s_sn, t_base, t_C, t_sc, t_sn,
+                ms, mt, p, S_BF16: tl.constexpr, T_BF16: tl.constexpr, ACC: tl.constexpr,
+                POW_MODE: tl.constexpr, S_LAYOUT: tl.constexpr, T_LAYOUT: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    a_s = _chan_mean(s_base, s_C, s_sc, s_sn, offs, mask, p, S_BF16, ACC, POW_MODE, S_LAYOUT, BLOCK_N,
+                     BLOCK_C, MASK_N)
+    a_t = _chan_mean(t_base, t_C, t_sc, t_sn, offs, mask, p, T_BF16, ACC, POW_MODE, T_LAYOUT, BLOCK_N,
+                     BLOCK_C, MASK_N)
+    tl.store(ms + offs, a_s, mask=mask)
+    tl.store(mt + offs, a_t, mask=mask)
+
+
+@triton.jit
 def _attn_maps_kernel(hdr, tab, n_layers, tile0, maps_s, maps_t,
                       S_DT: tl.constexpr, T_DT: tl.constexpr, S_BF16: tl.constexpr,
                       T_BF16: tl.constexpr, ACC: tl.constexpr, POW_MODE: tl.constexpr,
-                      S_LAYOUT: tl.constexpr, T_LAYOUT: tl.constexpr, KPAD: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                      S_LAYOUT: tl.constexpr, T_LAYOUT: tl.constexpr, S_DIV: tl.constexpr,
+                      S_ALIGN: tl.constexpr, T_DIV: tl.constexpr, T_ALIGN: tl.constexpr,
+                      KPAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     gt = tl.program_id(0).to(tl.int64) + tile0
     row = tab + _find_layer(tab, n_layers, gt, _A_TSTART, _A_NCOL, KPAD) * _A_NCOL
     local = gt - tl.load(row + _A_TSTART)
@@ -312,29 +393,31 @@ def _attn_maps_kernel(hdr, tab, n_layers, tile0, maps_s, maps_t,
     chunk = tl.load(row + _A_CHUNK)
     nch = tl.load(row + _A_NCH)
     b = local // nch
-    i_begin = (local - b * nch) * chunk
+    i_begin = tl.multiple_of((local - b * nch) * chunk, BLOCK_N)  # chunk is a multiple of BLOCK_N
     i_end = tl.minimum(i_begin + chunk, N)
+    i_full = i_begin + (i_end - i_begin) // BLOCK_N * BLOCK_N
     p = _param(hdr, _H_P, ACC)
 
-    s_base = tl.load(row + _A_SPTR).to(tl.pointer_type(S_DT)) + b * tl.load(row + _A_SSB)
+    s_base = _base(row, _A_SPTR, _A_SSB, b, S_DT, S_DIV, S_ALIGN)
     s_C = tl.load(row + _A_SC)
-    s_sc = tl.load(row + _A_SSC)
-    s_sn = tl.load(row + _A_SSN)
-    t_base = tl.load(row + _A_TPTR).to(tl.pointer_type(T_DT)) + b * tl.load(row + _A_TSB)
+    s_sc = tl.multiple_of(tl.load(row + _A_SSC), S_DIV)
+    s_sn = tl.multiple_of(tl.load(row + _A_SSN), S_DIV)
+    t_base = _base(row, _A_TPTR, _A_TSB, b, T_DT, T_DIV, T_ALIGN)
     t_C = tl.load(row + _A_TC)
-    t_sc = tl.load(row + _A_TSC)
-    t_sn = tl.load(row + _A_TSN)
+    t_sc = tl.multiple_of(tl.load(row + _A_TSC), T_DIV)
+    t_sn = tl.multiple_of(tl.load(row + _A_TSN), T_DIV)
     moff = tl.load(row + _A_MOFF) + b * N
+    ms = maps_s + moff
+    mt = maps_t + moff
 
-    for i0 in range(i_begin, i_end, BLOCK_N):
+    for i0 in range(i_begin, i_full, BLOCK_N):  # full position blocks: no mask along positions
         offs = i0 + tl.arange(0, BLOCK_N)
-        mask = offs < i_end
-        a_s = _chan_mean(s_base, s_C, s_sc, s_sn, offs, mask, p, S_BF16, ACC, POW_MODE, S_LAYOUT,
-                         BLOCK_N, BLOCK_C)
-        a_t = _chan_mean(t_base, t_C, t_sc, t_sn, offs, mask, p, T_BF16, ACC, POW_MODE, T_LAYOUT,
-                         BLOCK_N, BLOCK_C)
-        tl.store(maps_s + moff + offs, a_s, mask=mask)
-        tl.store(maps_t + moff + offs, a_t, mask=mask)
+        _maps_block(offs, offs < i_end, False, s_base, s_C, s_sc, s_sn, t_base, t_C, t_sc, t_sn, ms, mt, p,
+                    S_BF16, T_BF16, ACC, POW_MODE, S_LAYOUT, T_LAYOUT, BLOCK_N, BLOCK_C)
+    for i0 in range(i_full, i_end, BLOCK_N):    # ragged tail (at most one block)
+        offs = i0 + tl.arange(0, BLOCK_N)
+        _maps_block(offs, offs < i_end, True, s_base, s_C, s_sc, s_sn, t_base, t_C, t_sc, t_sn, ms, mt, p,
+                    S_BF16, T_BF16, ACC, POW_MODE, S_LAYOUT, T_LAYOUT, BLOCK_N, BLOCK_C)
 
 
 @triton.jit
@@ -443,7 +526,7 @@ def _attn_rows_fwd_kernel(hdr, tab, B, maps_s, maps_t, d, ACC: tl.constexpr, MET
 # Attention: backward
 # ------------------------------------------------------------------------------------------------
 
-_RS: tl.constexpr = 8  # values per row in the backward row-scalar buffer
+_RS = tl.constexpr(8)  # values per row in the backward row-scalar buffer
 
 
 @triton.jit
@@ -497,11 +580,59 @@ def _attn_rows_bwd_kernel(hdr, tab, B, maps_s, maps_t, grad, rowscal, ACC: tl.co
 
 
 @triton.jit
+def _grad_chan(h, x_base, g_base, cc, C, x_sc, x_sn, g_sc, g_sn, offs, mask, p, S_DT: tl.constexpr,
+               S_BF16: tl.constexpr, STORE: tl.constexpr, OPT: tl.constexpr, POW_MODE: tl.constexpr,
+               X_LAYOUT: tl.constexpr, G_LAYOUT: tl.constexpr, MASK_C: tl.constexpr, MASK_N: tl.constexpr):
+    x = _load_tile(_tile_ptrs(x_base, cc, offs, x_sc, x_sn, X_LAYOUT), cc, C, mask, MASK_C, MASK_N)
+    g = h[None, :] * _abs_pow_grad(_to_acc(x, S_BF16, OPT), p, POW_MODE)
+    _store_tile(_tile_ptrs(g_base, cc, offs, g_sc, g_sn, G_LAYOUT), _from_acc(g, S_DT, STORE), cc, C, mask,
+                MASK_C, MASK_N)
+
+
+@triton.jit
+def _grad_block(offs, mask, MASK_N: tl.constexpr, ms, mt, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg,
+                inv_tau, beta, inv_c, x_base, g_base, C, x_sc, x_sn, g_sc, g_sn, p, S_DT: tl.constexpr,
+                S_BF16: tl.constexpr, STORE: tl.constexpr, OPT: tl.constexpr, POW_MODE: tl.constexpr,
+                METRIC: tl.constexpr, SOFTMAX: tl.constexpr, X_LAYOUT: tl.constexpr,
+                G_LAYOUT: tl.constexpr, BLOCK_C: tl.constexpr):
+    a = tl.load(ms + offs, mask=mask, other=0.0)
+    c = tl.load(mt + offs, mask=mask, other=0.0)
+    if METRIC == 2:
+        ps = _distribution(a, inv_s, mx_s, inv_tau, SOFTMAX)
+        pt = _distribution(c, inv_t, mx_t, inv_tau, SOFTMAX)
+        gp = gd * _jsd_grad_ps(ps, pt, beta)
+        if SOFTMAX:
+            ga = ps * (gp - proj) * inv_tau        # lwkd::softmax_grad_a
+        else:
+            ga = (gp - proj) * inv_s               # lwkd::sumnorm_grad_a
+    else:
+        qs = a * inv_s
+        gq = tsg * (qs - c * inv_t)                # lwkd::sqdist_grad_q
+        ga = (gq - qs * proj) * inv_s              # lwkd::sqdist_grad_a
+    h = (ga * inv_c).to(OPT)
+    offs_c = tl.arange(0, BLOCK_C)
+    if X_LAYOUT == 1 and G_LAYOUT == 1:  # channels contiguous: unmasked full channel blocks
+        c_full = C - C % BLOCK_C
+        for c0 in range(0, c_full, BLOCK_C):
+            _grad_chan(h, x_base, g_base, c0 + offs_c, C, x_sc, x_sn, g_sc, g_sn, offs, mask,
+                       p, S_DT, S_BF16, STORE, OPT, POW_MODE, X_LAYOUT, G_LAYOUT, False, MASK_N)
+        for c0 in range(c_full, C, BLOCK_C):
+            _grad_chan(h, x_base, g_base, c0 + offs_c, C, x_sc, x_sn, g_sc, g_sn, offs, mask, p, S_DT,
+                       S_BF16, STORE, OPT, POW_MODE, X_LAYOUT, G_LAYOUT, True, MASK_N)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            _grad_chan(h, x_base, g_base, c0 + offs_c, C, x_sc, x_sn, g_sc, g_sn, offs, mask, p, S_DT,
+                       S_BF16, STORE, OPT, POW_MODE, X_LAYOUT, G_LAYOUT, True, MASK_N)
+
+
+@triton.jit
 def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, rowscal,
                       S_DT: tl.constexpr, S_BF16: tl.constexpr, STORE: tl.constexpr, ACC: tl.constexpr,
                       OPT: tl.constexpr, POW_MODE: tl.constexpr, METRIC: tl.constexpr,
                       SOFTMAX: tl.constexpr, X_LAYOUT: tl.constexpr, G_LAYOUT: tl.constexpr,
-                      KPAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                      X_DIV: tl.constexpr, X_ALIGN: tl.constexpr, G_DIV: tl.constexpr,
+                      G_ALIGN: tl.constexpr, KPAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
     """Student gradient of one (layer, sample, chunk of positions) tile; the table's second
     tensor slot holds the gradient buffer (B, C, N) view."""
     gt = tl.program_id(0).to(tl.int64) + tile0
@@ -512,8 +643,9 @@ def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, rowscal,
     nch = tl.load(row + _A_NCH)
     k = tl.load(row + _A_ORIG)
     b = local // nch
-    i_begin = (local - b * nch) * chunk
+    i_begin = tl.multiple_of((local - b * nch) * chunk, BLOCK_N)  # chunk is a multiple of BLOCK_N
     i_end = tl.minimum(i_begin + chunk, N)
+    i_full = i_begin + (i_end - i_begin) // BLOCK_N * BLOCK_N
     p = _param(hdr, _H_P, OPT)
     inv_tau = 1.0 / _param(hdr, _H_TAU, ACC)
     beta = _param(hdr, _H_BETA, ACC)
@@ -527,53 +659,28 @@ def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, rowscal,
     gd = tl.load(rs + 5)
     tsg = tl.load(rs + 6)
 
-    x_base = tl.load(row + _A_SPTR).to(tl.pointer_type(S_DT)) + b * tl.load(row + _A_SSB)
+    x_base = _base(row, _A_SPTR, _A_SSB, b, S_DT, X_DIV, X_ALIGN)
     C = tl.load(row + _A_SC)
-    x_sc = tl.load(row + _A_SSC)
-    x_sn = tl.load(row + _A_SSN)
-    g_base = tl.load(row + _A_TPTR).to(tl.pointer_type(S_DT)) + b * tl.load(row + _A_TSB)
-    g_sc = tl.load(row + _A_TSC)
-    g_sn = tl.load(row + _A_TSN)
+    x_sc = tl.multiple_of(tl.load(row + _A_SSC), X_DIV)
+    x_sn = tl.multiple_of(tl.load(row + _A_SSN), X_DIV)
+    g_base = _base(row, _A_TPTR, _A_TSB, b, S_DT, G_DIV, G_ALIGN)
+    g_sc = tl.multiple_of(tl.load(row + _A_TSC), G_DIV)
+    g_sn = tl.multiple_of(tl.load(row + _A_TSN), G_DIV)
     moff = tl.load(row + _A_MOFF) + b * N
+    ms = maps_s + moff
+    mt = maps_t + moff
     inv_c = 1.0 / C.to(ACC)
-    offs_c = tl.arange(0, BLOCK_C)
 
-    for i0 in range(i_begin, i_end, BLOCK_N):
+    for i0 in range(i_begin, i_full, BLOCK_N):
         offs = i0 + tl.arange(0, BLOCK_N)
-        mask = offs < i_end
-        a = tl.load(maps_s + moff + offs, mask=mask, other=0.0)
-        c = tl.load(maps_t + moff + offs, mask=mask, other=0.0)
-        if METRIC == 2:
-            ps = _distribution(a, inv_s, mx_s, inv_tau, SOFTMAX)
-            pt = _distribution(c, inv_t, mx_t, inv_tau, SOFTMAX)
-            gp = gd * _jsd_grad_ps(ps, pt, beta)
-            if SOFTMAX:
-                ga = ps * (gp - proj) * inv_tau        # lwkd::softmax_grad_a
-            else:
-                ga = (gp - proj) * inv_s               # lwkd::sumnorm_grad_a
-        else:
-            qs = a * inv_s
-            gq = tsg * (qs - c * inv_t)                # lwkd::sqdist_grad_q
-            ga = (gq - qs * proj) * inv_s              # lwkd::sqdist_grad_a
-        h = (ga * inv_c).to(OPT)
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + offs_c
-            m2 = (cc < C)[:, None] & mask[None, :]
-            if X_LAYOUT == 0:
-                xp = x_base + cc[:, None] * x_sc + offs[None, :]
-            elif X_LAYOUT == 1:
-                xp = x_base + cc[:, None] + offs[None, :] * x_sn
-            else:
-                xp = x_base + cc[:, None] * x_sc + offs[None, :] * x_sn
-            if G_LAYOUT == 0:
-                gptr = g_base + cc[:, None] * g_sc + offs[None, :]
-            elif G_LAYOUT == 1:
-                gptr = g_base + cc[:, None] + offs[None, :] * g_sn
-            else:
-                gptr = g_base + cc[:, None] * g_sc + offs[None, :] * g_sn
-            x = _to_acc(tl.load(xp, mask=m2, other=0.0), S_BF16, OPT)
-            g = h[None, :] * _abs_pow_grad(x, p, POW_MODE)
-            tl.store(gptr, _from_acc(g, S_DT, STORE), mask=m2)
+        _grad_block(offs, offs < i_end, False, ms, mt, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg, inv_tau, beta,
+                    inv_c, x_base, g_base, C, x_sc, x_sn, g_sc, g_sn, p, S_DT, S_BF16, STORE, OPT, POW_MODE,
+                    METRIC, SOFTMAX, X_LAYOUT, G_LAYOUT, BLOCK_C)
+    for i0 in range(i_full, i_end, BLOCK_N):
+        offs = i0 + tl.arange(0, BLOCK_N)
+        _grad_block(offs, offs < i_end, True, ms, mt, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg, inv_tau, beta,
+                    inv_c, x_base, g_base, C, x_sc, x_sn, g_sc, g_sn, p, S_DT, S_BF16, STORE, OPT, POW_MODE,
+                    METRIC, SOFTMAX, X_LAYOUT, G_LAYOUT, BLOCK_C)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -582,7 +689,7 @@ def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, rowscal,
 
 
 @triton.jit
-def _flat_tile(tab, n_layers, tile0, KPAD: tl.constexpr):
+def _flat_tile(tab, n_layers, tile0, KPAD: tl.constexpr, BLOCK: tl.constexpr):
     gt = tl.program_id(0).to(tl.int64) + tile0
     row = tab + _find_layer(tab, n_layers, gt, _M_TSTART, _M_NCOL, KPAD) * _M_NCOL
     local = gt - tl.load(row + _M_TSTART)
@@ -591,40 +698,56 @@ def _flat_tile(tab, n_layers, tile0, KPAD: tl.constexpr):
     nch = tl.load(row + _M_NCH)
     b = local // nch
     ci = local - b * nch
-    i_begin = ci * chunk
+    i_begin = tl.multiple_of(ci * chunk, BLOCK)  # chunk is a multiple of BLOCK
     i_end = tl.minimum(i_begin + chunk, N)
+    i_full = i_begin + (i_end - i_begin) // BLOCK * BLOCK
     first = gt - ci  # global index of the sample's first tile
-    return gt, row, b, ci, nch, i_begin, i_end, first
+    return gt, row, b, ci, nch, i_begin, i_full, i_end, first
 
 
 @triton.jit
-def _map_vals(row, b, idx, m, S_DT: tl.constexpr, T_DT: tl.constexpr, S_BF16: tl.constexpr,
-              T_BF16: tl.constexpr, ACC: tl.constexpr):
-    u_base = tl.load(row + _M_SPTR).to(tl.pointer_type(S_DT)) + b * tl.load(row + _M_SSB)
-    w_base = tl.load(row + _M_TPTR).to(tl.pointer_type(T_DT)) + b * tl.load(row + _M_TSB)
-    u = _to_acc(tl.load(u_base + idx, mask=m, other=0.0), S_BF16, ACC)
-    w = _to_acc(tl.load(w_base + idx, mask=m, other=0.0), T_BF16, ACC)
-    return u, w
+def _flat_vals(u_base, w_base, i0, i_end, S_BF16: tl.constexpr, T_BF16: tl.constexpr, ACC: tl.constexpr,
+               MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """One block of u and w (masked only in the ragged tail; masked lanes read 0, which adds 0 to
+    every statistic, term and projection)."""
+    if MASK:
+        idx = i0 + tl.arange(0, BLOCK)
+        m = idx < i_end
+        u = tl.load(u_base + idx, mask=m, other=0.0)
+        w = tl.load(w_base + idx, mask=m, other=0.0)
+    else:
+        idx = i0 + tl.arange(0, BLOCK)
+        u = tl.load(u_base + idx)
+        w = tl.load(w_base + idx)
+    return idx, _to_acc(u, S_BF16, ACC), _to_acc(w, T_BF16, ACC)
+
+
+@triton.jit
+def _stats_step(acc_u, acc_w, u, w, METRIC: tl.constexpr):
+    if METRIC == 2:
+        return acc_u + tl.abs(u), acc_w + tl.abs(w)
+    else:
+        return acc_u + u * u, acc_w + w * w
 
 
 @triton.jit
 def _map_stats_kernel(tab, n_layers, tile0, part, S_DT: tl.constexpr, T_DT: tl.constexpr,
                       S_BF16: tl.constexpr, T_BF16: tl.constexpr, ACC: tl.constexpr,
-                      METRIC: tl.constexpr, KPAD: tl.constexpr, BLOCK: tl.constexpr):
+                      METRIC: tl.constexpr, S_DIV: tl.constexpr, S_ALIGN: tl.constexpr,
+                      T_DIV: tl.constexpr, T_ALIGN: tl.constexpr, KPAD: tl.constexpr,
+                      BLOCK: tl.constexpr):
     """Partial sum u^2, w^2 ("cos") or |u|, |w| ("jsd") of one tile."""
-    gt, row, b, ci, nch, i_begin, i_end, first = _flat_tile(tab, n_layers, tile0, KPAD)
+    gt, row, b, ci, nch, i_begin, i_full, i_end, first = _flat_tile(tab, n_layers, tile0, KPAD, BLOCK)
+    u_base = _base(row, _M_SPTR, _M_SSB, b, S_DT, S_DIV, S_ALIGN)
+    w_base = _base(row, _M_TPTR, _M_TSB, b, T_DT, T_DIV, T_ALIGN)
     acc_u = tl.full([BLOCK], 0, ACC)
     acc_w = tl.full([BLOCK], 0, ACC)
-    for i0 in range(i_begin, i_end, BLOCK):
-        idx = i0 + tl.arange(0, BLOCK)
-        m = idx < i_end
-        u, w = _map_vals(row, b, idx, m, S_DT, T_DT, S_BF16, T_BF16, ACC)
-        if METRIC == 2:
-            acc_u += tl.abs(u)
-            acc_w += tl.abs(w)
-        else:
-            acc_u += u * u
-            acc_w += w * w
+    for i0 in range(i_begin, i_full, BLOCK):
+        idx, u, w = _flat_vals(u_base, w_base, i0, i_end, S_BF16, T_BF16, ACC, False, BLOCK)
+        acc_u, acc_w = _stats_step(acc_u, acc_w, u, w, METRIC)
+    for i0 in range(i_full, i_end, BLOCK):
+        idx, u, w = _flat_vals(u_base, w_base, i0, i_end, S_BF16, T_BF16, ACC, True, BLOCK)
+        acc_u, acc_w = _stats_step(acc_u, acc_w, u, w, METRIC)
     tl.store(part + gt * 2, _sum(acc_u))
     tl.store(part + gt * 2 + 1, _sum(acc_w))
 
@@ -637,11 +760,21 @@ def _combine(part, first, nch, STRIDE: tl.constexpr, COL: tl.constexpr, MAXC: tl
 
 
 @triton.jit
+def _terms_step(acc, u, w, inv_u, inv_w, beta, METRIC: tl.constexpr):
+    if METRIC == 2:
+        return acc + _jsd_term(tl.abs(u) * inv_u, tl.abs(w) * inv_w, beta)
+    else:
+        diff = u * inv_u - w * inv_w
+        return acc + diff * diff
+
+
+@triton.jit
 def _map_terms_kernel(hdr, tab, n_layers, tile0, B, part, part2, rowstats, S_DT: tl.constexpr,
                       T_DT: tl.constexpr, S_BF16: tl.constexpr, T_BF16: tl.constexpr,
-                      ACC: tl.constexpr, METRIC: tl.constexpr, KPAD: tl.constexpr,
-                      MAXC: tl.constexpr, BLOCK: tl.constexpr):
-    gt, row, b, ci, nch, i_begin, i_end, first = _flat_tile(tab, n_layers, tile0, KPAD)
+                      ACC: tl.constexpr, METRIC: tl.constexpr, S_DIV: tl.constexpr,
+                      S_ALIGN: tl.constexpr, T_DIV: tl.constexpr, T_ALIGN: tl.constexpr,
+                      KPAD: tl.constexpr, MAXC: tl.constexpr, BLOCK: tl.constexpr):
+    gt, row, b, ci, nch, i_begin, i_full, i_end, first = _flat_tile(tab, n_layers, tile0, KPAD, BLOCK)
     eps = _param(hdr, _H_EPS, ACC)
     beta = _param(hdr, _H_BETA, ACC)
     r_u = _combine(part, first, nch, 2, 0, MAXC)
@@ -651,16 +784,15 @@ def _map_terms_kernel(hdr, tab, n_layers, tile0, B, part, part2, rowstats, S_DT:
         r_w = _sqrt(r_w)
     inv_u = _inv_clamp(r_u, eps)
     inv_w = _inv_clamp(r_w, eps)
+    u_base = _base(row, _M_SPTR, _M_SSB, b, S_DT, S_DIV, S_ALIGN)
+    w_base = _base(row, _M_TPTR, _M_TSB, b, T_DT, T_DIV, T_ALIGN)
     acc = tl.full([BLOCK], 0, ACC)
-    for i0 in range(i_begin, i_end, BLOCK):
-        idx = i0 + tl.arange(0, BLOCK)
-        m = idx < i_end
-        u, w = _map_vals(row, b, idx, m, S_DT, T_DT, S_BF16, T_BF16, ACC)
-        if METRIC == 2:
-            acc += tl.where(m, _jsd_term(tl.abs(u) * inv_u, tl.abs(w) * inv_w, beta), 0.0)
-        else:
-            diff = u * inv_u - w * inv_w
-            acc += diff * diff
+    for i0 in range(i_begin, i_full, BLOCK):
+        idx, u, w = _flat_vals(u_base, w_base, i0, i_end, S_BF16, T_BF16, ACC, False, BLOCK)
+        acc = _terms_step(acc, u, w, inv_u, inv_w, beta, METRIC)
+    for i0 in range(i_full, i_end, BLOCK):
+        idx, u, w = _flat_vals(u_base, w_base, i0, i_end, S_BF16, T_BF16, ACC, True, BLOCK)
+        acc = _terms_step(acc, u, w, inv_u, inv_w, beta, METRIC)
     tl.store(part2 + gt, _sum(acc))
     k = tl.load(row + _M_ORIG)
     tl.store(rowstats + (k * B + b) * 2, r_u, mask=ci == 0)
@@ -679,61 +811,77 @@ def _map_rows_kernel(tab, B, part2, d, MAXC: tl.constexpr):
 
 
 @triton.jit
-def _map_bwd_common(hdr, row, b, B, grad, rowstats, ACC: tl.constexpr, METRIC: tl.constexpr):
+def _map_bwd_common(hdr, row, b, B, grad, rowstats, ACC: tl.constexpr):
     k = tl.load(row + _M_ORIG)
     eps = _param(hdr, _H_EPS, ACC)
+    beta = _param(hdr, _H_BETA, ACC)
     r_u = tl.load(rowstats + (k * B + b) * 2)
     r_w = tl.load(rowstats + (k * B + b) * 2 + 1)
     gd = tl.load(grad + k * B + b).to(ACC)
-    return eps, r_u, _inv_clamp(r_u, eps), _inv_clamp(r_w, eps), gd
+    return eps, beta, r_u, _inv_clamp(r_u, eps), _inv_clamp(r_w, eps), gd
+
+
+@triton.jit
+def _proj_step(acc, u, w, inv_u, inv_w, gd, beta, METRIC: tl.constexpr):
+    if METRIC == 2:
+        pu = tl.abs(u) * inv_u
+        return acc + gd * _jsd_grad_ps(pu, tl.abs(w) * inv_w, beta) * pu
+    else:
+        q = u * inv_u
+        return acc + q * (2.0 * gd * (q - w * inv_w))
 
 
 @triton.jit
 def _map_proj_kernel(hdr, tab, n_layers, tile0, B, grad, rowstats, part, S_DT: tl.constexpr,
                      T_DT: tl.constexpr, S_BF16: tl.constexpr, T_BF16: tl.constexpr,
-                     ACC: tl.constexpr, METRIC: tl.constexpr, KPAD: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    gt, row, b, ci, nch, i_begin, i_end, first = _flat_tile(tab, n_layers, tile0, KPAD)
-    eps, r_u, inv_u, inv_w, gd = _map_bwd_common(hdr, row, b, B, grad, rowstats, ACC, METRIC)
-    beta = _param(hdr, _H_BETA, ACC)
-    tsg = 2.0 * gd
+                     ACC: tl.constexpr, METRIC: tl.constexpr, S_DIV: tl.constexpr,
+                     S_ALIGN: tl.constexpr, T_DIV: tl.constexpr, T_ALIGN: tl.constexpr,
+                     KPAD: tl.constexpr, BLOCK: tl.constexpr):
+    gt, row, b, ci, nch, i_begin, i_full, i_end, first = _flat_tile(tab, n_layers, tile0, KPAD, BLOCK)
+    eps, beta, r_u, inv_u, inv_w, gd = _map_bwd_common(hdr, row, b, B, grad, rowstats, ACC)
+    u_base = _base(row, _M_SPTR, _M_SSB, b, S_DT, S_DIV, S_ALIGN)
+    w_base = _base(row, _M_TPTR, _M_TSB, b, T_DT, T_DIV, T_ALIGN)
     acc = tl.full([BLOCK], 0, ACC)
-    for i0 in range(i_begin, i_end, BLOCK):
-        idx = i0 + tl.arange(0, BLOCK)
-        m = idx < i_end
-        u, w = _map_vals(row, b, idx, m, S_DT, T_DT, S_BF16, T_BF16, ACC)
-        if METRIC == 2:
-            pu = tl.abs(u) * inv_u
-            acc += tl.where(m, gd * _jsd_grad_ps(pu, tl.abs(w) * inv_w, beta) * pu, 0.0)
-        else:
-            q = u * inv_u
-            acc += q * (tsg * (q - w * inv_w))
+    for i0 in range(i_begin, i_full, BLOCK):
+        idx, u, w = _flat_vals(u_base, w_base, i0, i_end, S_BF16, T_BF16, ACC, False, BLOCK)
+        acc = _proj_step(acc, u, w, inv_u, inv_w, gd, beta, METRIC)
+    for i0 in range(i_full, i_end, BLOCK):
+        idx, u, w = _flat_vals(u_base, w_base, i0, i_end, S_BF16, T_BF16, ACC, True, BLOCK)
+        acc = _proj_step(acc, u, w, inv_u, inv_w, gd, beta, METRIC)
     tl.store(part + gt, _sum(acc))
+
+
+@triton.jit
+def _grad_vals(u, w, inv_u, inv_w, gd, proj, beta, METRIC: tl.constexpr):
+    if METRIC == 2:
+        gp = gd * _jsd_grad_ps(tl.abs(u) * inv_u, tl.abs(w) * inv_w, beta)
+        return (gp - proj) * inv_u * _sign(u)     # lwkd::sumnorm_grad_a through |u|
+    else:
+        q = u * inv_u
+        return (2.0 * gd * (q - w * inv_w) - q * proj) * inv_u   # lwkd::sqdist_grad_{q,a}
 
 
 @triton.jit
 def _map_grad_kernel(hdr, tab, n_layers, tile0, B, grad, rowstats, part, S_DT: tl.constexpr,
                      T_DT: tl.constexpr, S_BF16: tl.constexpr, T_BF16: tl.constexpr,
                      STORE: tl.constexpr, ACC: tl.constexpr, METRIC: tl.constexpr,
+                     S_DIV: tl.constexpr, S_ALIGN: tl.constexpr, T_DIV: tl.constexpr,
+                     T_ALIGN: tl.constexpr, G_DIV: tl.constexpr, G_ALIGN: tl.constexpr,
                      KPAD: tl.constexpr, MAXC: tl.constexpr, BLOCK: tl.constexpr):
-    gt, row, b, ci, nch, i_begin, i_end, first = _flat_tile(tab, n_layers, tile0, KPAD)
-    eps, r_u, inv_u, inv_w, gd = _map_bwd_common(hdr, row, b, B, grad, rowstats, ACC, METRIC)
-    beta = _param(hdr, _H_BETA, ACC)
-    tsg = 2.0 * gd
+    gt, row, b, ci, nch, i_begin, i_full, i_end, first = _flat_tile(tab, n_layers, tile0, KPAD, BLOCK)
+    eps, beta, r_u, inv_u, inv_w, gd = _map_bwd_common(hdr, row, b, B, grad, rowstats, ACC)
     proj = _combine(part, first, nch, 1, 0, MAXC)
     proj = tl.where(r_u >= eps, proj, 0.0)
-    g_base = tl.load(row + _M_GPTR).to(tl.pointer_type(S_DT)) + b * tl.load(row + _M_GSB)
-    for i0 in range(i_begin, i_end, BLOCK):
-        idx = i0 + tl.arange(0, BLOCK)
-        m = idx < i_end
-        u, w = _map_vals(row, b, idx, m, S_DT, T_DT, S_BF16, T_BF16, ACC)
-        if METRIC == 2:
-            gp = gd * _jsd_grad_ps(tl.abs(u) * inv_u, tl.abs(w) * inv_w, beta)
-            g = (gp - proj) * inv_u * _sign(u)       # lwkd::sumnorm_grad_a through |u|
-        else:
-            q = u * inv_u
-            g = (tsg * (q - w * inv_w) - q * proj) * inv_u
-        tl.store(g_base + idx, _from_acc(g, S_DT, STORE), mask=m)
+    u_base = _base(row, _M_SPTR, _M_SSB, b, S_DT, S_DIV, S_ALIGN)
+    w_base = _base(row, _M_TPTR, _M_TSB, b, T_DT, T_DIV, T_ALIGN)
+    g_base = _base(row, _M_GPTR, _M_GSB, b, S_DT, G_DIV, G_ALIGN)
+    for i0 in range(i_begin, i_full, BLOCK):
+        idx, u, w = _flat_vals(u_base, w_base, i0, i_end, S_BF16, T_BF16, ACC, False, BLOCK)
+        tl.store(g_base + idx, _from_acc(_grad_vals(u, w, inv_u, inv_w, gd, proj, beta, METRIC), S_DT, STORE))
+    for i0 in range(i_full, i_end, BLOCK):
+        idx, u, w = _flat_vals(u_base, w_base, i0, i_end, S_BF16, T_BF16, ACC, True, BLOCK)
+        tl.store(g_base + idx, _from_acc(_grad_vals(u, w, inv_u, inv_w, gd, proj, beta, METRIC), S_DT, STORE),
+                 mask=idx < i_end)
 
 
 # True when these kernels were created by the Triton interpreter (TRITON_INTERPRET=1 at import).
@@ -811,9 +959,23 @@ def _bcn_n(x: torch.Tensor, channel_dim: int):
     return n
 
 
+def _divisibility(ptr: int, esize: int, strides) -> Tuple[int, int]:
+    """(div, align): the largest power of two div <= 16 bytes / element such that the base pointer
+    is div-element aligned and every stride is a multiple of div.  The kernels pass these to the
+    compiler (tl.multiple_of) so that loads along a contiguous axis can be 16-byte vectors."""
+    d = max(1, 16 // esize)
+    while d > 1 and (ptr % (d * esize) or any(st % d for st in strides)):
+        d //= 2
+    return d, d * esize
+
+
 def _feat_desc(x3: torch.Tensor):
-    """(ptr, C, sb, sc, sn, layout) of a (B, C, N) strided view; strides of size-1 dims are
-    irrelevant and normalised so that the layout class is as specific as possible."""
+    """([ptr, C, sb, sc, sn], layout, div, align) of a (B, C, N) strided view.
+
+    Strides of size-1 dims are irrelevant and normalised so that the layout class is as specific as
+    possible; strides the kernels never use (size-1 axes, and the contiguous axis, which they
+    address with a literal 1) are stored as 0, so that the divisibility hints hold for every value
+    in the table."""
     B, C, N = x3.shape
     sb, sc, sn = x3.stride()
     if C == 1:
@@ -827,7 +989,15 @@ def _feat_desc(x3: torch.Tensor):
         layout = CHAN_CONTIG
     else:
         layout = GENERAL
-    return [x3.data_ptr(), C, sb, sc, sn], layout
+    if B == 1:
+        sb = 0
+    if C == 1 or layout == CHAN_CONTIG:
+        sc = 0
+    if N == 1 or layout == POS_CONTIG:
+        sn = 0
+    esize = x3.element_size()
+    div, align = (1, esize) if layout == GENERAL else _divisibility(x3.data_ptr(), esize, (sb, sc, sn))
+    return [x3.data_ptr(), C, sb, sc, sn], layout, div, align
 
 
 def _blocks(layout_a: int, layout_b: int) -> Tuple[int, int]:
@@ -884,19 +1054,25 @@ class _Table:
         self.rows: List[List[int]] = []
         self.groups: List[Tuple[tuple, int, int, int, int]] = []  # (key, row0, row1, tile0, tiles)
 
-    def build(self, keyed_rows, device):
-        """``keyed_rows``: list of (key, row, n_tiles).  Rows are ordered by key (stable), tile
-        indices assigned in that order, and contiguous runs of equal keys become groups."""
-        order = sorted(range(len(keyed_rows)), key=lambda i: (keyed_rows[i][0], i))
+    def build(self, keyed_rows, device, n_hints: int = 0):
+        """``keyed_rows``: list of (key, row, n_tiles).  The last ``n_hints`` entries of a key are
+        divisibility hints; the others (dtypes, layouts) decide the launch group.  Rows are ordered
+        by group (stable), tile indices assigned in that order, and each group is launched with the
+        smallest hints of its layers -- one launch per group, vectorised when all layers allow."""
+        def group_of(key):
+            return key[:len(key) - n_hints]
+
+        order = sorted(range(len(keyed_rows)), key=lambda i: (group_of(keyed_rows[i][0]), i))
         tile = 0
         for pos, i in enumerate(order):
             key, row, n = keyed_rows[i]
             row = list(row)
             row[0] = tile
             self.rows.append(row)
-            if self.groups and self.groups[-1][0] == key:
+            if self.groups and group_of(self.groups[-1][0]) == group_of(key):
                 g = self.groups[-1]
-                self.groups[-1] = (key, g[1], pos + 1, g[3], g[4] + n)
+                hints = tuple(min(a, b) for a, b in zip(g[0][len(key) - n_hints:], key[len(key) - n_hints:]))
+                self.groups[-1] = (group_of(key) + hints, g[1], pos + 1, g[3], g[4] + n)
             else:
                 self.groups.append((key, pos, pos + 1, tile, n))
             tile += n
@@ -960,15 +1136,15 @@ def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, e
     keyed = []
     moff = 0
     for k in range(K):
-        sd, sl = _feat_desc(s3[k])
-        td, tlay = _feat_desc(t3[k])
+        sd, sl, sdiv, salign = _feat_desc(s3[k])
+        td, tlay, tdiv, talign = _feat_desc(t3[k])
         bn, bc = _blocks(sl, tlay)
         chunk = _pos_chunk(Ns[k], s3[k].shape[1] + t3[k].shape[1], bn)
         nch = _cdiv(Ns[k], chunk)
-        key = (str(student[k].dtype), str(teacher[k].dtype), sl, tlay)
+        key = (str(student[k].dtype), str(teacher[k].dtype), sl, tlay, sdiv, salign, tdiv, talign)
         keyed.append((key, [0, Ns[k], chunk, nch, k, moff] + sd + td, B * nch))
         moff += B * Ns[k]
-    table.build(keyed, dev)
+    table.build(keyed, dev, n_hints=4)
 
     pm = _pow_mode(p)
     for key, r0, r1, tile0, ntiles in table.groups:
@@ -977,8 +1153,8 @@ def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, e
         _launch(_attn_maps_kernel, (ntiles,), table.hdr, table.group_rows(r0, r1), r1 - r0, tile0,
                 maps_s, maps_t, S_DT=_TL_DTYPES[sdt], T_DT=_TL_DTYPES[tdt],
                 S_BF16=sdt == torch.bfloat16, T_BF16=tdt == torch.bfloat16, ACC=_TL_DTYPES[acc],
-                POW_MODE=pm, S_LAYOUT=key[2], T_LAYOUT=key[3], KPAD=_next_pow2(r1 - r0),
-                BLOCK_N=bn, BLOCK_C=bc)
+                POW_MODE=pm, S_LAYOUT=key[2], T_LAYOUT=key[3], S_DIV=key[4], S_ALIGN=key[5],
+                T_DIV=key[6], T_ALIGN=key[7], KPAD=_next_pow2(r1 - r0), BLOCK_N=bn, BLOCK_C=bc)
     _launch(_attn_rows_fwd_kernel, (K * B,), table.hdr, table.all_rows, B, maps_s, maps_t, d,
             ACC=_TL_DTYPES[acc], METRIC=mcode, SOFTMAX=(mcode == JSD and normalize == "softmax"),
             BLOCK=CONFIG.block_rows)
@@ -1009,15 +1185,15 @@ def _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, nor
         g, g3, copy_back = _grad_view(student[k], channel_dim)
         grads.append(g)
         bufs.append((g3, copy_back))
-        xd, xl = _feat_desc(s3[k])
-        gdsc, gl = _feat_desc(g3)
+        xd, xl, xdiv, xalign = _feat_desc(s3[k])
+        gdsc, gl, gdiv, galign = _feat_desc(g3)
         bn, bc = _blocks(xl, gl)
         chunk = _pos_chunk(Ns[k], s3[k].shape[1], bn)
         nch = _cdiv(Ns[k], chunk)
-        key = (str(student[k].dtype), xl, gl)
+        key = (str(student[k].dtype), xl, gl, xdiv, xalign, gdiv, galign)
         keyed.append((key, [0, Ns[k], chunk, nch, k, moff] + xd + gdsc, B * nch))
         moff += B * Ns[k]
-    table.build(keyed, dev)
+    table.build(keyed, dev, n_hints=4)
 
     softmax = mcode == JSD and normalize == "softmax"
     rowscal = torch.empty(K * B * 8, dtype=acc, device=dev)
@@ -1031,8 +1207,9 @@ def _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, nor
         _launch(_attn_grad_kernel, (ntiles,), table.hdr, table.group_rows(r0, r1), r1 - r0, tile0, B,
                 maps_s, maps_t, rowscal, S_DT=_TL_DTYPES[sdt], S_BF16=sdt == torch.bfloat16,
                 STORE=_store_mode(sdt), ACC=_TL_DTYPES[acc], OPT=_TL_DTYPES[opt], POW_MODE=pm,
-                METRIC=mcode, SOFTMAX=softmax, X_LAYOUT=key[1], G_LAYOUT=key[2],
-                KPAD=_next_pow2(r1 - r0), BLOCK_N=bn, BLOCK_C=bc)
+                METRIC=mcode, SOFTMAX=softmax, X_LAYOUT=key[1], G_LAYOUT=key[2], X_DIV=key[3],
+                X_ALIGN=key[4], G_DIV=key[5], G_ALIGN=key[6], KPAD=_next_pow2(r1 - r0), BLOCK_N=bn,
+                BLOCK_C=bc)
     for k in range(K):
         g3, copy_back = bufs[k]
         if copy_back:
@@ -1084,21 +1261,30 @@ def _flat_chunks(N: int):
 
 
 def _map_table(student_flat, teacher_flat, Ns, B, params, grads=None):
+    """Rows of the map op; sample b of a flat tensor starts at ptr + b * N (sb = 0 when B == 1,
+    so that the divisibility hint on it holds)."""
     table = _Table(M_NCOL, params)
     keyed = []
     for k, (s, t) in enumerate(zip(student_flat, teacher_flat)):
-        chunk, nch = _flat_chunks(Ns[k])
+        N = Ns[k]
+        chunk, nch = _flat_chunks(N)
+        sb = N if B > 1 else 0
         g = grads[k] if grads is not None else None
-        row = [0, Ns[k], chunk, nch, k, s.data_ptr(), Ns[k], t.data_ptr(), Ns[k],
-               g.data_ptr() if g is not None else 0, Ns[k]]
-        keyed.append(((str(s.dtype), str(t.dtype)), row, B * nch))
-    return table.build(keyed, student_flat[0].device)
+        divs = [_divisibility(x.data_ptr(), x.element_size(), (sb,)) for x in (s, t)]
+        divs.append(_divisibility(g.data_ptr(), g.element_size(), (sb,)) if g is not None else (1, 1))
+        row = [0, N, chunk, nch, k, s.data_ptr(), sb, t.data_ptr(), sb, g.data_ptr() if g is not None else 0, sb]
+        key = (str(s.dtype), str(t.dtype)) + tuple(v for dv in divs for v in dv)
+        keyed.append((key, row, B * nch))
+    return table.build(keyed, student_flat[0].device, n_hints=6)
 
 
 def _group_dtypes(key):
+    """Compile-time constants of a map-op group: dtypes and divisibility hints of u and w (the
+    gradient's hints are key[6:8])."""
     sdt, tdt = getattr(torch, key[0][6:]), getattr(torch, key[1][6:])
     return dict(S_DT=_TL_DTYPES[sdt], T_DT=_TL_DTYPES[tdt], S_BF16=sdt == torch.bfloat16,
-                T_BF16=tdt == torch.bfloat16), sdt
+                T_BF16=tdt == torch.bfloat16, S_DIV=key[2], S_ALIGN=key[3], T_DIV=key[4],
+                T_ALIGN=key[5]), sdt
 
 
 def _map_forward_impl(student, teacher, metric, beta, eps):
@@ -1164,7 +1350,8 @@ def _map_backward_impl(grad, student, teacher, rowstats, metric, beta, eps):
         dts, sdt = _group_dtypes(key)
         _launch(_map_grad_kernel, (ntiles,), table.hdr, table.group_rows(r0, r1), r1 - r0, tile0, B,
                 grad, rowstats, part, STORE=_store_mode(sdt), ACC=_TL_DTYPES[acc], METRIC=mcode,
-                KPAD=_next_pow2(r1 - r0), MAXC=maxc, BLOCK=CONFIG.block_flat, **dts)
+                G_DIV=key[6], G_ALIGN=key[7], KPAD=_next_pow2(r1 - r0), MAXC=maxc,
+                BLOCK=CONFIG.block_flat, **dts)
     for k in range(K):
         if bufs[k] is not grads[k]:
             grads[k].copy_(bufs[k])
