@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,63 @@ def test_fatbin_has_sm80_sm90_and_every_kernel():
             continue
         absent = sorted(k for k in kernels if k.encode() not in image)
         assert not absent, f"sm_{arch} image lacks kernels {absent}"
+
+
+def _fatbin_ptx(entries) -> str:
+    """Text of the embedded PTX (zstd-compressed by CUDA 13's fatbinary: decompressed with the
+    zstd command-line tool; the container pads the frame, hence no return-code check)."""
+    texts = []
+    for kind, _arch, payload in entries:
+        if kind != 1:
+            continue
+        if payload[:4] == b"\x28\xb5\x2f\xfd":
+            zstd = shutil.which("zstd")
+            if zstd is None:
+                pytest.skip("the embedded PTX is zstd-compressed and the zstd tool is not installed")
+            out = subprocess.run([zstd, "-d", "-c"], input=payload, capture_output=True).stdout
+        else:
+            out = payload
+        texts.append(out.decode("utf-8", "replace"))
+    return "\n".join(texts)
+
+
+def _ptx_entries(ptx: str):
+    """{mangled kernel name: body} of every .entry in the PTX."""
+    out = {}
+    for chunk in re.split(r"\n(?=(?:\.visible |\.weak )?\.entry )", ptx):
+        m = re.match(r"(?:\.visible |\.weak )?\.entry (\S+)\(", chunk)
+        if m:
+            out[m.group(1)] = chunk
+    return out
+
+
+_VEC_LD = re.compile(r"ld\.global(?:\.nc)?\.(?:v4\.(?:f32|u32|b32|s32)|v2\.(?:f64|u64|b64))")
+_VEC_ST = re.compile(r"st\.global(?:\.wb)?\.(?:v4\.(?:f32|u32|b32|s32)|v2\.(?:f64|u64|b64))")
+
+
+@requires_ext
+def test_cuda_ptx_vector_access_and_no_local_memory():
+    """Static evidence for the access pattern, read from the PTX linked into the .so: every
+    instantiation of a tile kernel issues 16-byte vector loads (the gradient kernels also vector
+    stores), and no kernel has a local-memory frame -- the __grid_constant__ work tables are read
+    in place rather than copied, and no array went to the stack."""
+    if not CUDA_EXPECTED:
+        pytest.skip("CUDA kernels are not built here")
+    ptx = _fatbin_ptx(_fatbin_entries(_elf_section(ops._C.__file__, ".nv_fatbin")))
+    assert ".entry" in ptx, "no kernel entries in the embedded PTX"
+    entries = _ptx_entries(ptx)
+    kernels = _kernel_names()
+    for k in kernels:
+        assert any(k in name for name in entries), f"kernel {k} is missing from the PTX"
+    tile = {"attn_maps_kernel", "attn_grad_kernel", "map_stats_kernel", "map_terms_kernel", "map_proj_kernel",
+            "map_grad_kernel"}
+    for name, body in entries.items():
+        family = next((k for k in kernels if k in name), None)
+        assert "__local_depot" not in body, f"{family}: uses local memory ({name})"
+        if family in tile:
+            assert _VEC_LD.search(body), f"{family}: no 16-byte vector loads ({name})"
+        if family in ("attn_grad_kernel", "map_grad_kernel"):
+            assert _VEC_ST.search(body), f"{family}: no 16-byte vector stores ({name})"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace lwkd {
 namespace cuda {
@@ -73,13 +74,18 @@ __device__ __forceinline__ void load8(const scalar_t* __restrict__ p, bool vec, 
 template <typename scalar_t, typename v_t>
 __device__ __forceinline__ void store8(scalar_t* __restrict__ p, bool vec, int valid, const v_t (&in)[kVec]) {
   if (vec && valid == kVec) {
+    // one st.global.wb.v4 (write-back = the default policy) through the intrinsic: a plain 16-byte
+    // store was split into element stores in map_grad_kernel's PTX (alignment lost after the
+    // compiler strength-reduced the address); the intrinsic is inline PTX and cannot be split
     constexpr int kN = Pack16<scalar_t>::kN;
 #pragma unroll
     for (int u = 0; u < kVec / kN; ++u) {
       Pack16<scalar_t> pk;
 #pragma unroll
       for (int j = 0; j < kN; ++j) pk.v[j] = from_acc<scalar_t>(in[u * kN + j]);
-      reinterpret_cast<Pack16<scalar_t>*>(p)[u] = pk;
+      uint4 raw;
+      memcpy(&raw, &pk, sizeof(raw));
+      __stwb(reinterpret_cast<uint4*>(p) + u, raw);
     }
   } else {
 #pragma unroll
