@@ -17,10 +17,18 @@ Pointer element types are compile-time in Triton, so layers are launched in **gr
 (student dtype, teacher dtype, memory layout) -- normally there is exactly one group, so one
 launch per phase.  The memory layout ("positions contiguous" = NCHW, "channels contiguous" =
 channels_last / token layouts, or general strides) is a compile-time constant so that the
-contiguous axis is visible to the compiler (stride literal 1) and loads along it can coalesce
-and vectorise.  Strided and channels_last inputs are read in place through their strides; a copy
-is made only when the spatial dimensions cannot be merged into one axis (``reshape`` semantics),
-exactly as in the CPU kernels.
+contiguous axis is visible to the compiler (stride literal 1).  Strided and channels_last inputs
+are read in place through their strides; a copy is made only when the spatial dimensions cannot
+be merged into one axis (``reshape`` semantics), exactly as in the CPU kernels.
+
+*Vector loads.*  Pointers and strides read from a table carry no alignment facts, so the host
+computes for every tensor the largest power-of-two divisibility (up to 16 bytes) of its base
+pointer and strides, a group is compiled with the smallest value among its layers (still one
+launch), and the kernels state it with ``tl.multiple_of``; loops run unmasked full blocks and one
+masked tail.  The generated PTX of aligned inputs holds 128-bit ``ld.global.v4`` loads (and
+``st.global.v4`` stores in the gradient kernels) -- checked by tests/triton_aot_compile.py, which
+compiles every launched variant for sm_80 and sm_90 without a GPU.  Ragged tails and unaligned
+tensors (e.g. 7x7 float16 maps) use scalar accesses, still coalesced across a warp.
 
 *Phases.*
 
