@@ -170,7 +170,6 @@ def _log_once(msg: str) -> None:
         log.info(msg)
 
 
-@torch.compiler.assume_constant_result
 def _auto_choice(op: str, device_type: str) -> str:
     ok, why = _native_status(op, device_type)
     if ok:
@@ -183,6 +182,14 @@ def _auto_choice(op: str, device_type: str) -> str:
         why = f"{why}; triton: {why_t}"
     _log_once(f"lwkd_fast: {op} on {device_type} uses the reference backend ({why})")
     return "reference"
+
+
+# torch.compile treats the automatic choice as a constant of (op, device type), so tracing never
+# enters the availability probes.  This is exactly what torch.compiler.assume_constant_result
+# does (it sets this marker); calling it would import torch._dynamo -- 1.1 s added to
+# `import lwkd_fast`, and triton imported before `lwkd-fast check --interpret` can select the
+# interpreter.  tests/test_discrepancy.py::test_compiles_fullgraph guards the mechanism.
+_auto_choice._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def select_backend(op: str, device: torch.device) -> str:
@@ -208,6 +215,8 @@ def backends() -> Dict[str, Dict[str, object]]:
         devices, reasons = [], []
         for dev in ("cpu", "cuda"):
             ok, why = backend_status(b, "attention_discrepancy", dev)
+            if ok and dev == "cuda" and not cuda_here:
+                ok, why = False, "no GPU visible here" + (" (CUDA kernels are built)" if b == "native" else "")
             if ok:
                 devices.append(dev)
             elif why:

@@ -806,17 +806,16 @@ std::vector<at::Tensor> attention_discrepancy_backward_cuda(
               "lwkd::attention_discrepancy_backward: saved maps must be float32 or float64");
   const at::Tensor g = grad.to(acc).contiguous();
 
-  std::vector<at::Tensor> s3(K), grads(K), g3(K), ms(K), mt(K);
+  std::vector<at::Tensor> s3(K), ms(K), mt(K);
+  std::vector<GradBuffer> gbuf(K);  // out: empty_like(student) layout (the fake kernel's promise)
   std::vector<Feat> fx(K), fg(K);
   std::vector<int64_t> Ns(K);
   for (int64_t k = 0; k < K; ++k) {
     const int64_t cd = wrap_dim(channel_dim, student[k].dim());
     s3[k] = bcn_view(student[k], cd);
-    auto gb = bcn_grad_buffer(student[k], cd);
-    grads[k] = gb.first;
-    g3[k] = gb.second;
+    gbuf[k] = bcn_grad_buffer(student[k], cd);
     fx[k] = make_feat(s3[k], "attention_discrepancy_backward");
-    fg[k] = make_feat(g3[k], "attention_discrepancy_backward");
+    fg[k] = make_feat(gbuf[k].work, "attention_discrepancy_backward");
     Ns[k] = s3[k].size(2);
     ms[k] = maps_s[k].to(acc).contiguous();
     mt[k] = maps_t[k].to(acc).contiguous();
@@ -845,6 +844,11 @@ std::vector<at::Tensor> attention_discrepancy_backward_cuda(
                             P, prm, rowscal.const_data_ptr<float>(), p));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  std::vector<at::Tensor> grads(K);
+  for (int64_t k = 0; k < K; ++k) {
+    gbuf[k].finish();  // a stream-ordered copy when the layout forced a separate work buffer
+    grads[k] = gbuf[k].out;
   }
   return grads;
 }
@@ -943,17 +947,19 @@ std::vector<at::Tensor> map_discrepancy_backward_cuda(const at::Tensor& grad, at
   const auto acc = acc_dtype(student, teacher);
   const at::Tensor g = grad.to(acc).contiguous();
   std::vector<FlatPair> fp(K);
-  std::vector<at::Tensor> grads(K);
+  std::vector<FlatGrad> gbuf(K);
+  std::vector<at::Tensor> work(K);  // dense, same memory order as fp[k].s
   for (int64_t k = 0; k < K; ++k) {
     fp[k] = flat_pair(student[k], teacher[k]);
-    grads[k] = at::empty_like(fp[k].s);  // dense, same memory order as fp[k].s
+    gbuf[k] = flat_grad_buffer(student[k], fp[k]);
+    work[k] = gbuf[k].work;
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int32_t mcode = static_cast<int32_t>(prm.metric);
   for (int64_t k0 = 0; k0 < K; k0 += kMaxLayers) {
     const int64_t k1 = std::min<int64_t>(K, k0 + kMaxLayers);
     MapParams P;
-    const int64_t tiles = fill_map(P, B, k0, k1, fp, &grads);
+    const int64_t tiles = fill_map(P, B, k0, k1, fp, &work);
     at::Tensor part = at::empty({2 * tiles}, g.options());
     at::Tensor part2 = at::empty({tiles}, g.options());
     if (acc == at::kDouble) {
@@ -978,6 +984,11 @@ std::vector<at::Tensor> map_discrepancy_backward_cuda(const at::Tensor& grad, at
                                                              part2.const_data_ptr<float>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  std::vector<at::Tensor> grads(K);
+  for (int64_t k = 0; k < K; ++k) {
+    gbuf[k].finish();
+    grads[k] = gbuf[k].out;
   }
   return grads;
 }
