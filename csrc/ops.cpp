@@ -36,4 +36,28 @@ TORCH_LIBRARY(lwkd, m) {
   m.def(
       "map_discrepancy_backward(Tensor grad, Tensor[] student, Tensor[] teacher, str metric, "
       "float beta, float eps) -> Tensor[]");
+
+  // ---- optimizer (SPEC sections 4-5) ---------------------------------------------------------
+  // The per-layer rate rule.  Updates `state` (the momentum factors m, (K,)) and, when given,
+  // the one-element int64 counter `nonfinite` (+1 when any discrepancy is non-finite) in place;
+  // returns eta = base_lr * m (K,) in the dtype of `state`.  The base rate is `base_lr_tensor`
+  // (0-dim or (K,), read on the device) when given, else `base_lr` (1 or K host values).
+  m.def(
+      "layerwise_rates(Tensor discrepancies, Tensor(a!) state, Tensor(b!)? nonfinite, "
+      "float[] base_lr, Tensor? base_lr_tensor, float momentum, float gamma, float s_min, "
+      "float s_max, float eps) -> Tensor");
+  // The fused per-layer optimizer step: every tensor of every group in one pass, each reading
+  // its rate eta = lr_g * factors[layer_g] (layer -1: the head, eta = lr_g) on the device.
+  //   algorithm "sgd":   state1 = momentum buffers (empty when no group has momentum);
+  //                      group_hyper per group: weight_decay, momentum, dampening, nesterov,
+  //                      maximize, (unused); `fresh` lists tensors whose buffer starts now.
+  //   algorithm "adamw": state1/2/3 = exp_avg, exp_avg_sq, max_exp_avg_sq (state3 empty when
+  //                      no group uses amsgrad); steps = float32 step counts, incremented here;
+  //                      group_hyper per group: weight_decay, beta1, beta2, eps, amsgrad, maximize.
+  // Entries of state lists whose group does not use them may be any placeholder tensor.
+  m.def(
+      "layerwise_step(str algorithm, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
+      "Tensor(c!)[] state2, Tensor(d!)[] state3, Tensor(e!)[] steps, Tensor factors, "
+      "int[] tensor_group, int[] fresh, int[] group_layer, float[] group_lr, "
+      "Tensor?[] group_lr_tensor, float[] group_hyper) -> ()");
 }
