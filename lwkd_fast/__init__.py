@@ -9,6 +9,8 @@ from .ops import (
     map_discrepancy,
     use_backend,
 )
+from . import optim, rule  # noqa: E402  (LayerwiseSGD / LayerwiseAdamW, the rate rule)
+from .rule import layerwise_rates  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -17,4 +19,6 @@ __all__ = [
     "backends",
     "map_discrepancy",
     "use_backend",
+    "layerwise_rates",
+    "optim",
 ]
