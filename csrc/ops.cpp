@@ -60,4 +60,7 @@ TORCH_LIBRARY(lwkd, m) {
       "Tensor(c!)[] state2, Tensor(d!)[] state3, Tensor(e!)[] steps, Tensor factors, "
       "int[] tensor_group, int[] fresh, int[] group_layer, float[] group_lr, "
       "Tensor?[] group_lr_tensor, float[] group_hyper) -> ()");
+  // Instruction set of the CPU step loops: "" queries, "auto" | "default" | "avx2" | "avx512"
+  // selects (for tests and benchmarks); returns the one in use.
+  m.def("_optim_cpu_isa(str isa) -> str");
 }

@@ -16,6 +16,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "common/optim_host.h"
@@ -76,120 +79,98 @@ at::Tensor layerwise_rates_cpu(const at::Tensor& d, at::Tensor& state,
   return eta;
 }
 
-// ---------------------------------------------------------------------------------------------
-// The fused step: one chunk of one tensor
-// ---------------------------------------------------------------------------------------------
-template <typename scalar_t, bool kWd, SgdVariant V, bool kNesterov>
-void sgd_chunk(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ buf,
-               int64_t n, const SgdScalars<at::opmath_type<scalar_t>> c) {
-  using op_t = at::opmath_type<scalar_t>;
-  if (V == SgdVariant::kPlain) {
-    for (int64_t i = 0; i < n; ++i) {
-      op_t pi = op_t(p[i]);
-      op_t unused = op_t(0);
-      sgd_element<kWd, V, kNesterov>(pi, op_t(g[i]), unused, c);
-      p[i] = scalar_t(pi);
-    }
-  } else if (V == SgdVariant::kMomentumFresh) {
-    for (int64_t i = 0; i < n; ++i) {
-      op_t pi = op_t(p[i]);
-      op_t bi = op_t(0);
-      sgd_element<kWd, V, kNesterov>(pi, op_t(g[i]), bi, c);
-      p[i] = scalar_t(pi);
-      buf[i] = scalar_t(bi);
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      op_t pi = op_t(p[i]);
-      op_t bi = op_t(buf[i]);
-      sgd_element<kWd, V, kNesterov>(pi, op_t(g[i]), bi, c);
-      p[i] = scalar_t(pi);
-      buf[i] = scalar_t(bi);
-    }
-  }
-}
-
-template <typename scalar_t, bool kWd, bool kAmsgrad>
-void adamw_chunk(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
-                 scalar_t* __restrict__ v, scalar_t* __restrict__ vmax, int64_t n,
-                 const AdamScalars<at::opmath_type<scalar_t>> c) {
-  using op_t = at::opmath_type<scalar_t>;
-  for (int64_t i = 0; i < n; ++i) {
-    op_t pi = op_t(p[i]);
-    op_t mi = op_t(m[i]);
-    op_t vi = op_t(v[i]);
-    op_t wi = kAmsgrad ? op_t(vmax[i]) : op_t(0);
-    adamw_element<kWd, kAmsgrad>(pi, op_t(g[i]), mi, vi, wi, c);
-    p[i] = scalar_t(pi);
-    m[i] = scalar_t(mi);
-    v[i] = scalar_t(vi);
-    if (kAmsgrad) vmax[i] = scalar_t(wi);
-  }
-}
-
 // Per-tensor values fixed for this step, computed once on the calling thread.
 struct TensorStepInfo {
   double rate;   // eta of the tensor's group
   double step;   // AdamW: the step count after this step's increment
 };
 
-template <typename scalar_t>
-void run_chunk(const StepPlan& plan, const StepTensor& t, const TensorStepInfo& info, int64_t begin,
-               int64_t end) {
-  using op_t = at::opmath_type<scalar_t>;
-  const StepGroup& grp = plan.groups[t.group];
-  const int64_t n = end - begin;
-  scalar_t* p = static_cast<scalar_t*>(t.p) + begin;
-  const scalar_t* g = static_cast<const scalar_t*>(t.g) + begin;
-  if (plan.algo == Algorithm::kSgd) {
-    const auto c = sgd_scalars<op_t>(info.rate, grp.hyper);
-    const bool wd = grp.hyper[kSgdWeightDecay] != 0.0;
-    const bool mom = grp.hyper[kSgdMomentum] != 0.0;
-    const bool nesterov = grp.hyper[kSgdNesterov] != 0.0;
-    scalar_t* buf = mom ? static_cast<scalar_t*>(t.s1) + begin : nullptr;
-#define LWKD_SGD_CALL(WD, V, NES) sgd_chunk<scalar_t, WD, V, NES>(p, g, buf, n, c)
-#define LWKD_SGD_MOM(WD)                                                               \
-  if (!mom) LWKD_SGD_CALL(WD, SgdVariant::kPlain, false);                              \
-  else if (t.fresh) {                                                                  \
-    if (nesterov) LWKD_SGD_CALL(WD, SgdVariant::kMomentumFresh, true);                 \
-    else LWKD_SGD_CALL(WD, SgdVariant::kMomentumFresh, false);                         \
-  } else {                                                                             \
-    if (nesterov) LWKD_SGD_CALL(WD, SgdVariant::kMomentum, true);                      \
-    else LWKD_SGD_CALL(WD, SgdVariant::kMomentum, false);                              \
-  }
-    if (wd) {
-      LWKD_SGD_MOM(true)
-    } else {
-      LWKD_SGD_MOM(false)
-    }
-#undef LWKD_SGD_MOM
-#undef LWKD_SGD_CALL
-  } else {
-    const auto c = adam_scalars<op_t>(info.rate, info.step, grp.hyper);
-    const bool wd = grp.hyper[kAdamWeightDecay] != 0.0;
-    const bool ams = grp.hyper[kAdamAmsgrad] != 0.0;
-    scalar_t* m = static_cast<scalar_t*>(t.s1) + begin;
-    scalar_t* v = static_cast<scalar_t*>(t.s2) + begin;
-    scalar_t* vmax = ams ? static_cast<scalar_t*>(t.s3) + begin : nullptr;
-    if (wd) {
-      if (ams) adamw_chunk<scalar_t, true, true>(p, g, m, v, vmax, n, c);
-      else adamw_chunk<scalar_t, true, false>(p, g, m, v, vmax, n, c);
-    } else {
-      if (ams) adamw_chunk<scalar_t, false, true>(p, g, m, v, vmax, n, c);
-      else adamw_chunk<scalar_t, false, false>(p, g, m, v, vmax, n, c);
-    }
-  }
+// ---------------------------------------------------------------------------------------------
+// The fused step: per-chunk loops, compiled once per instruction set (see optim_cpu_loops.h)
+// and chosen at run time from the CPU's features.
+// ---------------------------------------------------------------------------------------------
+namespace isa_default {
+#define LWKD_ISA_NAME "default"
+#include "cpu/optim_cpu_loops.h"
+#undef LWKD_ISA_NAME
+}  // namespace isa_default
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define LWKD_X86_MULTIVERSION 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace isa_avx2 {
+#define LWKD_ISA_NAME "avx2"
+#include "cpu/optim_cpu_loops.h"
+#undef LWKD_ISA_NAME
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
+namespace isa_avx512 {
+#define LWKD_ISA_NAME "avx512"
+#include "cpu/optim_cpu_loops.h"
+#undef LWKD_ISA_NAME
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#endif
+
+using ChunkFn = void (*)(const StepPlan&, size_t, const TensorStepInfo&, int64_t, int64_t);
+
+struct IsaEntry {
+  const char* name;
+  ChunkFn fn;
+  bool supported;
+};
+
+std::vector<IsaEntry> make_isa_table() {
+  std::vector<IsaEntry> t{{"default", &isa_default::dispatch_chunk, true}};
+#ifdef LWKD_X86_MULTIVERSION
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  t.push_back({"avx2", &isa_avx2::dispatch_chunk, avx2});
+  t.push_back({"avx512", &isa_avx512::dispatch_chunk,
+               avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")});
+#endif
+  return t;
 }
 
-void dispatch_chunk(const StepPlan& plan, size_t i, const TensorStepInfo& info, int64_t begin, int64_t end) {
-  const StepTensor& t = plan.tensors[i];
-  switch (plan.dtypes[i]) {
-    case at::kFloat: run_chunk<float>(plan, t, info, begin, end); break;
-    case at::kDouble: run_chunk<double>(plan, t, info, begin, end); break;
-    case at::kBFloat16: run_chunk<c10::BFloat16>(plan, t, info, begin, end); break;
-    case at::kHalf: run_chunk<c10::Half>(plan, t, info, begin, end); break;
-    default: TORCH_CHECK(false, "lwkd::layerwise_step: unsupported dtype ", plan.dtypes[i]);
+const std::vector<IsaEntry>& isa_table() {
+  static const std::vector<IsaEntry> table = make_isa_table();
+  return table;
+}
+
+// The best supported entry, or the one chosen with lwkd::_optim_cpu_isa (tests run each).
+std::atomic<int>& isa_choice() {
+  static std::atomic<int> choice([] {
+    const auto& t = isa_table();
+    int best = 0;
+    for (size_t k = 0; k < t.size(); ++k)
+      if (t[k].supported) best = static_cast<int>(k);
+    return best;
+  }());
+  return choice;
+}
+
+std::string optim_cpu_isa(c10::string_view request) {
+  const auto& t = isa_table();
+  const std::string r(request);
+  if (!r.empty()) {
+    int pick = -1;
+    if (r == "auto") {
+      for (size_t k = 0; k < t.size(); ++k)
+        if (t[k].supported) pick = static_cast<int>(k);
+    } else {
+      for (size_t k = 0; k < t.size(); ++k)
+        if (r == t[k].name) pick = static_cast<int>(k);
+      TORCH_CHECK(pick >= 0, "lwkd::_optim_cpu_isa: unknown instruction set '", r,
+                  "' (expected auto, default, avx2 or avx512)");
+      TORCH_CHECK(t[pick].supported, "lwkd::_optim_cpu_isa: this CPU does not support ", r);
+    }
+    isa_choice().store(pick);
   }
+  return t[isa_choice().load()].name;
 }
 
 double group_rate(const StepPlan& plan, const StepGroup& grp) {
@@ -237,6 +218,7 @@ void layerwise_step_cpu(c10::string_view algorithm, at::TensorList params, at::T
   const int64_t total = offset[N];
   if (total == 0) return;
 
+  const ChunkFn chunk = isa_table()[isa_choice().load()].fn;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(kMinElementsPerThread, (total + nthreads - 1) / nthreads);
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
@@ -245,7 +227,7 @@ void layerwise_step_cpu(c10::string_view algorithm, at::TensorList params, at::T
     for (; i < N && offset[i] < end; ++i) {
       const int64_t lo = std::max(begin, offset[i]) - offset[i];
       const int64_t hi = std::min(end, offset[i + 1]) - offset[i];
-      if (hi > lo) dispatch_chunk(plan, i, info[i], lo, hi);
+      if (hi > lo) chunk(plan, i, info[i], lo, hi);
     }
   });
 }
@@ -255,6 +237,10 @@ void layerwise_step_cpu(c10::string_view algorithm, at::TensorList params, at::T
 TORCH_LIBRARY_IMPL(lwkd, CPU, m) {
   m.impl("layerwise_rates", &layerwise_rates_cpu);
   m.impl("layerwise_step", &layerwise_step_cpu);
+}
+
+TORCH_LIBRARY_IMPL(lwkd, CompositeExplicitAutograd, m) {
+  m.impl("_optim_cpu_isa", &optim_cpu_isa);
 }
 
 }  // namespace lwkd
