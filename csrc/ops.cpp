@@ -42,6 +42,9 @@ TORCH_LIBRARY(lwkd, m) {
   // the one-element int64 counter `nonfinite` (+1 when any discrepancy is non-finite) in place;
   // returns eta = base_lr * m (K,) in the dtype of `state`.  The base rate is `base_lr_tensor`
   // (0-dim or (K,), read on the device) when given, else `base_lr` (1 or K host values).
+  // Fake kernels: lwkd_fast/rule.py and lwkd_fast/optim.py (set_python_module applies to the
+  // definitions that follow it).
+  m.set_python_module("lwkd_fast.rule");
   m.def(
       "layerwise_rates(Tensor discrepancies, Tensor(a!) state, Tensor(b!)? nonfinite, "
       "float[] base_lr, Tensor? base_lr_tensor, float momentum, float gamma, float s_min, "
@@ -55,6 +58,7 @@ TORCH_LIBRARY(lwkd, m) {
   //                      no group uses amsgrad); steps = float32 step counts, incremented here;
   //                      group_hyper per group: weight_decay, beta1, beta2, eps, amsgrad, maximize.
   // Entries of state lists whose group does not use them may be any placeholder tensor.
+  m.set_python_module("lwkd_fast.optim");
   m.def(
       "layerwise_step(str algorithm, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor(d!)[] state3, Tensor(e!)[] steps, Tensor factors, "
