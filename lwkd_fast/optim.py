@@ -649,6 +649,10 @@ def _check_run(kind: str, cfg: Dict[str, Any], device, dtype, steps: int = 4):
     K = 3
     gen = torch.Generator().manual_seed(5)
     grads = [[torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in base] for _ in range(steps)]
+    # every run starts from the same dtype-representable values (SPEC section 6: the float64
+    # reference computes from the low-precision inputs)
+    base = [t.to(dtype).double() for t in base]
+    grads = [[t.to(dtype).double() for t in row] for row in grads]
     ds = [(torch.rand(K, generator=gen, dtype=torch.float64) + 0.05).to(torch.float32) for _ in range(steps)]
 
     def groups_of(ts):
@@ -679,6 +683,9 @@ def _check_run(kind: str, cfg: Dict[str, Any], device, dtype, steps: int = 4):
         for s in range(steps):
             eta, m, _ = rule.oracle_rates([float(x) for x in ds[s].double()], m, lr, mu,
                                           rm.get("gamma", 1.0), rm.get("s_min", 0.1), rm.get("s_max", 10.0))
+            # the optimizer's factors and rates are float32: hand torch the same rate values
+            m = torch.tensor(m, dtype=torch.float32).double().tolist()
+            eta = torch.tensor(eta, dtype=torch.float32).double().tolist()
             for grp in opt.param_groups:
                 grp["lr"] = lr if grp["layer"] is None else eta[grp["layer"]]
             for i, p in enumerate(ps):
@@ -688,9 +695,16 @@ def _check_run(kind: str, cfg: Dict[str, Any], device, dtype, steps: int = 4):
 
     ours = run_ours()
     ref = run_torch(torch.float64, False)
-    eager = run_torch(dtype, False) if dtype in (torch.bfloat16, torch.float16) else [None] * len(ref)
-    return {f"param[{i}]": compare(o.detach(), r.detach(), dtype, None if e is None else e.detach())
-            for i, (o, r, e) in enumerate(zip(ours, ref, eager))}
+    if dtype in (torch.float32, torch.float64):
+        return {f"param[{i}]": compare(o.detach(), r.detach(), dtype) for i, (o, r) in enumerate(zip(ours, ref))}
+    # low precision: the "2 x eager error" rule over all parameters at once (a single element's
+    # eager error is a matter of rounding luck; eager torch also rounds lr to the parameter dtype)
+    eager = run_torch(dtype, False)
+
+    def flat(ts):
+        return torch.cat([t.detach().reshape(-1).double() for t in ts])
+
+    return {"params": compare(flat(ours), flat(ref), dtype, flat(eager))}
 
 
 _STEP_CASES = (

@@ -624,11 +624,8 @@ def test_native_step_opcheck():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_step_check_cases_pass(backend):
-    """The `lwkd-fast check` cases of the fused step pass on this backend (float32 only here;
-    the equivalence tests above cover bfloat16)."""
+    """The `lwkd-fast check` cases of the fused step pass on this backend."""
     for case in optim.lwkd_checks(backend, torch.device("cpu")):
-        if case.dtype != torch.float32:
-            continue
         with lw.use_backend(backend):
             verdicts = case.run()
         bad = {k: str(v) for k, v in verdicts.items() if not v.ok}
