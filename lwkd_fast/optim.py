@@ -350,8 +350,7 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         dist.all_reduce(d, op=dist.ReduceOp.SUM, group=self.process_group)
         return d.div_(world)
 
-    @torch.no_grad()
-    def _update_rates(self, discrepancies) -> None:
+    def _update_rates(self, discrepancies) -> None:  # runs under torch.no_grad() (see step)
         d = rule.check_discrepancies(f"{self._name}.step", discrepancies, self._num_layers, self._factors.device)
         if self.sync == "all_reduce":
             d = self._sync_discrepancies(d)
@@ -538,7 +537,8 @@ class LayerwiseSGD(_LayerwiseOptimizer):
                 if g.is_sparse:
                     raise RuntimeError(f"{self._name}: sparse gradients are not supported")
                 if mom:
-                    buf = state[p].get("momentum_buffer") if p in state else None
+                    st = state.get(p)  # (a plain lookup: does not create an entry)
+                    buf = st.get("momentum_buffer") if st else None
                     if buf is None:
                         buf = torch.empty_like(p, memory_format=torch.preserve_format)
                         fresh.append(len(params))

@@ -334,12 +334,13 @@ void layerwise_step_cuda(c10::string_view algorithm, at::TensorList params, at::
                          at::IntArrayRef fresh, at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
                          const c10::List<std::optional<at::Tensor>>& group_lr_tensor,
                          at::ArrayRef<double> group_hyper) {
+  // the guard comes first: building the plan may copy a gradient into its parameter's layout
+  const c10::cuda::CUDAGuard guard(factors.device());
   const StepPlan plan = make_step_plan(algorithm, params, grads, state1, state2, state3, steps, factors,
                                        tensor_group, fresh, group_layer, group_lr, group_lr_tensor,
                                        group_hyper);
   const size_t N = plan.tensors.size();
   if (N == 0) return;
-  const c10::cuda::CUDAGuard guard(factors.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
 
   // one task per (tensor, chunk), grouped by parameter dtype (one launch per dtype present)
