@@ -495,7 +495,7 @@ class LayerwiseSGD(_LayerwiseOptimizer):
     _algorithm = "sgd"
     _name = "LayerwiseSGD"
 
-    def __init__(self, groups, lr: Union[float, torch.Tensor] = 1e-3, momentum: float = 0.0,
+    def __init__(self, groups, lr: Union[float, torch.Tensor], momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
                  maximize: bool = False, rate_momentum: float = 0.9, gamma: float = 1.0,
                  s_min: float = 0.1, s_max: float = 10.0, sync: Optional[str] = None, *,
@@ -569,7 +569,7 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
     _algorithm = "adamw"
     _name = "LayerwiseAdamW"
 
-    def __init__(self, groups, lr: Union[float, torch.Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+    def __init__(self, groups, lr: Union[float, torch.Tensor], betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False,
                  rate_momentum: float = 0.9, gamma: float = 1.0, s_min: float = 0.1, s_max: float = 10.0,
                  sync: Optional[str] = None, *, num_layers: Optional[int] = None, rate_eps: float = 1e-12,

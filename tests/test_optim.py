@@ -562,7 +562,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="unknown sync 'allreduce'"):
         LayerwiseSGD([{"params": [p], "layer": 0}], lr=0.1, sync="allreduce")
     with pytest.raises(ValueError, match="parameter on meta but others are on cpu"):
-        LayerwiseSGD([{"params": [p], "layer": 0}, {"params": [torch.zeros(2, device="meta")], "layer": None}])
+        LayerwiseSGD([{"params": [p], "layer": 0}, {"params": [torch.zeros(2, device="meta")], "layer": None}], lr=0.1)
     opt = LayerwiseSGD([{"params": [p], "layer": 0}, {"params": [torch.zeros(2, requires_grad=True)], "layer": 1}],
                        lr=0.1)
     p.grad = torch.ones(3)
