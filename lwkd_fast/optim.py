@@ -134,8 +134,9 @@ def reference_step(algorithm: str, params: List[torch.Tensor], grads: List[torch
             ms = [state1[i] for i in idx]
             vs = [state2[i] for i in idx]
             st = torch.stack([steps[i].reshape(()) for i in idx]).to(torch.float64)
-            rate64 = rate if isinstance(rate, torch.Tensor) else torch.tensor(rate, dtype=torch.float64,
-                                                                              device=st.device)
+            # (torch.full is a fill kernel; torch.tensor(x, device=cuda) would be a synchronous copy)
+            rate64 = rate if isinstance(rate, torch.Tensor) else torch.full((), rate, dtype=torch.float64,
+                                                                            device=st.device)
             if maximize:
                 gs = torch._foreach_neg(gs)
             if wd != 0:
