@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -266,8 +267,9 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         name = self._name
         if layer is None:
             return None
-        if isinstance(layer, bool) or not isinstance(layer, int):
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
             raise TypeError(f"{name}: group {i} has layer {layer!r}; expected an int in 0..K-1 or None (head)")
+        layer = int(layer)
         if layer < 0 or (K is not None and layer >= K):
             bound = f"0..{K - 1}" if K is not None else "0..K-1"
             raise ValueError(f"{name}: group {i} has layer {layer}; expected {bound} or None for the head")
@@ -280,7 +282,8 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         i = len(self.param_groups)
         if "layer" not in param_group:
             raise ValueError(f"{name}: group {i} has no 'layer' key (j in 0..K-1, or None for the head)")
-        self._check_layer(i, param_group["layer"], self._num_layers)
+        layer = self._check_layer(i, param_group["layer"], self._num_layers)
+        param_group["layer"] = layer  # a plain int (or None): checkpoints stay weights_only-loadable
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for p in group["params"]:
@@ -314,7 +317,7 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         K = self._num_layers
         first: List[Any] = [None] * K
         for g in self.param_groups:
-            j = g["layer"]
+            j = None if g["layer"] is None else int(g["layer"])
             if j is not None and first[j] is None:
                 first[j] = g["lr"]
         default = self.param_groups[0]["lr"]
