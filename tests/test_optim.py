@@ -630,3 +630,21 @@ def test_step_check_cases_pass(backend):
             verdicts = case.run()
         bad = {k: str(v) for k, v in verdicts.items() if not v.ok}
         assert not bad, f"{case.label}: {bad}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_only_optimizer_is_plain_adamw(backend):
+    """K = 0 (no matched layer, only the head): an ordinary AdamW step at the base rate."""
+    torch.manual_seed(5)
+    p = torch.randn(6, 4).requires_grad_(True)
+    q = p.detach().clone().requires_grad_(True)
+    ours = LayerwiseAdamW([{"params": [p], "layer": None}], lr=0.1, weight_decay=0.05)
+    ref = torch.optim.AdamW([q], lr=0.1, weight_decay=0.05, foreach=False)
+    assert ours.num_layers == 0 and ours.rates.shape == (0,)
+    for _ in range(3):
+        p.grad = torch.randn(6, 4)
+        q.grad = p.grad.clone()
+        with lw.use_backend(backend):
+            ours.step(torch.empty(0))
+        ref.step()
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -387,6 +387,9 @@ def layerwise_step(algorithm: str, params: List[torch.Tensor], grads: List[torch
     fresh_table = _as_table(fresh_flags, torch.int64, device)
     if not sgd:
         torch._foreach_add_(list(steps), 1.0)
+    # K = 0 (head groups only): an empty tensor has no address to hand the kernel; the masked
+    # load never reads this stand-in
+    fac = factors if factors.numel() else torch.ones(1, dtype=factors.dtype, device=device)
 
     for dt, code in _DTYPE_CODE.items():
         tasks = []
@@ -398,7 +401,7 @@ def layerwise_step(algorithm: str, params: List[torch.Tensor], grads: List[torch
         task_table = _as_table([x for pair in tasks for x in pair], torch.int32, device)
         with _quiet():
             _step_kernel[(len(tasks),)](
-                ptr_table, numel_table, tgroup_table, fresh_table, task_table, glayer, gtable, factors,
+                ptr_table, numel_table, tgroup_table, fresh_table, task_table, glayer, gtable, fac,
                 ALGO=0 if sgd else 1, DT=code, FAC_F64=factors.dtype == torch.float64, BLOCK=_STEP_BLOCK,
                 num_warps=_STEP_WARPS,
             )
