@@ -44,6 +44,7 @@ CPU work list under ``at::parallel_for``; CUDA multi-tensor apply), ``triton``
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import numbers
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -229,6 +230,11 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         self.rate_eps = float(rate_eps)
         self.sync = sync
         self.process_group = process_group
+        self._version = 0            # bumped whenever the cached work list may be stale
+        self._flat_key = None
+        self._flat: List[Tuple[torch.Tensor, int]] = []
+        self._flat_params: List[torch.Tensor] = []
+        self._work: Optional[_WorkList] = None
         super().__init__(groups, defaults)
         dev = self._device or torch.device("cpu")
         K = self._num_layers
@@ -285,6 +291,7 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         layer = self._check_layer(i, param_group["layer"], self._num_layers)
         param_group["layer"] = layer  # a plain int (or None): checkpoints stay weights_only-loadable
         super().add_param_group(param_group)
+        self._version += 1
         group = self.param_groups[-1]
         for p in group["params"]:
             if self._device is None:
@@ -336,8 +343,40 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
     def _hyper(self, group: Dict[str, Any]) -> List[float]:
         raise NotImplementedError
 
-    def _gather(self, groups_out, hyper_out) -> Tuple[list, list, list, list, list, list, list, list]:
+    def _state_flags(self, group) -> bool:
+        """Whether the group needs the optional state list (SGD momentum / AdamW amsgrad)."""
         raise NotImplementedError
+
+    def _gather(self, flat, grads) -> "_WorkList":
+        """Build the work list from the flat (param, group index) list and its gradients,
+        creating state that is due (slow path, run when the set of gradients changes)."""
+        raise NotImplementedError
+
+    def _work_list(self) -> Tuple["_WorkList", List[torch.Tensor]]:
+        """The work list of this step and the gradients of its tensors.
+
+        The flat parameter list and the work list are cached; a step only reads ``p.grad`` of
+        every parameter (one list comprehension) and reuses the cached lists while the same
+        parameters have gradients, so there is no per-tensor Python bookkeeping (state look-ups,
+        list building) on the hot path.  The cache is rebuilt when the groups, their parameter
+        lists, the state dict or the set of parameters with a gradient change."""
+        groups = self.param_groups
+        key = (id(self.state), self._version,
+               tuple((id(g["params"]), len(g["params"]), self._state_flags(g)) for g in groups))
+        if self._flat_key != key:
+            self._flat = [(p, gi) for gi, g in enumerate(groups) for p in g["params"]]
+            self._flat_params = [p for p, _ in self._flat]
+            self._flat_key = key
+            self._work = None
+        grads = [p.grad for p in self._flat_params]
+        present = [g is not None for g in grads]
+        work = self._work
+        if work is None or work.present != present:
+            work = self._gather(self._flat, grads)
+            work.present = present
+            self._work = work
+            return work, work.grads
+        return work, list(itertools.compress(grads, present))
 
     def _sync_discrepancies(self, d: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -385,12 +424,12 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
                     group_lr.append(float(lr))
                     group_lr_tensor.append(None)
                 hyper.extend(self._hyper(group))
-            params, grads, s1, s2, s3, steps, tgroup, fresh, commit = self._gather()
-            if params:
+            work, grads = self._work_list()
+            if work.params:
                 backend = ops.select_backend(OP, self._factors.device)
-                _run_step(backend, self._algorithm, params, grads, s1, s2, s3, steps, self._factors, tgroup,
-                          fresh, group_layer, group_lr, group_lr_tensor, hyper)
-            commit()
+                _run_step(backend, self._algorithm, work.params, grads, work.s1, work.s2, work.s3, work.steps,
+                          self._factors, work.tgroup, work.fresh, group_layer, group_lr, group_lr_tensor, hyper)
+            work.commit(self.state)
         return loss
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -449,6 +488,7 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
                     s[key] = v.detach().to(device=p.device, dtype=torch.float32, copy=True).reshape(())
                 elif id(v) in source_ids:
                     s[key] = v.clone()
+        self._version += 1
         dev = self._factors.device
         self._factors.copy_(lw["factors"].to(dev))
         self._rates.copy_(lw["rates"].to(dev))
@@ -462,7 +502,7 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
 
     # copy.deepcopy / pickle keep the layer-wise attributes too
     _EXTRA = ("_num_layers", "_device", "rate_momentum", "gamma", "s_min", "s_max", "rate_eps", "sync",
-              "process_group", "_factors", "_nonfinite", "_rates", "_placeholder")
+              "process_group", "_factors", "_nonfinite", "_rates", "_placeholder", "_version")
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
@@ -471,14 +511,37 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
                 state[k] = getattr(self, k)
         return state
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # the work-list cache refers to the original's tensors: start a fresh one
+        self._flat_key, self._flat, self._flat_params, self._work = None, [], [], None
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(K={self._num_layers}, groups={len(self.param_groups)}, "
                 f"rate_momentum={self.rate_momentum}, gamma={self.gamma}, s_min={self.s_min}, "
                 f"s_max={self.s_max}, sync={self.sync!r})")
 
 
-def _noop() -> None:
-    return None
+class _WorkList:
+    """The tensors one fused step updates (those with a gradient), their state tensors and
+    their group indices, as handed to the step op; plus what to record in ``opt.state`` once
+    the step has run (SGD momentum buffers created by this step)."""
+
+    __slots__ = ("params", "grads", "s1", "s2", "s3", "steps", "tgroup", "fresh", "pending", "present")
+
+    def __init__(self, params, grads, s1, s2, s3, steps, tgroup, fresh=(), pending=()):
+        self.params, self.grads, self.s1, self.s2, self.s3 = params, grads, s1, s2, s3
+        self.steps, self.tgroup = steps, tgroup
+        self.fresh, self.pending = list(fresh), list(pending)
+        self.present: Optional[List[bool]] = None
+
+    def commit(self, state) -> None:
+        if self.pending:
+            for p, buf in self.pending:
+                state[p]["momentum_buffer"] = buf
+            self.pending = []
+            self.fresh = []  # from now on these buffers carry momentum
+        self.grads = []  # do not keep this step's gradients alive
 
 
 class LayerwiseSGD(_LayerwiseOptimizer):
@@ -527,38 +590,35 @@ class LayerwiseSGD(_LayerwiseOptimizer):
         return [float(group["weight_decay"]), float(group["momentum"]), float(group["dampening"]),
                 1.0 if group["nesterov"] else 0.0, 1.0 if group["maximize"] else 0.0, 0.0]
 
-    def _gather(self):
-        params, grads, bufs, tgroup, fresh, pending = [], [], [], [], [], []
+    def _state_flags(self, group) -> bool:
+        return group["momentum"] != 0
+
+    def _gather(self, flat, grads) -> _WorkList:
+        params, gs, bufs, tgroup, fresh, pending = [], [], [], [], [], []
         any_mom = False
         state = self.state
-        for gi, group in enumerate(self.param_groups):
-            mom = group["momentum"] != 0
-            any_mom |= mom
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(f"{self._name}: sparse gradients are not supported")
-                if mom:
-                    st = state.get(p)  # (a plain lookup: does not create an entry)
-                    buf = st.get("momentum_buffer") if st else None
-                    if buf is None:
-                        buf = torch.empty_like(p, memory_format=torch.preserve_format)
-                        fresh.append(len(params))
-                        pending.append((p, buf))
-                    bufs.append(buf)
-                else:
-                    bufs.append(self._placeholder)
-                params.append(p)
-                grads.append(g)
-                tgroup.append(gi)
-
-        def commit() -> None:  # buffers enter the state only once the step has run
-            for p, buf in pending:
-                state[p]["momentum_buffer"] = buf
-
-        return params, grads, (bufs if any_mom else []), [], [], [], tgroup, fresh, commit
+        groups = self.param_groups
+        for (p, gi), g in zip(flat, grads):
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"{self._name}: sparse gradients are not supported")
+            if groups[gi]["momentum"] != 0:
+                any_mom = True
+                st = state.get(p)  # (a plain lookup: does not create an entry)
+                buf = st.get("momentum_buffer") if st else None
+                if buf is None:
+                    buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                    fresh.append(len(params))
+                    pending.append((p, buf))
+                bufs.append(buf)
+            else:
+                bufs.append(self._placeholder)
+            params.append(p)
+            gs.append(g)
+            tgroup.append(gi)
+        # buffers enter the state only once the step has run (see _WorkList.commit)
+        return _WorkList(params, gs, bufs if any_mom else [], [], [], [], tgroup, fresh, pending)
 
 
 class LayerwiseAdamW(_LayerwiseOptimizer):
@@ -601,34 +661,36 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
         return [float(group["weight_decay"]), float(b1), float(b2), float(group["eps"]),
                 1.0 if group["amsgrad"] else 0.0, 1.0 if group["maximize"] else 0.0]
 
-    def _gather(self):
-        params, grads, ms, vs, ws, steps, tgroup = [], [], [], [], [], [], []
+    def _state_flags(self, group) -> bool:
+        return bool(group["amsgrad"])
+
+    def _gather(self, flat, grads) -> _WorkList:
+        params, gs, ms, vs, ws, steps, tgroup = [], [], [], [], [], [], []
         any_ams = False
         state = self.state
-        for gi, group in enumerate(self.param_groups):
-            ams = bool(group["amsgrad"])
+        groups = self.param_groups
+        for (p, gi), g in zip(flat, grads):
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"{self._name}: sparse gradients are not supported")
+            ams = bool(groups[gi]["amsgrad"])
             any_ams |= ams
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(f"{self._name}: sparse gradients are not supported")
-                s = state[p]
-                if len(s) == 0:  # lazy initialisation, exactly torch's initial state
-                    s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if ams and "max_exp_avg_sq" not in s:
-                    s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(g)
-                ms.append(s["exp_avg"])
-                vs.append(s["exp_avg_sq"])
-                ws.append(s["max_exp_avg_sq"] if ams else self._placeholder)
-                steps.append(s["step"])
-                tgroup.append(gi)
-        return params, grads, ms, vs, (ws if any_ams else []), steps, tgroup, [], _noop
+            s = state[p]
+            if len(s) == 0:  # lazy initialisation, exactly torch's initial state
+                s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if ams and "max_exp_avg_sq" not in s:
+                s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            gs.append(g)
+            ms.append(s["exp_avg"])
+            vs.append(s["exp_avg_sq"])
+            ws.append(s["max_exp_avg_sq"] if ams else self._placeholder)
+            steps.append(s["step"])
+            tgroup.append(gi)
+        return _WorkList(params, gs, ms, vs, ws if any_ams else [], steps, tgroup)
 
 
 # ------------------------------------------------------------------------------------------------
