@@ -648,3 +648,39 @@ def test_head_only_optimizer_is_plain_adamw(backend):
             ours.step(torch.empty(0))
         ref.step()
     torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_work_list_cache_follows_group_and_grad_changes(backend):
+    """The cached work list is rebuilt when a group is added, a group's parameter list or
+    momentum changes, or a parameter gains or loses its gradient."""
+    torch.manual_seed(7)
+    a, b, c = (torch.randn(5).requires_grad_(True) for _ in range(3))
+    opt = LayerwiseSGD([{"params": [a], "layer": 0}, {"params": [b], "layer": 1}], lr=0.1)
+    shadow = {t: t.detach().clone() for t in (a, b, c)}
+
+    def step(d, grads, momentum_of=None):
+        for t in (a, b, c):
+            t.grad = grads.get(t)
+        with lw.use_backend(backend):
+            opt.step(d)
+        for t, g in grads.items():  # plain SGD (momentum 0) with the rates the optimizer applied
+            if g is None:
+                continue
+            grp = next(gr for gr in opt.param_groups if any(t is q for q in gr["params"]))
+            j = grp["layer"]
+            shadow[t] -= (opt.rates[j] if j is not None else grp["lr"]) * g
+
+    d = torch.tensor([0.5, 1.5])
+    step(d, {a: torch.ones(5), b: torch.ones(5)})
+    step(d, {a: torch.ones(5), b: None})                     # b loses its gradient
+    opt.add_param_group({"params": [c], "layer": None})       # a new group after steps
+    step(d, {a: torch.ones(5), b: torch.ones(5), c: torch.ones(5)})
+    for t in (a, b, c):
+        torch.testing.assert_close(t.detach(), shadow[t], rtol=1e-6, atol=1e-7)
+    opt.param_groups[0]["momentum"] = 0.9                     # momentum switched on later
+    a.grad, b.grad, c.grad = torch.ones(5), None, None
+    with lw.use_backend(backend):
+        opt.step(d)
+    assert "momentum_buffer" in opt.state[a] and torch.equal(opt.state[a]["momentum_buffer"], torch.ones(5))
+    assert "momentum_buffer" not in opt.state.get(b, {})
