@@ -40,4 +40,35 @@ TORCH_LIBRARY(lwkd, m) {
   // Bytes held by the CPU gradient-buffer pool (csrc/cpu/buffer_pool.h); release=True first
   // drops every idle buffer.
   m.def("cpu_buffer_pool(bool release=False) -> int");
+
+  // ---- optimizer (SPEC sections 4-5) ---------------------------------------------------------
+  // The per-layer rate rule.  Updates `state` (the momentum factors m, (K,)) and, when given,
+  // the one-element int64 counter `nonfinite` (+1 when any discrepancy is non-finite) in place;
+  // returns eta = base_lr * m (K,) in the dtype of `state`.  The base rate is `base_lr_tensor`
+  // (0-dim or (K,), read on the device) when given, else `base_lr` (1 or K host values).
+  // Fake kernels: lwkd_fast/rule.py and lwkd_fast/optim.py (set_python_module applies to the
+  // definitions that follow it).
+  m.set_python_module("lwkd_fast.rule");
+  m.def(
+      "layerwise_rates(Tensor discrepancies, Tensor(a!) state, Tensor(b!)? nonfinite, "
+      "float[] base_lr, Tensor? base_lr_tensor, float momentum, float gamma, float s_min, "
+      "float s_max, float eps) -> Tensor");
+  // The fused per-layer optimizer step: every tensor of every group in one pass, each reading
+  // its rate eta = lr_g * factors[layer_g] (layer -1: the head, eta = lr_g) on the device.
+  //   algorithm "sgd":   state1 = momentum buffers (empty when no group has momentum);
+  //                      group_hyper per group: weight_decay, momentum, dampening, nesterov,
+  //                      maximize, (unused); `fresh` lists tensors whose buffer starts now.
+  //   algorithm "adamw": state1/2/3 = exp_avg, exp_avg_sq, max_exp_avg_sq (state3 empty when
+  //                      no group uses amsgrad); steps = float32 step counts, incremented here;
+  //                      group_hyper per group: weight_decay, beta1, beta2, eps, amsgrad, maximize.
+  // Entries of state lists whose group does not use them may be any placeholder tensor.
+  m.set_python_module("lwkd_fast.optim");
+  m.def(
+      "layerwise_step(str algorithm, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
+      "Tensor(c!)[] state2, Tensor(d!)[] state3, Tensor(e!)[] steps, Tensor factors, "
+      "int[] tensor_group, int[] fresh, int[] group_layer, float[] group_lr, "
+      "Tensor?[] group_lr_tensor, float[] group_hyper) -> ()");
+  // Instruction set of the CPU step loops: "" queries, "auto" | "default" | "avx2" | "avx512"
+  // selects (for tests and benchmarks); returns the one in use.
+  m.def("_optim_cpu_isa(str isa) -> str");
 }

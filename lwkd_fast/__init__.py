@@ -10,16 +10,25 @@ from .ops import (
     map_discrepancy,
     use_backend,
 )
+from . import optim, reference, rule  # lw.optim.LayerwiseSGD / LayerwiseAdamW; the rate rule
+from .distill import DistillOutput, LayerwiseDistiller
+from .rule import layerwise_rates
 
 __all__ = [
     "__version__",
+    "DistillOutput",
+    "LayerwiseDistiller",
     "attention_discrepancy",
     "attention_maps",
     "backends",
     "derivative_maps",
     "input_hvps",
     "input_jacobians",
+    "layerwise_rates",
     "map_discrepancy",
+    "optim",
     "rademacher",
+    "reference",
+    "rule",
     "use_backend",
 ]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -129,7 +128,6 @@ def attention_suite(ctx: Ctx) -> List[Row]:
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
             st = measure(lambda fn=fn: fn(s, t), repeat=ctx.repeat, warmup=2, device=ctx.device)
             rows.append(Row("attention", case, name, st, "eager", attention_bytes(s, t), float(K * B * C * H * W)))
-        del s, t, ref
     return rows
 
 

@@ -1,6 +1,5 @@
 """The `lwkd-fast` command line: info and check (pass table and failing exit status)."""
 
-import pytest
 import torch
 
 from lwkd_fast import check, cli

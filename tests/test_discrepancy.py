@@ -13,7 +13,7 @@ import lwkd_fast as lw
 from lwkd_fast import check, reference
 from lwkd_fast.testing import compare, verify_op
 
-from conftest import NATIVE, available_backends, requires_native
+from conftest import available_backends, requires_native
 
 ATT_BACKENDS = available_backends("attention_discrepancy")
 MAP_BACKENDS = available_backends("map_discrepancy")

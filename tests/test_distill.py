@@ -1,6 +1,5 @@
 """LayerwiseDistiller: pairing, parameter groups (SPEC section 4), losses, errors, training."""
 
-import math
 import warnings
 
 import pytest

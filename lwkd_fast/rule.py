@@ -1,0 +1,296 @@
+"""The per-layer learning-rate rule (SPEC section 4).
+
+For discrepancies ``D`` (K,), momentum factors ``m`` (K,) (the *state*, starting at 1) and the
+base rate ``eta0`` (a float, or a 0-dim tensor driven by a schedule)::
+
+    F     = { j : D_j finite }
+    r_j   = |F| * D_j / sum_{k in F} D_k      if that sum > eps, else 1      (j in F)
+    s_j   = clamp(r_j ** gamma, s_min, s_max)  (j in F);   s_j = m_j  (j not in F)
+    m_j  <- mu * m_j + (1 - mu) * s_j
+    eta_j = eta0 * m_j
+
+Layers that disagree most with the teacher learn fastest; the momentum ``mu`` keeps a rate from
+collapsing in one step; a non-finite discrepancy leaves its layer's factor exactly unchanged and
+is counted in an optional on-device counter.  Everything stays on the device: no backend reads a
+value back to the host, so the rule never synchronises.
+
+Backends (``lwkd_fast.use_backend`` / ``LWKD_BACKEND``, op name ``"layerwise_rates"``):
+``reference`` (plain torch ops, below), ``native`` (``torch.ops.lwkd.layerwise_rates``, C++ on
+CPU, one CUDA block on GPU) and ``triton`` (:mod:`lwkd_fast.triton.optim`).  All of them run
+the arithmetic in float64 and round once into the dtype of ``state``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+
+from . import ops
+
+__all__ = ["layerwise_rates", "reference_rates"]
+
+OP = "layerwise_rates"
+if OP not in ops._EXTRA_NATIVE_OPS:
+    ops._EXTRA_NATIVE_OPS.append(OP)
+
+Number = Union[int, float]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference backend: plain torch ops on the device, float64 arithmetic, one rounding into state
+# ------------------------------------------------------------------------------------------------
+
+
+def reference_rates(
+    discrepancies: torch.Tensor,
+    state: torch.Tensor,
+    nonfinite: Optional[torch.Tensor],
+    base_lr: Sequence[float],
+    base_lr_tensor: Optional[torch.Tensor],
+    momentum: float,
+    gamma: float,
+    s_min: float,
+    s_max: float,
+    eps: float,
+) -> torch.Tensor:
+    """The rule in plain torch; same arguments as ``torch.ops.lwkd.layerwise_rates``.
+
+    ``base_lr`` holds 1 or K host values and is used when ``base_lr_tensor`` (0-dim or (K,)) is
+    None.  Updates ``state`` and ``nonfinite`` in place and returns ``eta`` in ``state.dtype``.
+    """
+    K = discrepancies.shape[0]
+    if K == 0:
+        return torch.empty_like(state, memory_format=torch.contiguous_format)
+    d = discrepancies.detach().to(torch.float64)
+    fin = torch.isfinite(d)
+    dz = torch.where(fin, d, torch.zeros_like(d))
+    total = dz.sum()
+    count = fin.sum().to(torch.float64)
+    # the division is evaluated everywhere; torch.where keeps only the branch the rule takes
+    r = torch.where(total > eps, count * dz / total, torch.ones_like(dz))
+    if gamma == 1.0:
+        s = r
+    elif gamma == 0.0:
+        s = torch.ones_like(r)
+    else:
+        s = r.pow(gamma)
+    s = s.clamp(min=s_min, max=s_max)
+    m = state.detach().to(torch.float64)
+    state.copy_(torch.where(fin, momentum * m + (1.0 - momentum) * s, m))
+    mq = state.detach().to(torch.float64)  # the rounded factors, as the kernels use them
+    if base_lr_tensor is not None:
+        lr = base_lr_tensor.detach().to(device=mq.device, dtype=torch.float64).reshape(-1)
+        eta = mq * (lr if lr.numel() == K else lr[0])
+    elif len(base_lr) == 1:
+        eta = mq * float(base_lr[0])
+    else:
+        eta = mq * torch.tensor(list(base_lr), dtype=torch.float64).to(mq.device, non_blocking=True)
+    if nonfinite is not None:
+        nonfinite.add_((~fin).any().to(nonfinite.dtype).reshape(nonfinite.shape))
+    return eta.to(state.dtype).contiguous()
+
+
+if ops._C is not None:
+
+    @torch.library.register_fake("lwkd::layerwise_rates")
+    def _rates_fake(discrepancies, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min,
+                    s_max, eps):
+        return torch.empty_like(state, memory_format=torch.contiguous_format)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation and the public function
+# ------------------------------------------------------------------------------------------------
+
+
+def _shape(x: torch.Tensor):
+    return tuple(x.shape)
+
+
+def check_rule_options(op: str, momentum, gamma, s_min, s_max, eps, *, momentum_name="momentum") -> None:
+    """Validate the rule's hyper-parameters (host numbers), raising with the argument name."""
+    for name, v in ((momentum_name, momentum), ("gamma", gamma), ("s_min", s_min), ("s_max", s_max), ("eps", eps)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{op}: {name} must be a Python number, got {type(v).__name__}")
+        if math.isnan(v):
+            raise ValueError(f"{op}: {name} is NaN")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"{op}: {momentum_name} must lie in [0, 1), got {momentum!r}")
+    if not (0.0 <= gamma < math.inf):
+        raise ValueError(f"{op}: gamma must be finite and >= 0, got {gamma!r}")
+    if not s_min <= s_max:
+        raise ValueError(f"{op}: need s_min <= s_max, got s_min={s_min!r}, s_max={s_max!r}")
+    if not (0.0 <= eps < math.inf):
+        raise ValueError(f"{op}: eps must be finite and >= 0, got {eps!r}")
+
+
+def check_discrepancies(op: str, d, K: Optional[int], device: Optional[torch.device]) -> torch.Tensor:
+    """``discrepancies`` must be a floating (K,) tensor on ``device``; returns it detached."""
+    if not isinstance(d, torch.Tensor):
+        raise TypeError(f"{op}: discrepancies must be a torch.Tensor of shape (K,), got {type(d).__name__}")
+    if d.dim() != 1 or (K is not None and d.shape[0] != K):
+        want = f"({K},)" if K is not None else "(K,)"
+        raise ValueError(f"{op}: discrepancies must have shape {want}, got shape {_shape(d)}")
+    if not d.is_floating_point():
+        raise TypeError(f"{op}: discrepancies has dtype {d.dtype}; expected a floating dtype (float32 or float64)")
+    if device is not None and d.device != device:
+        raise ValueError(
+            f"{op}: discrepancies (shape {_shape(d)}) are on {d.device} but the rate state is on {device}; "
+            "compute them on the parameters' device"
+        )
+    return d.detach()
+
+
+def _backend_call(backend: str, d, state, nonfinite, base_lr: List[float], base_lr_tensor, momentum, gamma,
+                  s_min, s_max, eps) -> torch.Tensor:
+    args = (d, state, nonfinite, base_lr, base_lr_tensor, float(momentum), float(gamma), float(s_min),
+            float(s_max), float(eps))
+    if backend == "native":
+        return torch.ops.lwkd.layerwise_rates(*args)
+    if backend == "triton":
+        return importlib.import_module("lwkd_fast.triton.optim").layerwise_rates(*args)
+    return reference_rates(*args)
+
+
+def layerwise_rates(
+    discrepancies: torch.Tensor,
+    state: torch.Tensor,
+    base_lr: Union[Number, torch.Tensor],
+    *,
+    momentum: float = 0.9,
+    gamma: float = 1.0,
+    s_min: float = 0.1,
+    s_max: float = 10.0,
+    eps: float = 1e-12,
+    nonfinite: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Per-layer learning rates ``eta = base_lr * m`` from discrepancies (SPEC section 4).
+
+    Args:
+        discrepancies: (K,) floating tensor ``D`` (normally ``D_j >= 0``); non-finite entries
+            leave their layer's factor unchanged.
+        state: (K,) float32/float64 tensor of momentum factors ``m`` on the same device, updated
+            in place (initialise it with ``torch.ones(K)``).
+        base_lr: the base rate ``eta0``: a Python number, or a 0-dim tensor (e.g. one a
+            schedule writes into) on the same device or the CPU.  It is read on the device.
+        momentum: ``mu`` in [0, 1).
+        gamma: exponent ``>= 0`` applied to the normalised discrepancy.
+        s_min, s_max: clamp of the target factor, ``s_min <= s_max``.
+        eps: the normalising sum must exceed ``eps``, otherwise every finite layer targets 1.
+        nonfinite: optional one-element int64 tensor on the same device, incremented (on the
+            device) whenever any discrepancy is non-finite.
+
+    Returns:
+        ``eta`` (K,) in ``state.dtype``.  No host synchronisation happens on any backend.
+    """
+    op = "layerwise_rates"
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"{op}: state must be a torch.Tensor of shape (K,), got {type(state).__name__}")
+    if state.dim() != 1:
+        raise ValueError(f"{op}: state must be 1-D (K,), got shape {_shape(state)}")
+    if state.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: state has dtype {state.dtype}; expected float32 or float64")
+    K = state.shape[0]
+    if not isinstance(discrepancies, torch.Tensor):
+        raise TypeError(f"{op}: discrepancies must be a torch.Tensor of shape (K,), got {type(discrepancies).__name__}")
+    if discrepancies.dim() != 1 or discrepancies.shape[0] != K:
+        raise ValueError(
+            f"{op}: discrepancies has shape {_shape(discrepancies)} but state has shape {_shape(state)}; "
+            "both must be (K,) with one entry per matched layer"
+        )
+    d = check_discrepancies(op, discrepancies, K, state.device)
+    check_rule_options(op, momentum, gamma, s_min, s_max, eps)
+    lr_list: List[float] = [1.0]
+    lr_tensor: Optional[torch.Tensor] = None
+    if isinstance(base_lr, torch.Tensor):
+        if base_lr.numel() != 1 or base_lr.dim() > 1:
+            raise ValueError(f"{op}: base_lr must be a number or a 0-dim tensor, got a tensor of shape {_shape(base_lr)}")
+        if not base_lr.is_floating_point():
+            raise TypeError(f"{op}: base_lr tensor has dtype {base_lr.dtype}; expected a floating dtype")
+        if base_lr.device != state.device and base_lr.device.type != "cpu":
+            raise ValueError(f"{op}: base_lr is on {base_lr.device} but state is on {state.device}")
+        lr_tensor = base_lr.detach().reshape(())
+        if lr_tensor.dtype not in (torch.float32, torch.float64):
+            lr_tensor = lr_tensor.to(torch.float32)
+    elif isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)):
+        raise TypeError(f"{op}: base_lr must be a Python number or a 0-dim tensor, got {type(base_lr).__name__}")
+    else:
+        lr_list = [float(base_lr)]
+    if nonfinite is not None:
+        if not isinstance(nonfinite, torch.Tensor) or nonfinite.numel() != 1 or nonfinite.dtype != torch.int64:
+            raise TypeError(f"{op}: nonfinite must be a one-element int64 tensor")
+        if nonfinite.device != state.device:
+            raise ValueError(f"{op}: nonfinite is on {nonfinite.device} but state is on {state.device}")
+    backend = ops.select_backend(OP, state.device)
+    return _backend_call(backend, d, state, nonfinite, lr_list, lr_tensor, momentum, gamma, s_min, s_max, eps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Float64 oracle (plain Python arithmetic, independent of every backend) and `lwkd-fast check`
+# ------------------------------------------------------------------------------------------------
+
+
+def oracle_rates(d: Sequence[float], m: Sequence[float], base_lr: float, momentum: float, gamma: float,
+                 s_min: float, s_max: float, eps: float = 1e-12):
+    """The SPEC formula evaluated element by element in Python floats: ``(eta, new_m, any_nonfinite)``."""
+    fin = [math.isfinite(x) for x in d]
+    total = sum(x for x, f in zip(d, fin) if f)
+    n = sum(fin)
+    new_m = []
+    for x, mj, f in zip(d, m, fin):
+        if not f:
+            new_m.append(mj)
+            continue
+        r = n * x / total if total > eps else 1.0
+        s = min(max(r ** gamma, s_min), s_max)
+        new_m.append(momentum * mj + (1.0 - momentum) * s)
+    return [base_lr * x for x in new_m], new_m, not all(fin)
+
+
+_CHECK_CASES = (
+    ("ragged K=7, one NaN, one inf", [0.3, 1.7, float("nan"), 0.02, 4.0, float("inf"), 0.9],
+     dict(momentum=0.9, gamma=1.0, s_min=0.1, s_max=10.0)),
+    ("gamma=0.5, tight clamp", [0.3, 1.7, 0.0, 0.02, 4.0], dict(momentum=0.5, gamma=0.5, s_min=0.5, s_max=2.0)),
+    ("all zero (sum <= eps)", [0.0, 0.0, 0.0], dict(momentum=0.8, gamma=2.0, s_min=0.1, s_max=10.0)),
+    ("all non-finite", [float("nan"), float("-inf")], dict(momentum=0.9, gamma=1.0, s_min=0.1, s_max=10.0)),
+)
+
+
+def lwkd_checks(backend: str, device: torch.device) -> Iterable:
+    """Cases for ``lwkd-fast check``: the rule on ``device`` against the Python float64 oracle,
+    float32 and float64 state, three consecutive steps (the momentum carries over)."""
+    from .check import Case
+    from .testing import Verdict, compare
+
+    def make(label, dvals, opts, sdtype):
+        def run() -> Dict[str, Verdict]:
+            K = len(dvals)
+            g = torch.Generator().manual_seed(3)
+            m0 = (0.5 + torch.rand(K, generator=g, dtype=torch.float64)).tolist()
+            state = torch.tensor(m0, dtype=sdtype, device=device)
+            nf = torch.zeros((), dtype=torch.int64, device=device)
+            m_ref, count, out = list(m0), 0, {}
+            for step in range(3):
+                dv = [x * (1.0 + 0.25 * step) for x in dvals]
+                lr = 0.1 / (1 + step)
+                eta = layerwise_rates(torch.tensor(dv, dtype=torch.float32, device=device), state, lr,
+                                      nonfinite=nf, **opts)
+                # the oracle sees the same float32 inputs and the rounded factors
+                dv32 = torch.tensor(dv, dtype=torch.float32).double().tolist()
+                m_in = [float(x) for x in torch.tensor(m_ref, dtype=sdtype).double()]
+                eta_ref, m_ref, bad = oracle_rates(dv32, m_in, lr, **opts)
+                count += int(bad)
+                out[f"eta[{step}]"] = compare(eta, torch.tensor(eta_ref, dtype=torch.float64), sdtype)
+                out[f"state[{step}]"] = compare(state, torch.tensor(m_ref, dtype=torch.float64), sdtype)
+            got = int(nf.cpu())
+            out["nonfinite"] = Verdict(got == count, float(abs(got - count)), 0.0, "exact count")
+            return out
+
+        return run
+
+    for sdtype in (torch.float32, torch.float64):
+        for label, dvals, opts in _CHECK_CASES:
+            yield Case(OP, label, sdtype, make(label, dvals, opts, sdtype))
