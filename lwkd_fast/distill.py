@@ -29,7 +29,7 @@ from . import ops
 
 log = logging.getLogger("lwkd_fast")
 
-__all__ = ["LayerwiseDistiller", "DistillOutput", "stage_boundaries", "find_pairs"]
+__all__ = ["LayerwiseDistiller", "DistillOutput", "stage_boundaries", "find_pairs", "execution_order_groups"]
 
 METHODS = ("attention", "jacobian", "hessian")
 USES = ("rates", "rates+loss")
@@ -166,6 +166,57 @@ def _resolve(model: nn.Module, name: str, who: str) -> nn.Module:
         shown = ", ".join(cands[:40]) + (" ..." if len(cands) > 40 else "")
         raise ValueError(f"LayerwiseDistiller: {who} has no module named {name!r}; available: {shown}")
     return modules[name]
+
+
+def execution_order_groups(student: nn.Module, layers: Sequence[str], x: torch.Tensor, *,
+                           stacklevel: int = 2) -> List[List[int]]:
+    """The parameter groups of SPEC section 4 as index lists into ``list(student.parameters())``.
+
+    ``layers`` are the K matched student module names (in the order of D).  Group j (j < K) holds
+    the parameters of the modules that start after matched layer j-1 finished and no later than
+    matched layer j finishes (forward-execution order on one pass of ``x``, eval mode, no grad, no
+    state change); group K (the head) holds the rest, including modules that never ran.  Every
+    parameter appears exactly once; groups may be empty.
+    """
+    K = len(layers)
+    matched = {s: j for j, s in enumerate(layers)}
+    events: List[Tuple[str, Any]] = []
+    handles = []
+    modules = dict(student.named_modules())
+    for name, m in modules.items():
+        if any(True for _ in m.parameters(recurse=False)):
+            handles.append(m.register_forward_pre_hook(lambda mod, inp, name=name: events.append(("start", name))))
+        if name in matched:
+            handles.append(m.register_forward_hook(lambda mod, inp, out, j=matched[name]: events.append(("end", j))))
+    try:
+        with torch.no_grad(), _temporarily_eval(student):
+            student(x)
+    finally:
+        for h in handles:
+            h.remove()
+    ends = [e for kind, e in events if kind == "end"]
+    if ends != sorted(ends):
+        warnings.warn("LayerwiseDistiller: the matched student layers do not run in the order of `pairs`; "
+                      "parameter groups follow the execution order", stacklevel=stacklevel)
+    group_of_module: Dict[str, int] = {}
+    current = 0
+    for kind, e in events:
+        if kind == "end":
+            current = max(current, e + 1)
+        elif e not in group_of_module:
+            group_of_module[e] = current if current < K else K
+    params = list(student.parameters())
+    index = {id(p): i for i, p in enumerate(params)}
+    groups: List[List[int]] = [[] for _ in range(K + 1)]
+    seen = set()
+    for name, m in modules.items():
+        g = group_of_module.get(name, K)  # never executed: head
+        for p_ in m.parameters(recurse=False):
+            if id(p_) in seen:
+                continue
+            seen.add(id(p_))
+            groups[g].append(index[id(p_)])
+    return groups
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,50 +364,9 @@ class LayerwiseDistiller(nn.Module):
 
     # ---- parameter groups (SPEC section 4) -------------------------------------------------------
     def _build_groups(self, x: torch.Tensor) -> None:
-        """Group j: student parameters whose module starts after matched layer j-1 finished and
-        no later than matched layer j finishes (forward-execution order on one pass); the rest
-        (after the last matched layer, or never executed) is the head group."""
         if self.pairs is None:
             self._auto_pairs(x)
-        K = len(self.pairs)
-        matched = {s: j for j, (s, _t) in enumerate(self.pairs)}
-        events: List[Tuple[str, Any]] = []
-        handles = []
-        modules = dict(self.student.named_modules())
-        for name, m in modules.items():
-            if any(True for _ in m.parameters(recurse=False)):
-                handles.append(m.register_forward_pre_hook(lambda mod, inp, name=name: events.append(("start", name))))
-            if name in matched:
-                handles.append(m.register_forward_hook(lambda mod, inp, out, j=matched[name]: events.append(("end", j))))
-        try:
-            with torch.no_grad(), _temporarily_eval(self.student):
-                self.student(x)
-        finally:
-            for h in handles:
-                h.remove()
-        ends = [e for kind, e in events if kind == "end"]
-        if ends != sorted(ends):
-            warnings.warn("LayerwiseDistiller: the matched student layers do not run in the order of `pairs`; "
-                          "parameter groups follow the execution order", stacklevel=3)
-        group_of_module: Dict[str, int] = {}
-        current = 0
-        for kind, e in events:
-            if kind == "end":
-                current = max(current, e + 1)
-            elif e not in group_of_module:
-                group_of_module[e] = current if current < K else K
-        params = list(self.student.parameters())
-        index = {id(p): i for i, p in enumerate(params)}
-        groups: List[List[int]] = [[] for _ in range(K + 1)]
-        seen = set()
-        for name, m in modules.items():
-            g = group_of_module.get(name, K)  # never executed: head
-            for p_ in m.parameters(recurse=False):
-                if id(p_) in seen:
-                    continue
-                seen.add(id(p_))
-                groups[g].append(index[id(p_)])
-        self._groups = groups
+        self._groups = execution_order_groups(self.student, [s for s, _t in self.pairs], x, stacklevel=4)
 
     def parameter_groups(self, example_input: Optional[torch.Tensor] = None) -> List[Dict[str, Any]]:
         """``[{"params": [...], "layer": j}, ..., {"params": [...], "layer": None}]`` (SPEC 4).
