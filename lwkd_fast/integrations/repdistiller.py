@@ -20,7 +20,7 @@ In a RepDistiller training loop (``train_student.py``, ``--distill attention``):
     ...
     loss_group = criterion_kd(feat_s[1:-1], [f.detach() for f in feat_t[1:-1]])
     loss_kd = sum(loss_group)
-    loss = opt.gamma * loss_cls + opt.alpha * loss_div + opt.beta * loss_kd
+    loss = opt.gamma * loss_cls + opt.alpha * loss_div + opt.beta * loss_kd  # opt: RepDistiller's args
     optimizer.zero_grad(); loss.backward(); optimizer.step()  # rates from the latest D
 
 ``criterion_kd.observe_loss(loss)`` before ``step()`` makes a non-finite total loss skip the
