@@ -169,14 +169,15 @@ def _resolve(model: nn.Module, name: str, who: str) -> nn.Module:
 
 
 def execution_order_groups(student: nn.Module, layers: Sequence[str], x: torch.Tensor, *,
-                           stacklevel: int = 2) -> List[List[int]]:
+                           op: str = "LayerwiseDistiller", stacklevel: int = 2) -> List[List[int]]:
     """The parameter groups of SPEC section 4 as index lists into ``list(student.parameters())``.
 
     ``layers`` are the K matched student module names (in the order of D).  Group j (j < K) holds
     the parameters of the modules that start after matched layer j-1 finished and no later than
     matched layer j finishes (forward-execution order on one pass of ``x``, eval mode, no grad, no
     state change); group K (the head) holds the rest, including modules that never ran.  Every
-    parameter appears exactly once; groups may be empty.
+    parameter appears exactly once; groups may be empty.  ``op`` names the caller in the warning
+    issued when the layers do not run in the given order.
     """
     K = len(layers)
     matched = {s: j for j, s in enumerate(layers)}
@@ -196,7 +197,7 @@ def execution_order_groups(student: nn.Module, layers: Sequence[str], x: torch.T
             h.remove()
     ends = [e for kind, e in events if kind == "end"]
     if ends != sorted(ends):
-        warnings.warn("LayerwiseDistiller: the matched student layers do not run in the order of `pairs`; "
+        warnings.warn(f"{op}: the matched student layers do not run in the order of `pairs`; "
                       "parameter groups follow the execution order", stacklevel=stacklevel)
     group_of_module: Dict[str, int] = {}
     current = 0

@@ -102,7 +102,7 @@ def layerwise_param_groups(student: nn.Module, layers: Sequence[str], example_in
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"{op}: example_input must be a tensor batch the student accepts, got "
                         f"{type(example_input).__name__}")
-    idx_groups = execution_order_groups(student, names, example_input, stacklevel=3)
+    idx_groups = execution_order_groups(student, names, example_input, op=op, stacklevel=3)
     params = list(student.parameters())
     K = len(names)
     out = []
