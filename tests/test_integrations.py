@@ -222,6 +222,18 @@ def test_mdistiller_interface():
     assert feature_modules(s, X[:2], "feats", [1, 2, 3]) == ["layer1", "layer2", "layer3"]
     assert feature_modules(s, X[:2], "feats", [0]) == ["relu"]
 
+    class Functional(MDNet):
+        def forward(self, x):
+            logits, feats = super().forward(x)
+            feats["feats"][2] = feats["feats"][2] * 2  # not any module's output
+            return logits, feats
+
+    with pytest.raises(ValueError, match=r"feats\['feats'\]\[2\] .* is not the output of any sub-module.*student_layers="):
+        feature_modules(Functional(4), X[:2], "feats", [1, 2])
+    f = Functional(4)
+    d2 = LWKD(f, t, student_layers=["layer1", "layer2", "layer3"])
+    assert [g["layer"] for g in d2.make_optimizer("sgd", lr=0.1, example_input=X[:2]).param_groups] == [0, 1, 2, None]
+
 
 def test_mdistiller_attention_matches_mdistiller_at_and_publishes_d():
     s, t = md_models()
@@ -421,6 +433,20 @@ def test_torchdistill_optimizer_builder_from_the_registry(td):
     with pytest.raises(ValueError, match="example_input_size"):
         get_optimizer(nn.ModuleList([s]), "LayerwiseSGD", filters_params=False, lr=0.1, source="t-opt")
     del loss
+
+
+def test_torchdistill_optimizer_follows_the_latest_loss_of_its_source(td):
+    """MultiStagesDistillationBox rebuilds the criterion per stage; an optimizer built in an
+    earlier stage reads the loss that now carries the source name."""
+    first = td.LayerwiseDiscrepancyLoss(PAIRS, source="t-stage")
+    proxy = td.NamedSource("t-stage")
+    assert proxy.current() is first
+    second = td.LayerwiseDiscrepancyLoss(PAIRS, source="t-stage")
+    _, sd, tdd = io_dicts(DigitsCNN(4), DigitsCNN(8).eval(), X[:4])
+    second(sd, tdd)
+    assert proxy.current() is second and proxy.latest_discrepancies is second.latest_discrepancies
+    assert proxy.found_inf is None
+    del first
 
 
 def td_config(use, source, *, sgd=True):
