@@ -9,7 +9,7 @@ import torch
 
 from .. import ops, reference
 from ..benchmarking import measure_round_robin
-from .core import Ctx, Row, suite
+from .core import ROOFLINE, Ctx, Row, read_proxy, suite
 
 
 def attention_inputs(K: int, B: int, C: int, H: int, W: int, device, dtype=torch.float32, seed=0):
@@ -82,8 +82,11 @@ def attention_suite(ctx: Ctx) -> List[Row]:
             for a, b in zip(got, ref):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
             fns[name] = lambda fn=fn, s=s, t=t: fn(s, t)
+        nbytes = attention_bytes(s, t)
+        fns[ROOFLINE] = read_proxy(nbytes, ctx.device)
         ctx.progress(f"attention {case}: timing")
         stats = measure_round_robin(fns, repeat=ctx.repeat, device=ctx.device)
+        bw = nbytes / stats.pop(ROOFLINE).median
         for name, st in stats.items():
-            rows.append(Row("attention", case, name, st, "eager", attention_bytes(s, t), float(K * B * C * H * W)))
+            rows.append(Row("attention", case, name, st, "eager", nbytes, float(K * B * C * H * W), read_bw=bw))
     return rows

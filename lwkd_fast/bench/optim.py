@@ -18,7 +18,7 @@ import torch
 
 from .. import ops, optim, rule
 from ..benchmarking import measure_round_robin
-from .core import Ctx, Row, suite
+from .core import ROOFLINE, Ctx, Row, read_proxy, suite
 
 K = 4
 SGD_CFG = dict(momentum=0.9, weight_decay=5e-4)
@@ -145,12 +145,10 @@ def optimizer_suite(ctx: Ctx) -> List[Row]:
         case = f"{kind} step, ResNet-18 ({n / 1e6:.1f}M params, 62 tensors)"
         ctx.progress(f"optimizer {case}")
         fns = {name: make(kind, device=ctx.device) for name, make in variants(ctx.device).items()}
-        buf = torch.rand(max(1, nbytes // 4), device=ctx.device)
-        fns["torch.sum over the same bytes"] = buf.sum
+        fns[ROOFLINE] = read_proxy(nbytes, ctx.device)
         stats = measure_round_robin(fns, repeat=ctx.repeat, device=ctx.device)
-        roof = stats.pop("torch.sum over the same bytes")
+        bw = nbytes / stats.pop(ROOFLINE).median
         for name, st in stats.items():
-            rows.append(Row("optimizer", case, name, st, "torch foreach + sync", nbytes,
-                            extra={"roofline_same_run": roof.median / st.median}))
-        del fns, buf
+            rows.append(Row("optimizer", case, name, st, "torch foreach + sync", nbytes, read_bw=bw))
+        del fns
     return rows
