@@ -160,7 +160,8 @@ def check_discrepancies(op: str, d, K: Optional[int], device: Optional[torch.dev
     return d.detach()
 
 
-def check_found_inf(op: str, found_inf, device: torch.device) -> Optional[torch.Tensor]:
+def check_found_inf(op: str, found_inf, device: torch.device,
+                    what: str = "the optimizer state") -> Optional[torch.Tensor]:
     """``found_inf`` must be None or a 0-dim (or one-element) float32 tensor on ``device``;
     returns it as a 0-dim detached tensor (a view: no copy, no host read)."""
     if found_inf is None:
@@ -174,8 +175,8 @@ def check_found_inf(op: str, found_inf, device: torch.device) -> Optional[torch.
         raise TypeError(f"{op}: found_inf (shape {_shape(found_inf)}) has dtype {found_inf.dtype}; expected "
                         "torch.float32 (e.g. (~torch.isfinite(loss)).float())")
     if found_inf.device != device:
-        raise ValueError(f"{op}: found_inf (shape {_shape(found_inf)}) is on {found_inf.device} but the "
-                         f"optimizer state is on {device}; keep the flag on the device (no host copy)")
+        raise ValueError(f"{op}: found_inf (shape {_shape(found_inf)}) is on {found_inf.device} but {what} is on "
+                         f"{device}; keep the flag on the device (no host copy)")
     return found_inf.detach().reshape(())
 
 
@@ -265,7 +266,7 @@ def layerwise_rates(
             raise TypeError(f"{op}: nonfinite must be a one-element int64 tensor")
         if nonfinite.device != state.device:
             raise ValueError(f"{op}: nonfinite is on {nonfinite.device} but state is on {state.device}")
-    fi = check_found_inf(op, found_inf, state.device)
+    fi = check_found_inf(op, found_inf, state.device, "state")
     backend = ops.select_backend(OP, state.device)
     return _backend_call(backend, d, state, nonfinite, lr_list, lr_tensor, momentum, gamma, s_min, s_max, eps, fi)
 
