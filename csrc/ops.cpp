@@ -46,13 +46,17 @@ TORCH_LIBRARY(lwkd, m) {
   // the one-element int64 counter `nonfinite` (+1 when any discrepancy is non-finite) in place;
   // returns eta = base_lr * m (K,) in the dtype of `state`.  The base rate is `base_lr_tensor`
   // (0-dim or (K,), read on the device) when given, else `base_lr` (1 or K host values).
+  // `found_inf` (optional, last): a one-element float32 tensor on the same device (apex's
+  // device-side skip flag, torch.amp's found_inf).  When it is nonzero nothing is updated (state
+  // and the counter keep their values) and the result is eta = base_lr * m with the unchanged m;
+  // the flag is read on the device, never on the host.
   // Fake kernels: lwkd_fast/rule.py and lwkd_fast/optim.py (set_python_module applies to the
   // definitions that follow it).
   m.set_python_module("lwkd_fast.rule");
   m.def(
       "layerwise_rates(Tensor discrepancies, Tensor(a!) state, Tensor(b!)? nonfinite, "
       "float[] base_lr, Tensor? base_lr_tensor, float momentum, float gamma, float s_min, "
-      "float s_max, float eps) -> Tensor");
+      "float s_max, float eps, Tensor? found_inf=None) -> Tensor");
   // The fused per-layer optimizer step: every tensor of every group in one pass, each reading
   // its rate eta = lr_g * factors[layer_g] (layer -1: the head, eta = lr_g) on the device.
   //   algorithm "sgd":   state1 = momentum buffers (empty when no group has momentum);
@@ -62,12 +66,14 @@ TORCH_LIBRARY(lwkd, m) {
   //                      no group uses amsgrad); steps = float32 step counts, incremented here;
   //                      group_hyper per group: weight_decay, beta1, beta2, eps, amsgrad, maximize.
   // Entries of state lists whose group does not use them may be any placeholder tensor.
+  // `found_inf` (optional, last): as for layerwise_rates; when it is nonzero the whole step is
+  // skipped on the device: no parameter, state tensor or step count changes.
   m.set_python_module("lwkd_fast.optim");
   m.def(
       "layerwise_step(str algorithm, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor(d!)[] state3, Tensor(e!)[] steps, Tensor factors, "
       "int[] tensor_group, int[] fresh, int[] group_layer, float[] group_lr, "
-      "Tensor?[] group_lr_tensor, float[] group_hyper) -> ()");
+      "Tensor?[] group_lr_tensor, float[] group_hyper, Tensor? found_inf=None) -> ()");
   // Instruction set of the CPU step loops: "" queries, "auto" | "default" | "avx2" | "avx512"
   // selects (for tests and benchmarks); returns the one in use.
   m.def("_optim_cpu_isa(str isa) -> str");

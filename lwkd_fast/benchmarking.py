@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["Stats", "measure", "read_bandwidth", "cpu_name", "machine_info"]
+__all__ = ["Stats", "measure", "measure_round_robin", "stats_of", "read_bandwidth", "cpu_name", "machine_info"]
 
 
 @dataclass
@@ -55,6 +55,41 @@ def _sync(device: Optional[torch.device]) -> None:
         torch.cuda.synchronize(device)
 
 
+def stats_of(times: List[float]) -> Stats:
+    """Median, quartiles and extremes of a list of run times (seconds)."""
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+    return Stats(statistics.median(times), q[0], q[2], min(times), max(times), len(times), list(times))
+
+
+def measure_round_robin(fns: Dict[str, Callable[[], object]], *, repeat: int = 20, warmup: int = 2,
+                        repeats: Optional[Dict[str, int]] = None,
+                        device: Optional[torch.device] = None) -> Dict[str, Stats]:
+    """Time several callables interleaved: round r runs every callable that still needs runs, so a
+    change of background load on a shared machine hits all of them alike (the comparison a
+    benchmark reports is then fair even when the absolute numbers drift).  ``repeats`` overrides
+    the number of timed runs per name (e.g. fewer for a slow baseline)."""
+    repeats = {k: (repeats or {}).get(k, repeat) for k in fns}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(max(repeats.values(), default=0)):
+            for k, fn in fns.items():
+                if r < repeats[k]:
+                    t0 = time.perf_counter()
+                    fn()
+                    _sync(device)
+                    times[k].append(time.perf_counter() - t0)
+    finally:
+        if gc_was:
+            gc.enable()
+    return {k: stats_of(v) for k, v in times.items()}
+
+
 def measure(fn: Callable[[], object], *, repeat: int = 20, warmup: int = 3,
             device: Optional[torch.device] = None, max_seconds: Optional[float] = None) -> Stats:
     """Median-of-``repeat`` timing of ``fn()``; stops early (but after at least 5 runs) when
@@ -79,8 +114,7 @@ def measure(fn: Callable[[], object], *, repeat: int = 20, warmup: int = 3,
     finally:
         if gc_was:
             gc.enable()
-    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
-    return Stats(statistics.median(times), q[0], q[2], min(times), max(times), len(times), times)
+    return stats_of(times)
 
 
 def read_bandwidth(nbytes: int, *, device: Optional[torch.device] = None, repeat: int = 20) -> float:

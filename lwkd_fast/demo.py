@@ -184,6 +184,7 @@ class RunResult:
 
 def train_student(loss: str, rates: str, seed: int, data, teacher: nn.Module, cfg: Dict,
                   progress=None) -> RunResult:
+    """One student run; ``progress.update(1)`` after every epoch."""
     from .distill import LayerwiseDistiller
 
     xtr, ytr, xte, yte = data
@@ -220,6 +221,73 @@ def train_student(loss: str, rates: str, seed: int, data, teacher: nn.Module, cf
     res.test_acc = res.curve[-1]
     res.nonfinite_losses = int(d.nonfinite_losses)
     return res
+
+
+# ------------------------------------------------------------------------------------------------
+# Running many students: worker processes, one thread each
+# ------------------------------------------------------------------------------------------------
+#
+# These models are tiny: an intra-op thread pool costs more in synchronisation than it saves, and
+# on a busy machine its barriers stall for whole scheduler time slices.  The demo therefore runs
+# independent students in `jobs` processes with one thread each.  Every run seeds its own
+# generators, so the numbers do not depend on the number of jobs.
+
+_WORKER: Dict[str, object] = {}
+
+
+def _init_worker(teacher_state, data, progress_queue) -> None:
+    torch.set_num_threads(1)
+    teacher = DigitsCNN(TEACHER_CFG["width"])
+    teacher.load_state_dict(teacher_state)
+    teacher.eval()
+    _WORKER.update(teacher=teacher, data=data, queue=progress_queue)
+
+
+class _QueueTicks:
+    def __init__(self, q):
+        self.q = q
+
+    def update(self, n=1):
+        self.q.put(n)
+
+
+def _run_in_worker(job) -> RunResult:
+    loss, rates, seed, cfg = job
+    return train_student(loss, rates, seed, _WORKER["data"], _WORKER["teacher"], cfg, _QueueTicks(_WORKER["queue"]))
+
+
+def train_students(runs, data, teacher: nn.Module, cfg: Dict, jobs: int, bar=None) -> List[RunResult]:
+    """Train every (loss, rates, seed) run; results in the order of ``runs``."""
+    if jobs <= 1:
+        torch.set_num_threads(1)
+        out = []
+        for loss, rates, seed in runs:
+            if bar is not None:
+                bar.set_description(f"{loss}/{rates}/seed {seed}")
+            out.append(train_student(loss, rates, seed, data, teacher, cfg, bar))
+        return out
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                                initargs=(teacher.state_dict(), data, q)) as pool:
+        futures = [pool.submit(_run_in_worker, (loss, rates, seed, cfg)) for loss, rates, seed in runs]
+        pending = set(futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=0.2)
+            try:
+                while True:
+                    n = q.get_nowait()
+                    if bar is not None:
+                        bar.update(n)
+            except queue_mod.Empty:
+                pass
+            for f in done:
+                f.result()  # a failed run fails the demo, with its traceback
+        return [f.result() for f in futures]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,6 +423,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="student epochs (default 12; --full 30)")
     p.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated subset of {','.join(LOSSES)}")
     p.add_argument("--out", default="lwkd_results", help="directory for demo.json and demo.png (default ./lwkd_results)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="worker processes, one thread each (default: min(2, cores))")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -376,16 +446,16 @@ def run_demo(args: argparse.Namespace) -> int:
         return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
     t0 = time.perf_counter()
+    torch.set_num_threads(1)  # tiny models: see "Running many students" above
     data = load_digits_split(TEACHER_CFG["split_seed"])
     teacher, teacher_acc, how = get_teacher(data, TEACHER_CFG, bar)
     print(f"lwkd-fast demo: sklearn digits, {len(data[0])} train / {len(data[2])} test images; {how}")
-    runs = [(loss, rates, seed) for loss in losses for rates in ("fixed", "layerwise") for seed in range(seeds)]
-    results: List[RunResult] = []
-    overall = bar(len(runs) * cfg["epochs"], "students")
-    for loss, rates, seed in runs:
-        if overall is not None:
-            overall.set_description(f"{loss}/{rates}/seed {seed}")
-        results.append(train_student(loss, rates, seed, data, teacher, cfg, overall))
+    # the slowest runs first, so the workers finish together
+    cost = {"hessian": 8, "jacobian": 4}
+    runs = sorted(((loss, rates, seed) for loss in losses for rates in ("fixed", "layerwise") for seed in range(seeds)),
+                  key=lambda r: -cost.get(r[0], 1))
+    overall = bar(len(runs) * cfg["epochs"], f"{len(runs)} students, {args.jobs} jobs")
+    results = train_students(runs, data, teacher, cfg, args.jobs, overall)
     if overall is not None:
         overall.close()
     summary = summarize(results)

@@ -309,7 +309,10 @@ class LayerwiseDistiller(nn.Module):
         self.pairs_report = ""
         self._groups: Optional[List[List[int]]] = None  # parameter indices per group (K groups + head)
         self._warned_teacher = False
-        self._found_inf: Optional[torch.Tensor] = None
+        # the last forward's outputs that an attached optimizer reads (LayerwiseSGD.attach):
+        # the (K,) discrepancies and the 0-dim float32 "loss was not finite" flag
+        self.latest_discrepancies: Optional[torch.Tensor] = None
+        self.found_inf: Optional[torch.Tensor] = None
         self.register_buffer("nonfinite_losses", torch.zeros((), dtype=torch.int64), persistent=True)
         for p_ in self.teacher.parameters():
             p_.requires_grad_(False)
@@ -391,8 +394,10 @@ class LayerwiseDistiller(nn.Module):
         """``LayerwiseSGD`` or ``LayerwiseAdamW`` over :meth:`parameter_groups`; other keyword
         arguments go to the optimizer (``momentum``, ``weight_decay``, ``rate_momentum``,
         ``gamma``, ``sync``, ...).  ``gamma=0`` gives fixed rates (``eta_j = lr``) through the same
-        code path.  The optimizer skips the update (parameters and optimizer state untouched) of
-        any step whose distillation loss was not finite, without a host synchronisation."""
+        code path.  The optimizer is attached to the distiller (``opt.attach(self)``): a plain
+        ``opt.step()`` uses the last forward's discrepancies, and every step skips the update
+        (parameters, optimizer and rule state untouched, counted in ``opt.skipped_steps``) when
+        that forward's loss was not finite, without a host synchronisation."""
         from . import optim
 
         kinds = {"sgd": optim.LayerwiseSGD, "adamw": optim.LayerwiseAdamW}
@@ -400,7 +405,7 @@ class LayerwiseDistiller(nn.Module):
             raise ValueError(f"make_optimizer: unknown kind {kind!r}; expected 'sgd' or 'adamw'")
         groups = self.parameter_groups(example_input)
         opt = kinds[kind](groups, lr, num_layers=len(self.pairs), **kwargs)
-        opt.skip_if_found_inf(lambda: self._found_inf)
+        opt.attach(self)
         return opt
 
     # ---- forward ---------------------------------------------------------------------------------
@@ -490,8 +495,9 @@ class LayerwiseDistiller(nn.Module):
             loss = base
         found_inf = (~torch.isfinite(loss.detach())).to(torch.float32)
         self.nonfinite_losses.add_(found_inf.to(self.nonfinite_losses.device, torch.int64))
-        self._found_inf = found_inf
-        return DistillOutput(loss=loss, discrepancies=D.detach(), logits=logits, ce=ce, kd=kd, match=match,
+        D = D.detach()
+        self.latest_discrepancies, self.found_inf = D, found_inf
+        return DistillOutput(loss=loss, discrepancies=D, logits=logits, ce=ce, kd=kd, match=match,
                              found_inf=found_inf)
 
     def train(self, mode: bool = True) -> "LayerwiseDistiller":

@@ -24,11 +24,36 @@ State layout (``opt.state[p]``, torch's names so checkpoints read the same)
     AdamW: ``step`` (0-dim float32 **on the parameter's device**), ``exp_avg``,
            ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``; all in the parameter's dtype.
     ``state_dict()["layerwise"]`` holds the factors ``m``, the last ``rates``, the on-device
-    ``nonfinite_steps`` counter and the rule's hyper-parameters.  Checkpoints contain only
+    ``nonfinite_steps`` and ``skipped_steps`` counters and the rule's hyper-parameters
+    (checkpoints written before ``skipped_steps`` existed load with it at 0).  Checkpoints contain only
     tensors, numbers, strings, None, tuples, lists and dicts, so they load with
     ``torch.load(..., weights_only=True)``; resuming is bit-identical.  As with torch.optim,
     ``state_dict()`` returns references to the live tensors: save (or deep-copy) it before the
     next step.
+
+Skipping a step (non-finite loss, fp16 overflow) without a host synchronisation
+    ``opt.step(discrepancies, found_inf=flag)`` with ``flag`` a 0-dim float32 tensor on the
+    parameters' device (e.g. ``(~torch.isfinite(loss)).float()``, or torch.amp's found_inf).
+    When it is nonzero the step is skipped ON THE DEVICE (apex's skip-flag pattern): no
+    parameter, no optimizer state (momentum buffers, ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq``, AdamW step counts) and no rule state (factors ``m``, the non-finite
+    counter, ``rates``) changes -- the run is bit-identical to one that never called ``step()``
+    there -- and ``opt.skipped_steps`` (0-dim int64 device tensor, in the checkpoint) counts it.
+    The kernels read the flag themselves, so a skipped step costs next to nothing and a
+    ``found_inf`` of None costs nothing at all.  State a skipped step had to create for
+    parameters seen for the first time (AdamW zeros; SGD momentum buffers, whose first update is
+    ``buf = g`` in torch) is tracked until the host learns the flag without waiting, and dropped
+    if it never got initialised, so even a skipped *first* step is exact.  With
+    ``sync="all_reduce"`` the flag is all-reduced with the discrepancies (one collective), so a
+    non-finite loss on any rank skips the step on every rank.
+
+Discrepancy sources (KD frameworks call ``optimizer.step()`` with no arguments)
+    ``opt.attach(source)``: ``source`` is any object with ``latest_discrepancies`` ((K,) tensor
+    or None) and ``found_inf`` (0-dim tensor or None), e.g. a ``LayerwiseDistiller`` (its
+    ``make_optimizer`` attaches itself).  ``opt.step()`` then uses
+    ``source.latest_discrepancies``, and ``source.found_inf`` whenever no ``found_inf`` is
+    passed; ``opt.detach_source()`` undoes it.  Without a source, ``step()`` needs its
+    ``discrepancies``.
 
 No host synchronisation: ``step()`` reads no device value on the host (``.item()``,
 ``.cpu()``, ``.tolist()``, ``bool(tensor)``); all decisions use host metadata (shapes, dtypes,
@@ -38,7 +63,10 @@ state is untouched, as in torch.
 Backends (op name ``"layerwise_step"``): ``native`` (``torch.ops.lwkd.layerwise_step``: C++
 CPU work list under ``at::parallel_for``; CUDA multi-tensor apply), ``triton``
 (:mod:`lwkd_fast.triton.optim`, a pointer-table kernel) and ``reference`` (below, built on
-``torch._foreach_*``).  All take the same arguments.
+``torch._foreach_*``).  All take the same arguments, the optional skip flag ``found_inf``
+last (native CPU: read from host memory, early return; CUDA: every kernel -- the rule, the
+step-count bump, the step -- reads the device flag first and returns; Triton: the flag is loaded
+in the kernel and folded into every load/store mask; reference: ``torch.where`` with saved copies).
 """
 
 from __future__ import annotations
@@ -49,6 +77,7 @@ import math
 import numbers
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from . import ops, rule
@@ -89,14 +118,35 @@ def reference_step(algorithm: str, params: List[torch.Tensor], grads: List[torch
                    state1: List[torch.Tensor], state2: List[torch.Tensor], state3: List[torch.Tensor],
                    steps: List[torch.Tensor], factors: torch.Tensor, tensor_group: Sequence[int],
                    fresh: Sequence[int], group_layer: Sequence[int], group_lr: Sequence[float],
-                   group_lr_tensor: Sequence[Optional[torch.Tensor]], group_hyper: Sequence[float]) -> None:
+                   group_lr_tensor: Sequence[Optional[torch.Tensor]], group_hyper: Sequence[float],
+                   found_inf: Optional[torch.Tensor] = None) -> None:
     """The fused step written with ``torch._foreach_*`` ops, one batch of calls per group.
 
     Mirrors torch.optim's multi-tensor SGD / AdamW with the group's device rate; low-precision
-    parameters round after every foreach op (eager torch semantics).
+    parameters round after every foreach op (eager torch semantics).  With ``found_inf`` (the
+    reference: clarity over speed) every tensor the step writes is saved first, the step runs,
+    and ``torch.where(found_inf != 0, saved, updated)`` puts the saved values back on the device.
     """
     if algorithm not in ("sgd", "adamw"):
         raise ValueError(f"reference_step: unknown algorithm {algorithm!r} (expected 'sgd' or 'adamw')")
+    args = (algorithm, params, grads, state1, state2, state3, steps, factors, tensor_group, fresh, group_layer,
+            group_lr, group_lr_tensor, group_hyper)
+    if found_inf is None:
+        _reference_step(*args)
+        return
+    skip = found_inf.detach().reshape(()) != 0
+    written: Dict[int, torch.Tensor] = {}
+    for t in itertools.chain(params, state1, state2, state3, steps):
+        if t.numel():
+            written.setdefault(id(t), t)
+    saved = [(t, t.clone()) for t in written.values()]
+    _reference_step(*args)
+    for t, old in saved:
+        t.copy_(torch.where(skip, old, t))
+
+
+def _reference_step(algorithm, params, grads, state1, state2, state3, steps, factors, tensor_group, fresh,
+                    group_layer, group_lr, group_lr_tensor, group_hyper) -> None:
     members: Dict[int, List[int]] = {}
     for i, g in enumerate(tensor_group):
         members.setdefault(int(g), []).append(i)
@@ -165,7 +215,7 @@ if ops._C is not None:
 
     @torch.library.register_fake("lwkd::layerwise_step")
     def _step_fake(algorithm, params, grads, state1, state2, state3, steps, factors, tensor_group, fresh,
-                   group_layer, group_lr, group_lr_tensor, group_hyper):
+                   group_layer, group_lr, group_lr_tensor, group_hyper, found_inf=None):
         return None
 
 
@@ -240,6 +290,11 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         K = self._num_layers
         self._factors = torch.ones(K, dtype=torch.float32, device=dev)
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
+        self._source = None
+        # state entries created on a step that may have been skipped (see _Unsettled)
+        self._unsettled: Dict[torch.Tensor, _Unsettled] = {}
+        self._zero_fresh = False
         lrs, lr_t = self._layer_base_lrs()
         if lr_t is not None:
             self._rates = lr_t.to(torch.float32).clone()
@@ -267,6 +322,38 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
     def nonfinite_steps(self) -> torch.Tensor:
         """0-dim int64 device tensor: steps at which some discrepancy was non-finite."""
         return self._nonfinite
+
+    @property
+    def skipped_steps(self) -> torch.Tensor:
+        """0-dim int64 device tensor: steps skipped on the device because ``found_inf`` was nonzero."""
+        return self._skipped
+
+    # ---- the discrepancy source ------------------------------------------------------------------
+    def attach(self, source) -> "_LayerwiseOptimizer":
+        """Pull the step's inputs from ``source`` when ``step()`` is called without them (KD
+        frameworks call ``optimizer.step()`` with no arguments).
+
+        ``source`` is any object with the attribute ``latest_discrepancies`` (a (K,) tensor, or
+        None before its first forward) and, optionally, ``found_inf`` (a 0-dim float32 device
+        tensor or None), e.g. a :class:`~lwkd_fast.LayerwiseDistiller`.  Both are read at every
+        ``step()``: ``discrepancies`` defaults to ``source.latest_discrepancies`` and
+        ``found_inf`` to ``source.found_inf``.  Returns the optimizer.  Copies of the optimizer
+        (``copy.deepcopy``, pickling) are not attached."""
+        if not hasattr(source, "latest_discrepancies"):
+            raise TypeError(f"{self._name}.attach: {type(source).__name__} has no attribute 'latest_discrepancies'; "
+                            "a source exposes latest_discrepancies ((K,) tensor or None) and found_inf "
+                            "(0-dim tensor or None)")
+        self._source = source
+        return self
+
+    def detach_source(self) -> None:
+        """Forget the source set by :meth:`attach` (``step()`` then needs its arguments again)."""
+        self._source = None
+
+    @property
+    def source(self):
+        """The object set by :meth:`attach`, or None."""
+        return self._source
 
     # ---- groups ----------------------------------------------------------------------------------
     def _check_layer(self, i, layer, K):
@@ -378,7 +465,10 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
             return work, work.grads
         return work, list(itertools.compress(grads, present))
 
-    def _sync_discrepancies(self, d: torch.Tensor) -> torch.Tensor:
+    def _sync_discrepancies(self, d: torch.Tensor, found_inf: Optional[torch.Tensor] = None):
+        """All-reduce ``d`` (mean over the group) and, when given, the skip flag (nonzero on
+        every rank as soon as it is nonzero on one: after a gradient all-reduce a non-finite
+        loss on one rank reaches every rank's gradients).  One collective; returns both."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -388,31 +478,69 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
             )
         world = dist.get_world_size(self.process_group)
         if world == 1:
-            return d
-        d = d.to(torch.float64 if d.dtype == torch.float64 else torch.float32, copy=True)
-        dist.all_reduce(d, op=dist.ReduceOp.SUM, group=self.process_group)
-        return d.div_(world)
+            return d, found_inf
+        dt = torch.float64 if d.dtype == torch.float64 else torch.float32
+        if found_inf is None:
+            d = d.to(dt, copy=True)
+            dist.all_reduce(d, op=dist.ReduceOp.SUM, group=self.process_group)
+            return d.div_(world), None
+        # the number of ranks that skip, summed alongside D
+        buf = torch.cat([d.to(dt), (found_inf != 0).to(dt).reshape(1)])
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_group)
+        return buf[:-1].div_(world), buf[-1].to(torch.float32)
 
-    def _update_rates(self, discrepancies) -> None:  # runs under torch.no_grad() (see step)
-        d = rule.check_discrepancies(f"{self._name}.step", discrepancies, self._num_layers, self._factors.device)
-        if self.sync == "all_reduce":
-            d = self._sync_discrepancies(d)
+    def _update_rates(self, d: torch.Tensor, found_inf: Optional[torch.Tensor],
+                      skip: Optional[torch.Tensor]) -> None:  # runs under torch.no_grad() (see step)
         lrs, lr_t = self._layer_base_lrs()
         backend = ops.select_backend(rule.OP, self._factors.device)
         eta = rule._backend_call(backend, d, self._factors, self._nonfinite, lrs or [1.0], lr_t,
-                                 self.rate_momentum, self.gamma, self.s_min, self.s_max, self.rate_eps)
-        self._rates.copy_(eta)
+                                 self.rate_momentum, self.gamma, self.s_min, self.s_max, self.rate_eps, found_inf)
+        if skip is None:
+            self._rates.copy_(eta)
+        else:  # a skipped step leaves the applied rates as they were (the base rate may have moved)
+            self._rates.copy_(torch.where(skip, self._rates, eta))
 
-    def step(self, discrepancies: torch.Tensor, closure=None):
+    def step(self, discrepancies: Optional[torch.Tensor] = None, closure=None, *,
+             found_inf: Optional[torch.Tensor] = None):
         """Update the per-layer rates from ``discrepancies`` (K,) on the device, then every
-        parameter of every group in one fused pass.  ``closure`` (optional) is re-evaluated
-        with gradients enabled first, as in torch.optim, and its loss is returned."""
+        parameter of every group in one fused pass.
+
+        ``discrepancies`` defaults to ``source.latest_discrepancies`` of the object set by
+        :meth:`attach`.  ``found_inf`` (0-dim float32 tensor on the parameters' device, default
+        ``source.found_inf`` when a source is attached, else None): when it is nonzero the step
+        is skipped on the device -- no parameter, optimizer state, rule state or rate changes,
+        as if ``step()`` had not been called -- and :attr:`skipped_steps` counts it; no host
+        synchronisation either way.  ``closure`` (optional) is re-evaluated with gradients
+        enabled first, as in torch.optim, and its loss is returned (the source is read after
+        it).  ``step(closure)`` with a callable as the only argument is ``step(closure=closure)``."""
+        name = f"{self._name}.step"
+        if closure is None and callable(discrepancies) and not isinstance(discrepancies, torch.Tensor):
+            discrepancies, closure = None, discrepancies
+        src = self._source
+        if discrepancies is None and src is None:
+            raise RuntimeError(f"{name}: no discrepancies given and no source attached; call "
+                               "opt.step(discrepancies) with the (K,) tensor, or opt.attach(distiller) once")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if discrepancies is None:
+            discrepancies = src.latest_discrepancies
+            if discrepancies is None:
+                raise RuntimeError(f"{name}: the attached source ({type(src).__name__}) has latest_discrepancies=None; "
+                                   "run its forward pass before the step")
+        if found_inf is None and src is not None:
+            found_inf = getattr(src, "found_inf", None)
         with torch.no_grad():
-            self._update_rates(discrepancies)
+            dev = self._factors.device
+            d = rule.check_discrepancies(name, discrepancies, self._num_layers, dev)
+            fi = rule.check_found_inf(name, found_inf, dev)
+            if self.sync == "all_reduce":
+                d, fi = self._sync_discrepancies(d, fi)
+            skip = None if fi is None else fi != 0
+            if self._unsettled:
+                self._settle()
+            self._update_rates(d, fi, skip)
             group_layer, group_lr, group_lr_tensor, hyper = [], [], [], []
             for group in self.param_groups:
                 group_layer.append(-1 if group["layer"] is None else int(group["layer"]))
@@ -424,13 +552,109 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
                     group_lr.append(float(lr))
                     group_lr_tensor.append(None)
                 hyper.extend(self._hyper(group))
+            self._zero_fresh = fi is not None
             work, grads = self._work_list()
             if work.params:
-                backend = ops.select_backend(OP, self._factors.device)
-                _run_step(backend, self._algorithm, work.params, grads, work.s1, work.s2, work.s3, work.steps,
-                          self._factors, work.tgroup, work.fresh, group_layer, group_lr, group_lr_tensor, hyper)
-            work.commit(self.state)
+                backend = ops.select_backend(OP, dev)
+                groups_args = (group_layer, group_lr, group_lr_tensor, hyper)
+                if self._unsettled and self._algorithm == "sgd" and work.s1:
+                    self._split_step(backend, work, grads, groups_args, fi, skip)
+                else:
+                    _run_step(backend, self._algorithm, work.params, grads, work.s1, work.s2, work.s3, work.steps,
+                              self._factors, work.tgroup, work.fresh, *groups_args, *([fi] if fi is not None else []))
+            created = work.commit(self.state)
+            if skip is not None:
+                self._skipped.add_(skip)
+            if self._unsettled or (created and skip is not None):
+                self._track(work, created, skip)
         return loss
+
+    # ---- state created on a step that may have been skipped --------------------------------------
+    # The device decides whether a step with `found_inf` ran; the host, which must not wait for
+    # it, still has to create state for parameters seen for the first time (AdamW moments, SGD
+    # momentum buffers).  Such entries are "unsettled": a device flag says whether every step
+    # they took part in was skipped (then they are still uninitialised).  AdamW's initial state
+    # (zeros, step 0) is exact either way; an SGD buffer is not (torch's first step sets
+    # buf = g), so while unsettled the step runs its tensors twice, once as fresh and once as
+    # continuing, each call skipped on the device unless it is the right one (_split_step).
+    # The host learns the flag without waiting (CPU: at once; CUDA: a pinned copy and an event)
+    # and then drops never-initialised entries (torch would have none), so state_dict() matches
+    # the run without the skipped steps.
+
+    def _settle(self, block: bool = False) -> None:
+        """Drop unsettled entries whose flag is known (``block=True``: wait for it)."""
+        done: Dict[int, Optional[bool]] = {}
+        dropped = False
+        for p, u in list(self._unsettled.items()):
+            if id(u) not in done:
+                done[id(u)] = u.value(block)
+            uninit = done[id(u)]
+            if uninit is None:
+                continue
+            del self._unsettled[p]
+            if uninit:
+                st = self.state.get(p)
+                if st is not None:
+                    if self._algorithm == "sgd":
+                        st.pop("momentum_buffer", None)
+                    else:
+                        st.clear()
+                    if not st:
+                        del self.state[p]
+                dropped = True
+        if dropped:
+            self._version += 1  # the cached work list refers to dropped state
+
+    def _track(self, work: "_WorkList", created: List[torch.Tensor], skip: Optional[torch.Tensor]) -> None:
+        """After a step: entries created now (with a skip flag) become unsettled; unsettled
+        entries that took part are initialised unless this step was skipped too."""
+        new: Dict[int, _Unsettled] = {}
+        unsettled = self._unsettled
+        if unsettled:
+            sgd = self._algorithm == "sgd"
+            for i, p in enumerate(work.params):
+                u = unsettled.get(p)
+                if u is None or (sgd and (not work.s1 or work.s1[i] is self._placeholder)):
+                    continue  # (an SGD tensor whose group has no momentum now leaves its buffer alone)
+                if skip is None:  # this step certainly ran: the entry is initialised
+                    del unsettled[p]
+                    continue
+                if id(u) not in new:
+                    new[id(u)] = _Unsettled(u.flag & skip)
+                unsettled[p] = new[id(u)]
+        if created and skip is not None:
+            fresh = _Unsettled(skip.clone())
+            for p in created:
+                unsettled[p] = fresh
+        if unsettled and _EAGER_HOST_READ:
+            self._settle()
+
+    def _split_step(self, backend, work: "_WorkList", grads, groups_args, fi, skip) -> None:
+        """SGD step while some momentum buffers are unsettled: those tensors run in two calls,
+        as fresh (``buf = g``) and as continuing, and the device skips the wrong one."""
+        rest: List[int] = []
+        cohorts: Dict[int, Tuple[_Unsettled, List[int]]] = {}
+        fresh_set = set(work.fresh)
+        for i, p in enumerate(work.params):
+            u = self._unsettled.get(p)
+            if u is None or i in fresh_set or work.s1[i] is self._placeholder:
+                rest.append(i)
+            else:
+                cohorts.setdefault(id(u), (u, []))[1].append(i)
+
+        def call(idx, fresh, flag):
+            pos = {i: k for k, i in enumerate(idx)}
+            _run_step(backend, "sgd", [work.params[i] for i in idx], [grads[i] for i in idx],
+                      [work.s1[i] for i in idx], [], [], [], self._factors, [work.tgroup[i] for i in idx],
+                      [pos[i] for i in fresh], *groups_args, *([flag] if flag is not None else []))
+
+        if rest:
+            call(rest, [i for i in rest if i in fresh_set], fi)
+        for u, idx in cohorts.values():
+            as_fresh = ~u.flag if skip is None else (~u.flag) | skip       # skip unless still uninitialised
+            as_continuing = u.flag if skip is None else u.flag | skip       # skip unless initialised
+            call(idx, idx, as_fresh.to(torch.float32))
+            call(idx, [], as_continuing.to(torch.float32))
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def _layerwise_state(self) -> Dict[str, Any]:
@@ -438,6 +662,7 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
             "factors": self._factors,
             "rates": self._rates,
             "nonfinite_steps": self._nonfinite,
+            "skipped_steps": self._skipped,
             "num_layers": self._num_layers,
             "rate_momentum": self.rate_momentum,
             "gamma": self.gamma,
@@ -449,8 +674,12 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         }
 
     def state_dict(self) -> Dict[str, Any]:
-        """torch.optim's state dict plus ``"layerwise"``: factors, rates, the non-finite counter
-        and the rule's hyper-parameters (references to the live tensors, as torch does)."""
+        """torch.optim's state dict plus ``"layerwise"``: factors, rates, the non-finite and
+        skipped-step counters and the rule's hyper-parameters (references to the live tensors,
+        as torch does).  If state was created on steps whose skip flag the host has not seen
+        yet, this waits for the flag once (so the dict holds no never-initialised entries)."""
+        if self._unsettled:
+            self._settle(block=True)
         sd = super().state_dict()
         sd["layerwise"] = self._layerwise_state()
         return sd
@@ -493,6 +722,12 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         self._factors.copy_(lw["factors"].to(dev))
         self._rates.copy_(lw["rates"].to(dev))
         self._nonfinite.copy_(lw["nonfinite_steps"].to(dev).reshape(()))
+        skipped = lw.get("skipped_steps")  # (absent from checkpoints written before it existed)
+        if skipped is None:
+            self._skipped.zero_()
+        else:
+            self._skipped.copy_(skipped.to(dev).reshape(()))
+        self._unsettled = {}
         self.rate_momentum = float(lw["rate_momentum"])
         self.gamma = float(lw["gamma"])
         self.s_min = float(lw["s_min"])
@@ -502,9 +737,11 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
 
     # copy.deepcopy / pickle keep the layer-wise attributes too
     _EXTRA = ("_num_layers", "_device", "rate_momentum", "gamma", "s_min", "s_max", "rate_eps", "sync",
-              "process_group", "_factors", "_nonfinite", "_rates", "_placeholder", "_version")
+              "process_group", "_factors", "_nonfinite", "_skipped", "_rates", "_placeholder", "_version")
 
     def __getstate__(self) -> Dict[str, Any]:
+        if getattr(self, "_unsettled", None):
+            self._settle(block=True)
         state = super().__getstate__()
         for k in self._EXTRA:
             if hasattr(self, k):
@@ -515,6 +752,9 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         # the work-list cache refers to the original's tensors: start a fresh one
         self._flat_key, self._flat, self._flat_params, self._work = None, [], [], None
+        self._source, self._unsettled, self._zero_fresh = None, {}, False  # a copy is not attached
+        if not hasattr(self, "_skipped"):
+            self._skipped = torch.zeros((), dtype=torch.int64, device=self._factors.device)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(K={self._num_layers}, groups={len(self.param_groups)}, "
@@ -522,26 +762,69 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
                 f"s_max={self.s_max}, sync={self.sync!r})")
 
 
+_EAGER_HOST_READ = True  # learn skip flags on the host as soon as that costs no wait (tests turn it off)
+
+
+class _Unsettled:
+    """Whether state entries created on a possibly skipped step are still uninitialised: a
+    0-dim bool device flag (True: every step they took part in was skipped), and its value on
+    the host once that is known without waiting -- at once on the CPU (host memory, read
+    through a numpy view rather than a tensor method), after a pinned copy's event on CUDA."""
+
+    __slots__ = ("flag", "_np", "_host", "_event")
+
+    def __init__(self, flag: torch.Tensor) -> None:
+        self.flag = flag
+        self._np = self._host = self._event = None
+        if not _EAGER_HOST_READ:
+            return
+        if flag.device.type == "cpu":
+            self._np = np.zeros((), dtype=np.bool_)
+            torch.from_numpy(self._np).copy_(flag)
+        elif flag.device.type == "cuda":
+            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host.copy_(flag, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def value(self, block: bool = False) -> Optional[bool]:
+        """True / False once known; None while the device has not got there (``block``: wait)."""
+        if self._np is not None:
+            return bool(self._np)
+        if self._event is not None and (block or self._event.query()):
+            self._event.synchronize()  # (returns at once after a successful query)
+            return bool(self._host)
+        if block:
+            return bool(self.flag)  # a host synchronisation: checkpoints only
+        return None
+
+
 class _WorkList:
     """The tensors one fused step updates (those with a gradient), their state tensors and
     their group indices, as handed to the step op; plus what to record in ``opt.state`` once
-    the step has run (SGD momentum buffers created by this step)."""
+    the step has run (SGD momentum buffers created by this step) and which parameters' state
+    this work list created (``created``)."""
 
-    __slots__ = ("params", "grads", "s1", "s2", "s3", "steps", "tgroup", "fresh", "pending", "present")
+    __slots__ = ("params", "grads", "s1", "s2", "s3", "steps", "tgroup", "fresh", "pending", "present",
+                 "created")
 
-    def __init__(self, params, grads, s1, s2, s3, steps, tgroup, fresh=(), pending=()):
+    def __init__(self, params, grads, s1, s2, s3, steps, tgroup, fresh=(), pending=(), created=()):
         self.params, self.grads, self.s1, self.s2, self.s3 = params, grads, s1, s2, s3
         self.steps, self.tgroup = steps, tgroup
         self.fresh, self.pending = list(fresh), list(pending)
+        self.created = list(created) + [p for p, _ in self.pending]
         self.present: Optional[List[bool]] = None
 
-    def commit(self, state) -> None:
+    def commit(self, state) -> List[torch.Tensor]:
+        """Record the step's new state; returns the parameters whose state it created."""
         if self.pending:
             for p, buf in self.pending:
                 state[p]["momentum_buffer"] = buf
             self.pending = []
             self.fresh = []  # from now on these buffers carry momentum
         self.grads = []  # do not keep this step's gradients alive
+        created, self.created = self.created, []
+        return created
 
 
 class LayerwiseSGD(_LayerwiseOptimizer):
@@ -608,7 +891,9 @@ class LayerwiseSGD(_LayerwiseOptimizer):
                 st = state.get(p)  # (a plain lookup: does not create an entry)
                 buf = st.get("momentum_buffer") if st else None
                 if buf is None:
-                    buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                    # (zeros when the step may be skipped: the buffer then stays unused but defined)
+                    new = torch.zeros_like if self._zero_fresh else torch.empty_like
+                    buf = new(p, memory_format=torch.preserve_format)
                     fresh.append(len(params))
                     pending.append((p, buf))
                 bufs.append(buf)
@@ -665,7 +950,7 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
         return bool(group["amsgrad"])
 
     def _gather(self, flat, grads) -> _WorkList:
-        params, gs, ms, vs, ws, steps, tgroup = [], [], [], [], [], [], []
+        params, gs, ms, vs, ws, steps, tgroup, created = [], [], [], [], [], [], [], []
         any_ams = False
         state = self.state
         groups = self.param_groups
@@ -681,6 +966,7 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
                 s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                created.append(p)
             if ams and "max_exp_avg_sq" not in s:
                 s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             params.append(p)
@@ -690,7 +976,7 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
             ws.append(s["max_exp_avg_sq"] if ams else self._placeholder)
             steps.append(s["step"])
             tgroup.append(gi)
-        return _WorkList(params, gs, ms, vs, ws if any_ams else [], steps, tgroup)
+        return _WorkList(params, gs, ms, vs, ws if any_ams else [], steps, tgroup, created=created)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -783,12 +1069,67 @@ _STEP_CASES = (
 )
 
 
+def _check_skip(kind: str, cfg: Dict[str, Any], device, steps: int = 5, skipped=(0, 2)):
+    """Steps with ``found_inf=1`` (and NaN gradients and discrepancies) against the same run
+    without them: parameters, optimizer state, factors and rates must agree bit for bit (the
+    skipped steps include the first, which creates the state)."""
+    from .testing import Verdict
+
+    base, layers, no_grad = _check_params(device, torch.float32)
+    K = 3
+    gen = torch.Generator().manual_seed(9)
+    grads = [[torch.randn(t.shape, generator=gen).float() for t in base] for _ in range(steps)]
+    ds = [torch.rand(K, generator=gen) + 0.05 for _ in range(steps)]
+    cls = LayerwiseSGD if kind == "sgd" else LayerwiseAdamW
+
+    def run(skip_them: bool):
+        ps = [t.detach().to(device=device, dtype=torch.float32, copy=True).requires_grad_(True) for t in base]
+        opt = cls([{"params": [t for t, l in zip(ps, layers) if l == j], "layer": j}
+                   for j in list(range(K)) + [None]], **cfg)
+        one, zero = torch.ones((), device=device), torch.zeros((), device=device)
+        for s in range(steps):
+            if s in skipped:
+                if not skip_them:
+                    continue
+                for p in ps:
+                    p.grad = torch.full_like(p, float("nan"))
+                opt.step(torch.full((K,), float("nan"), device=device), found_inf=one)
+                continue
+            for i, p in enumerate(ps):
+                p.grad = None if i in no_grad else grads[s][i].to(device)
+            opt.step(ds[s].to(device), found_inf=zero if skip_them else None)
+        sd = opt.state_dict()
+        flat = [p.detach() for p in ps] + [opt.factors, opt.rates]
+        for i in sorted(sd["state"]):
+            flat.extend(v.reshape(-1) for _, v in sorted(sd["state"][i].items()))
+        return flat, sorted(sd["state"]), int(opt.skipped_steps)
+
+    a, keys_a, n_skipped = run(True)
+    b, keys_b, _ = run(False)
+    same = keys_a == keys_b and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    err = 0.0
+    if not same:  # how far apart (inf: different state layout, or NaN where the other is not)
+        err = float("inf")
+        if keys_a == keys_b and len(a) == len(b):
+            diffs = [float((x.double() - y.double()).abs().max()) for x, y in zip(a, b) if x.numel()]
+            err = max(diffs) if all(v == v for v in diffs) else float("inf")
+    return {"params+state": Verdict(same, err, 0.0, "bit-identical to omitting the skipped steps"),
+            "skipped_steps": Verdict(n_skipped == len(skipped), float(abs(n_skipped - len(skipped))), 0.0,
+                                     "exact count")}
+
+
 def lwkd_checks(backend: str, device: torch.device) -> Iterable:
     """Cases for ``lwkd-fast check``: 4 fused steps against torch.optim in float64 (rates from the
-    rule's Python oracle) on a ragged ResNet-like parameter list with a grad=None parameter."""
+    rule's Python oracle) on a ragged ResNet-like parameter list with a grad=None parameter; and
+    the device-side skip flag (``found_inf``) against the run that omits the skipped steps."""
     from .check import Case
 
     for dtype in (torch.float32, torch.bfloat16):
         for kind, label, cfg in _STEP_CASES:
             yield Case(OP, f"{kind} {label}", dtype,
                        lambda kind=kind, cfg=cfg, dtype=dtype: _check_run(kind, cfg, device, dtype))
+    for kind, label, cfg in (("sgd", "momentum+nesterov+wd", dict(lr=0.05, momentum=0.9, nesterov=True,
+                                                                  weight_decay=1e-2)),
+                             ("adamw", "amsgrad", dict(lr=1e-2, amsgrad=True))):
+        yield Case(OP, f"{kind} {label}: skipped steps (found_inf)", torch.float32,
+                   lambda kind=kind, cfg=cfg: _check_skip(kind, cfg, device))

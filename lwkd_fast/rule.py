@@ -14,6 +14,11 @@ collapsing in one step; a non-finite discrepancy leaves its layer's factor exact
 is counted in an optional on-device counter.  Everything stays on the device: no backend reads a
 value back to the host, so the rule never synchronises.
 
+Skipped steps: with ``found_inf`` (a 0-dim float32 tensor on the state's device, e.g. "the loss
+was not finite") nonzero, nothing is updated -- ``m`` and the counter keep their values bit for
+bit -- and the result is ``eta = eta0 * m`` with the unchanged ``m``.  The flag is read by the
+kernels on the device (apex's device-side skip flag), never on the host.
+
 Backends (``lwkd_fast.use_backend`` / ``LWKD_BACKEND``, op name ``"layerwise_rates"``):
 ``reference`` (plain torch ops, below), ``native`` (``torch.ops.lwkd.layerwise_rates``, C++ on
 CPU, one CUDA block on GPU) and ``triton`` (:mod:`lwkd_fast.triton.optim`).  All of them run
@@ -55,11 +60,14 @@ def reference_rates(
     s_min: float,
     s_max: float,
     eps: float,
+    found_inf: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The rule in plain torch; same arguments as ``torch.ops.lwkd.layerwise_rates``.
 
     ``base_lr`` holds 1 or K host values and is used when ``base_lr_tensor`` (0-dim or (K,)) is
     None.  Updates ``state`` and ``nonfinite`` in place and returns ``eta`` in ``state.dtype``.
+    With ``found_inf`` nonzero (decided on the device with ``torch.where``) both keep their
+    values and ``eta`` is computed from the unchanged state.
     """
     K = discrepancies.shape[0]
     if K == 0:
@@ -78,8 +86,13 @@ def reference_rates(
     else:
         s = r.pow(gamma)
     s = s.clamp(min=s_min, max=s_max)
-    m = state.detach().to(torch.float64)
-    state.copy_(torch.where(fin, momentum * m + (1.0 - momentum) * s, m))
+    m = state.detach().to(torch.float64)  # (exact: also the saved copy a skipped step restores)
+    new_m = torch.where(fin, momentum * m + (1.0 - momentum) * s, m)
+    skip = None
+    if found_inf is not None:
+        skip = found_inf.detach().reshape(()) != 0
+        new_m = torch.where(skip, m, new_m)
+    state.copy_(new_m)
     mq = state.detach().to(torch.float64)  # the rounded factors, as the kernels use them
     if base_lr_tensor is not None:
         lr = base_lr_tensor.detach().to(device=mq.device, dtype=torch.float64).reshape(-1)
@@ -89,7 +102,10 @@ def reference_rates(
     else:
         eta = mq * torch.tensor(list(base_lr), dtype=torch.float64).to(mq.device, non_blocking=True)
     if nonfinite is not None:
-        nonfinite.add_((~fin).any().to(nonfinite.dtype).reshape(nonfinite.shape))
+        bad = (~fin).any()
+        if skip is not None:
+            bad = bad & ~skip
+        nonfinite.add_(bad.to(nonfinite.dtype).reshape(nonfinite.shape))
     return eta.to(state.dtype).contiguous()
 
 
@@ -97,7 +113,7 @@ if ops._C is not None:
 
     @torch.library.register_fake("lwkd::layerwise_rates")
     def _rates_fake(discrepancies, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min,
-                    s_max, eps):
+                    s_max, eps, found_inf=None):
         return torch.empty_like(state, memory_format=torch.contiguous_format)
 
 
@@ -144,10 +160,32 @@ def check_discrepancies(op: str, d, K: Optional[int], device: Optional[torch.dev
     return d.detach()
 
 
+def check_found_inf(op: str, found_inf, device: torch.device,
+                    what: str = "the optimizer state") -> Optional[torch.Tensor]:
+    """``found_inf`` must be None or a 0-dim (or one-element) float32 tensor on ``device``;
+    returns it as a 0-dim detached tensor (a view: no copy, no host read)."""
+    if found_inf is None:
+        return None
+    if not isinstance(found_inf, torch.Tensor):
+        raise TypeError(f"{op}: found_inf must be None or a 0-dim float32 tensor, got {type(found_inf).__name__}")
+    if found_inf.numel() != 1 or found_inf.dim() > 1:
+        raise ValueError(f"{op}: found_inf must be a 0-dim tensor (one flag for the whole step), "
+                         f"got shape {_shape(found_inf)}")
+    if found_inf.dtype != torch.float32:
+        raise TypeError(f"{op}: found_inf (shape {_shape(found_inf)}) has dtype {found_inf.dtype}; expected "
+                        "torch.float32 (e.g. (~torch.isfinite(loss)).float())")
+    if found_inf.device != device:
+        raise ValueError(f"{op}: found_inf (shape {_shape(found_inf)}) is on {found_inf.device} but {what} is on "
+                         f"{device}; keep the flag on the device (no host copy)")
+    return found_inf.detach().reshape(())
+
+
 def _backend_call(backend: str, d, state, nonfinite, base_lr: List[float], base_lr_tensor, momentum, gamma,
-                  s_min, s_max, eps) -> torch.Tensor:
+                  s_min, s_max, eps, found_inf=None) -> torch.Tensor:
     args = (d, state, nonfinite, base_lr, base_lr_tensor, float(momentum), float(gamma), float(s_min),
             float(s_max), float(eps))
+    if found_inf is not None:
+        args = args + (found_inf,)
     if backend == "native":
         return torch.ops.lwkd.layerwise_rates(*args)
     if backend == "triton":
@@ -166,6 +204,7 @@ def layerwise_rates(
     s_max: float = 10.0,
     eps: float = 1e-12,
     nonfinite: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-layer learning rates ``eta = base_lr * m`` from discrepancies (SPEC section 4).
 
@@ -182,6 +221,9 @@ def layerwise_rates(
         eps: the normalising sum must exceed ``eps``, otherwise every finite layer targets 1.
         nonfinite: optional one-element int64 tensor on the same device, incremented (on the
             device) whenever any discrepancy is non-finite.
+        found_inf: optional 0-dim float32 tensor on the same device; when it is nonzero the step
+            is skipped on the device: ``state`` and ``nonfinite`` keep their values and the
+            result is ``base_lr * state``.  None costs nothing.
 
     Returns:
         ``eta`` (K,) in ``state.dtype``.  No host synchronisation happens on any backend.
@@ -224,8 +266,9 @@ def layerwise_rates(
             raise TypeError(f"{op}: nonfinite must be a one-element int64 tensor")
         if nonfinite.device != state.device:
             raise ValueError(f"{op}: nonfinite is on {nonfinite.device} but state is on {state.device}")
+    fi = check_found_inf(op, found_inf, state.device, "state")
     backend = ops.select_backend(OP, state.device)
-    return _backend_call(backend, d, state, nonfinite, lr_list, lr_tensor, momentum, gamma, s_min, s_max, eps)
+    return _backend_call(backend, d, state, nonfinite, lr_list, lr_tensor, momentum, gamma, s_min, s_max, eps, fi)
 
 
 # ------------------------------------------------------------------------------------------------

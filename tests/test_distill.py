@@ -192,3 +192,55 @@ def test_derivative_rates_only_builds_no_second_order_graph():
     out = d(X, Y)
     assert out.match is None and not out.discrepancies.requires_grad
     torch.testing.assert_close(out.loss, F.cross_entropy(s(X), Y))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("bad_step", [0, 2])
+def test_nonfinite_loss_skips_the_step_on_the_device(kind, bad_step):
+    """A batch whose loss is NaN (a student hook poisons the logits on that call): the attached
+    optimizer's plain opt.step() leaves every student parameter and the optimizer state as they
+    were, counts it (d.nonfinite_losses, opt.skipped_steps), and training goes on finitely."""
+    import copy
+
+    s, t = models()
+    d = LayerwiseDistiller(s, t, use="rates+loss", example_input=X[:2])
+    opt = d.make_optimizer(kind, lr=0.05, **({"momentum": 0.9} if kind == "sgd" else {}))
+    assert opt.source is d and d.latest_discrepancies is None and d.found_inf is None
+    calls = []
+
+    def poison(mod, inp, out):
+        calls.append(1)
+        if len(calls) == bad_step + 1:
+            return out * float("nan")
+
+    hook = s.head.register_forward_hook(poison)
+    try:
+        for step in range(5):
+            out = d(X, Y)
+            assert d.latest_discrepancies is out.discrepancies and d.found_inf is out.found_inf
+            assert out.found_inf.dtype == torch.float32 and out.found_inf.shape == ()
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if step == bad_step:
+                assert not torch.isfinite(out.loss) and float(out.found_inf) == 1.0
+                params = [p.detach().clone() for p in s.parameters()]
+                state = copy.deepcopy(opt.state_dict())
+            opt.step()  # KD-framework style: everything comes from the attached distiller
+            if step == bad_step:
+                assert all(torch.equal(a, b.detach()) for a, b in zip(params, s.parameters()))
+                after = opt.state_dict()
+                assert sorted(after["state"]) == sorted(state["state"])
+                for i, st in state["state"].items():
+                    for k, v in st.items():
+                        assert torch.equal(after["state"][i][k], v), (i, k)
+                for k in ("factors", "rates", "nonfinite_steps"):
+                    assert torch.equal(after["layerwise"][k], state["layerwise"][k]), k
+            else:
+                assert torch.isfinite(out.loss)
+    finally:
+        hook.remove()
+    assert int(d.nonfinite_losses) == 1 and int(opt.skipped_steps) == 1
+    assert all(torch.isfinite(p).all() for p in s.parameters())
+    assert all(torch.isfinite(v).all() for st in opt.state.values() for v in st.values())
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(params, s.parameters()))  # it kept learning
+    assert torch.isfinite(d(X, Y).loss)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import types
 
 import pytest
 import torch
@@ -679,3 +680,308 @@ def test_work_list_cache_follows_group_and_grad_changes(backend):
         opt.step(d)
     assert "momentum_buffer" in opt.state[a] and torch.equal(opt.state[a]["momentum_buffer"], torch.ones(5))
     assert "momentum_buffer" not in opt.state.get(b, {})
+
+
+# ------------------------------------------------------------------------------------------------
+# The device-side skip flag (found_inf), skipped_steps, attach()
+# ------------------------------------------------------------------------------------------------
+
+SKIP_CASES = [
+    ("sgd", "momentum+wd+dampening", dict(lr=0.05, momentum=0.9, dampening=0.3), 1e-2),
+    ("sgd", "nesterov+wd", dict(lr=0.05, momentum=0.9, nesterov=True), 1e-2),
+    ("adamw", "default", dict(lr=1e-2), 1e-2),
+    ("adamw", "amsgrad", dict(lr=1e-2, betas=(0.8, 0.99), amsgrad=True), 0.1),
+]
+SKIPPED = (0, 3, 4)  # the first step (it creates the state) and two in a row
+
+
+def _skip_run(kind, cfg, wd, backend, steps, skip_them, flag_zero=True):
+    """``steps`` steps; with ``skip_them`` the SKIPPED ones get NaN gradients and discrepancies
+    (on every parameter, also those that never have a gradient otherwise) and found_inf = 1,
+    the others found_inf = 0; without, the SKIPPED steps are left out and found_inf is None."""
+    ps = make_params()
+    opt = make_ours(kind, ps, cfg, wd)
+    grads, ds = make_grads(steps), make_ds(steps, nan_at=(5,))
+    one, zero = torch.ones(()), torch.zeros(())
+    with lw.use_backend(backend):
+        for s in range(steps):
+            if s in SKIPPED:
+                if skip_them:
+                    for p in ps:
+                        p.grad = torch.full_like(p, float("nan"))
+                    opt.step(torch.full((K,), float("nan")), found_inf=one)
+                continue
+            set_grads(ps, grads[s], torch.float32)
+            opt.step(ds[s], found_inf=(zero if flag_zero else None) if skip_them else None)
+    return ps, opt
+
+
+def assert_runs_identical(ps_a, opt_a, ps_b, opt_b):
+    for i, (a, b) in enumerate(zip(ps_a, ps_b)):
+        assert torch.equal(a.detach(), b.detach()), f"param {i}"
+    sa, sb = opt_a.state_dict(), opt_b.state_dict()
+    assert sorted(sa["state"]) == sorted(sb["state"])
+    for i in sb["state"]:
+        assert set(sa["state"][i]) == set(sb["state"][i]), f"param {i}"
+        for k, v in sb["state"][i].items():
+            assert torch.equal(sa["state"][i][k], v), f"param {i} state {k}"
+    for key in ("factors", "rates", "nonfinite_steps"):
+        assert torch.equal(sa["layerwise"][key], sb["layerwise"][key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,label,cfg,wd", SKIP_CASES, ids=[f"{c[0]}-{c[1]}" for c in SKIP_CASES])
+def test_skipped_steps_equal_omitted_steps(backend, kind, label, cfg, wd):
+    """Steps with found_inf = 1 (and NaN gradients and discrepancies) leave parameters,
+    optimizer state, factors, rates and counters exactly as if step() had not been called."""
+    steps = 8
+    ps_a, opt_a = _skip_run(kind, cfg, wd, backend, steps, skip_them=True)
+    ps_b, opt_b = _skip_run(kind, cfg, wd, backend, steps, skip_them=False)
+    assert int(opt_a.skipped_steps) == len(SKIPPED) and int(opt_b.skipped_steps) == 0
+    assert int(opt_a.nonfinite_steps) == int(opt_b.nonfinite_steps) == 1  # only the NaN at step 5
+    assert opt_a.skipped_steps.dtype == torch.int64 and opt_a.skipped_steps.shape == ()
+    assert_runs_identical(ps_a, opt_a, ps_b, opt_b)
+    if kind == "adamw":
+        assert float(opt_a.state[ps_a[0]]["step"]) == steps - len(SKIPPED)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,label,cfg,wd", [SKIP_CASES[0], SKIP_CASES[3]], ids=["sgd", "adamw"])
+def test_skipped_steps_when_the_host_learns_the_flag_late(backend, kind, label, cfg, wd, monkeypatch):
+    """On CUDA the host learns a skip flag only once the device got there; state created on a
+    possibly skipped step stays unsettled meanwhile (SGD buffers then run as fresh and as
+    continuing, the device picks).  Simulated on CPU: the host never reads the flag until
+    state_dict(), which settles it."""
+    monkeypatch.setattr(optim, "_EAGER_HOST_READ", False)
+    ps_a, opt_a = _skip_run(kind, cfg, wd, backend, 8, skip_them=True)
+    assert opt_a._unsettled  # (the simulation is live)
+    monkeypatch.setattr(optim, "_EAGER_HOST_READ", True)
+    ps_b, opt_b = _skip_run(kind, cfg, wd, backend, 8, skip_them=False)
+    assert_runs_identical(ps_a, opt_a, ps_b, opt_b)
+    assert not opt_a._unsettled
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_found_inf_zero_is_the_plain_step(backend):
+    """found_inf = 0 gives bit for bit what found_inf=None gives (the flagged kernels compute
+    the same numbers)."""
+    cfg = dict(lr=1e-2, amsgrad=True)
+    ps_a, opt_a = _skip_run("adamw", cfg, 1e-2, backend, 4, skip_them=False)
+    ps_b = make_params()
+    opt_b = make_ours("adamw", ps_b, cfg, 1e-2)
+    grads, ds = make_grads(4), make_ds(4, nan_at=(5,))
+    with lw.use_backend(backend):
+        for s in range(4):
+            if s in SKIPPED:
+                continue
+            set_grads(ps_b, grads[s], torch.float32)
+            opt_b.step(ds[s], found_inf=torch.zeros(()))
+    assert_runs_identical(ps_a, opt_a, ps_b, opt_b)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("host_read", ["eager", "late"])
+def test_step_with_found_inf_makes_no_host_sync(backend, kind, host_read, monkeypatch):
+    """Skipped and unskipped steps, the first one skipped (it creates state), under the detector."""
+    monkeypatch.setattr(optim, "_EAGER_HOST_READ", host_read == "eager")
+    ps = make_params()
+    cfg = dict(lr=torch.tensor(0.05), momentum=0.9, nesterov=True) if kind == "sgd" else dict(lr=1e-2, amsgrad=True)
+    opt = make_ours(kind, ps, cfg, 1e-2, sync=None)
+    grads, ds = make_grads(4), make_ds(4, nan_at=(1,))
+    flags = [torch.ones(()), torch.zeros(()), torch.ones(()), torch.zeros(())]
+    with lw.use_backend(backend):
+        for s in range(4):
+            set_grads(ps, grads[s], torch.float32)
+            with NoHostSync():
+                with pytest.raises(AssertionError, match="host synchronisation"):
+                    flags[s].item()  # the detector is live
+                opt.step(ds[s], found_inf=flags[s])
+    assert int(opt.skipped_steps) == 2 and int(opt.nonfinite_steps) == 1
+
+
+class _Source:
+    def __init__(self, d=None, found_inf=None):
+        self.latest_discrepancies, self.found_inf = d, found_inf
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attach_step_without_arguments_uses_the_source(backend):
+    grads, ds = make_grads(4), make_ds(4, nan_at=())
+    flags = [torch.zeros(()), torch.ones(()), None, torch.zeros(())]
+    ps_a, ps_b = make_params(), make_params()
+    cfg = dict(lr=0.05, momentum=0.9)
+    opt_a, opt_b = make_ours("sgd", ps_a, cfg, 1e-2), make_ours("sgd", ps_b, cfg, 1e-2)
+    src = _Source()
+    assert opt_a.attach(src) is opt_a and opt_a.source is src
+    with lw.use_backend(backend):
+        for s in range(4):
+            set_grads(ps_a, grads[s], torch.float32)
+            set_grads(ps_b, grads[s], torch.float32)
+            src.latest_discrepancies, src.found_inf = ds[s], flags[s]
+            opt_a.step()
+            opt_b.step(ds[s], found_inf=flags[s])
+    assert_runs_identical(ps_a, opt_a, ps_b, opt_b)
+    assert int(opt_a.skipped_steps) == 1
+    # explicit arguments win over the source's; a source without found_inf means "never skip"
+    src.found_inf = torch.ones(())
+    before = [p.detach().clone() for p in ps_a]
+    set_grads(ps_a, grads[0], torch.float32)
+    opt_a.step(found_inf=torch.zeros(()))
+    assert not torch.equal(before[0], ps_a[0].detach()) and int(opt_a.skipped_steps) == 1
+    # step(closure) with the closure as the only (positional) argument
+    calls = []
+    assert opt_a.step(lambda: calls.append(1) or torch.tensor(3.0)) == 3.0 and calls == [1]
+    assert int(opt_a.skipped_steps) == 2  # the source's found_inf = 1 applied
+    opt_a.attach(types.SimpleNamespace(latest_discrepancies=ds[1]))
+    opt_a.step()
+    assert int(opt_a.skipped_steps) == 2
+    opt_a.detach_source()
+    assert opt_a.source is None
+    with pytest.raises(RuntimeError, match="no discrepancies given and no source attached"):
+        opt_a.step()
+    # a copy is not attached
+    opt_a.attach(src)
+    assert copy.deepcopy(opt_a).source is None
+
+
+def test_found_inf_and_source_errors_name_the_problem():
+    ps = make_params()
+    opt = make_ours("sgd", ps, dict(lr=0.1, momentum=0.9), 0.0)
+    set_grads(ps, make_grads(1)[0], torch.float32)
+    d = torch.ones(K)
+    with pytest.raises(RuntimeError, match=r"LayerwiseSGD.step: no discrepancies given and no source attached"):
+        opt.step()
+    with pytest.raises(ValueError, match=r"found_inf must be a 0-dim tensor .*got shape \(2,\)"):
+        opt.step(d, found_inf=torch.zeros(2))
+    with pytest.raises(TypeError, match=r"found_inf \(shape \(\)\) has dtype torch.int64; expected torch.float32"):
+        opt.step(d, found_inf=torch.zeros((), dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"found_inf \(shape \(\)\) is on meta but the optimizer state is on cpu"):
+        opt.step(d, found_inf=torch.zeros((), device="meta"))
+    with pytest.raises(TypeError, match="found_inf must be None or a 0-dim float32 tensor, got bool"):
+        opt.step(d, found_inf=True)
+    with pytest.raises(TypeError, match="has no attribute 'latest_discrepancies'"):
+        opt.attach(object())
+    opt.attach(_Source())
+    with pytest.raises(RuntimeError, match=r"the attached source \(_Source\) has latest_discrepancies=None"):
+        opt.step()
+    opt.attach(_Source(d, found_inf=torch.zeros((1, 1))))
+    with pytest.raises(ValueError, match=r"found_inf must be a 0-dim tensor .*got shape \(1, 1\)"):
+        opt.step()
+    # nothing ran
+    for p, p0 in zip(ps, make_params()):
+        assert torch.equal(p.detach(), p0.detach())
+    assert not opt.state and int(opt.skipped_steps) == 0
+
+
+@requires_native
+def test_native_found_inf_errors():
+    q = torch.zeros(3)
+    hyper = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    step = torch.ops.lwkd.layerwise_step
+    args = ("sgd", [q], [torch.ones(3)], [], [], [], [], torch.ones(1), [0], [], [0], [0.1], [None], hyper)
+    with pytest.raises(RuntimeError, match=r"layerwise_step: found_inf must be a 0-dim .* got shape \[2\]"):
+        step(*args, torch.zeros(2))
+    with pytest.raises(RuntimeError, match="layerwise_step: found_inf has dtype Double; expected float32"):
+        step(*args, torch.zeros((), dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="layerwise_rates: found_inf has dtype Long; expected float32"):
+        torch.ops.lwkd.layerwise_rates(torch.ones(2), torch.ones(2), None, [0.1], None, 0.9, 1.0, 0.1, 10.0, 1e-12,
+                                       torch.zeros((), dtype=torch.int64))
+    assert torch.equal(q, torch.zeros(3))
+    step(*args, torch.ones(1))  # one element, as torch.amp keeps it: accepted (and skipped)
+    assert torch.equal(q, torch.zeros(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checkpoint_with_skipped_steps(backend):
+    grads, ds = make_grads(6), make_ds(6, nan_at=())
+    cfg = dict(lr=0.05, momentum=0.9)
+    ps = make_params()
+    opt = make_ours("sgd", ps, cfg, 1e-2)
+    flags = [torch.ones(()), torch.zeros(()), torch.ones(()), torch.zeros(()), torch.ones(()), torch.zeros(())]
+    with lw.use_backend(backend):
+        for s in range(3):
+            set_grads(ps, grads[s], torch.float32)
+            opt.step(ds[s], found_inf=flags[s])
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "params": [p.detach() for p in ps]}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    assert int(ck["opt"]["layerwise"]["skipped_steps"]) == 2
+    ps2 = [p.clone().requires_grad_(True) for p in ck["params"]]
+    opt2 = make_ours("sgd", ps2, cfg, 1e-2)
+    opt2.load_state_dict(ck["opt"])
+    assert int(opt2.skipped_steps) == 2 and opt2.skipped_steps.dtype == torch.int64
+    with lw.use_backend(backend):
+        for o, pp in ((opt, ps), (opt2, ps2)):
+            for s in range(3, 6):
+                set_grads(pp, grads[s], torch.float32)
+                o.step(ds[s], found_inf=flags[s])
+    assert_runs_identical(ps, opt, ps2, opt2)
+    assert int(opt.skipped_steps) == int(opt2.skipped_steps) == 3
+    # a checkpoint written before skipped_steps existed still loads (the counter starts at 0)
+    old = opt.state_dict()
+    old["layerwise"] = {k: v for k, v in old["layerwise"].items() if k != "skipped_steps"}
+    opt3 = make_ours("sgd", make_params(), cfg, 1e-2)
+    opt3.load_state_dict(old)
+    assert int(opt3.skipped_steps) == 0
+
+
+@requires_native
+def test_native_step_opcheck_with_found_inf():
+    torch.manual_seed(0)
+    for flag in (torch.zeros(()), torch.ones(())):
+        ps = [torch.randn(5), torch.randn(2, 3)]
+        args = ("adamw", ps, [torch.randn(5), torch.randn(2, 3)], [torch.zeros(5), torch.zeros(2, 3)],
+                [torch.zeros(5), torch.zeros(2, 3)], [], [torch.zeros(()), torch.zeros(())], torch.ones(2), [0, 1], [],
+                [0, -1], [1e-2, 1e-2], [None, None], [1e-2, 0.9, 0.999, 1e-8, 0.0, 0.0] * 2, flag)
+        torch.library.opcheck(torch.ops.lwkd.layerwise_step.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+        sgd = ("sgd", [torch.randn(4)], [torch.randn(4)], [torch.zeros(4)], [], [], [], torch.ones(1), [0], [0], [0],
+               [0.1], [None], [0.0, 0.9, 0.0, 0.0, 0.0, 0.0], flag)
+        torch.library.opcheck(torch.ops.lwkd.layerwise_step.default, sgd, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton kernels unavailable here")
+def test_triton_step_opcheck_with_found_inf():
+    from lwkd_fast.triton import optim as tri
+
+    torch.manual_seed(0)
+    args = ("adamw", [torch.randn(5), torch.randn(2, 3)], [torch.randn(5), torch.randn(2, 3)],
+            [torch.zeros(5), torch.zeros(2, 3)], [torch.zeros(5), torch.zeros(2, 3)], [],
+            [torch.zeros(()), torch.zeros(())], torch.ones(2), [0, 1], [], [0, -1], [1e-2, 1e-2], [None, None],
+            [1e-2, 0.9, 0.999, 1e-8, 0.0, 0.0] * 2, torch.ones(()))
+    torch.library.opcheck(tri.layerwise_step, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_all_reduce_sync_skips_on_every_rank(monkeypatch):
+    """sync='all_reduce': the skip flag travels with the discrepancies in one all-reduce, so a
+    non-finite loss on another rank skips this rank's step too (a mocked world of two)."""
+    import torch.distributed as dist
+
+    remote = {"d": torch.tensor([0.2, 0.4, 0.6]), "flag": 0.0}
+    calls = []
+
+    def all_reduce(t, op=None, group=None):
+        calls.append(t.shape)
+        t.add_(torch.cat([remote["d"], torch.tensor([remote["flag"]])]) if t.shape[0] == K + 1 else remote["d"])
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    ps, ps_ref = make_params(), make_params()
+    opt = make_ours("sgd", ps, dict(lr=0.05, momentum=0.9), 1e-2, sync="all_reduce")
+    ref = make_ours("sgd", ps_ref, dict(lr=0.05, momentum=0.9), 1e-2)
+    grads = make_grads(3)
+    local = torch.tensor([1.0, 0.8, 0.2])
+    with lw.use_backend("reference"):
+        for s, remote_flag in enumerate((0.0, 1.0, 0.0)):
+            remote["flag"] = remote_flag
+            set_grads(ps, grads[s], torch.float32)
+            opt.step(local, found_inf=torch.zeros(()))  # finite here; the other rank may not be
+            if not remote_flag:
+                set_grads(ps_ref, grads[s], torch.float32)
+                ref.step((local + remote["d"]) / 2)
+    assert calls == [(K + 1,)] * 3  # one collective per step
+    assert int(opt.skipped_steps) == 1
+    assert_runs_identical(ps, opt, ps_ref, ref)

@@ -234,3 +234,69 @@ def test_rule_check_cases_pass(backend):
             verdicts = case.run()
         bad = {k: str(v) for k, v in verdicts.items() if not v.ok}
         assert not bad, f"{case.label} ({case.dtype}): {bad}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The device-side skip flag (found_inf)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.float64])
+def test_rule_found_inf_keeps_state_and_counter(backend, sdtype):
+    """found_inf != 0: m and the counter keep their bits, eta = base_lr * m; found_inf = 0 is
+    the plain rule, bit for bit."""
+    d = torch.tensor([0.3, NAN, 2.0, 0.7, 0.01])
+    m0 = torch.tensor([0.7, 1.3, 2.1, 0.45, 1.0], dtype=sdtype)
+    for lr in (0.1, torch.tensor(0.25, dtype=torch.float64)):
+        for flag in (torch.ones(()), torch.tensor(float("nan")), torch.tensor(-2.0)):
+            state, nf = m0.clone(), torch.tensor(4, dtype=torch.int64)
+            eta = run_rule(backend, d, state, lr, nonfinite=nf, found_inf=flag)
+            assert torch.equal(state, m0) and int(nf) == 4
+            lr64 = lr.double() if isinstance(lr, torch.Tensor) else lr
+            assert torch.equal(eta, (m0.double() * lr64).to(sdtype))
+        s_plain, nf_plain = m0.clone(), torch.zeros((), dtype=torch.int64)
+        s_zero, nf_zero = m0.clone(), torch.zeros((), dtype=torch.int64)
+        e_plain = run_rule(backend, d, s_plain, lr, nonfinite=nf_plain, gamma=1.5)
+        e_zero = run_rule(backend, d, s_zero, lr, nonfinite=nf_zero, gamma=1.5, found_inf=torch.zeros(()))
+        assert torch.equal(s_plain, s_zero) and torch.equal(e_plain, e_zero) and int(nf_zero) == int(nf_plain) == 1
+        assert not torch.equal(s_zero, m0)
+
+
+def test_rule_found_inf_errors():
+    state = torch.ones(3)
+    with pytest.raises(ValueError, match=r"layerwise_rates: found_inf must be a 0-dim tensor .*got shape \(3,\)"):
+        lw.layerwise_rates(torch.ones(3), state, 0.1, found_inf=torch.zeros(3))
+    with pytest.raises(TypeError, match=r"found_inf \(shape \(\)\) has dtype torch.bool; expected torch.float32"):
+        lw.layerwise_rates(torch.ones(3), state, 0.1, found_inf=torch.tensor(False))
+    with pytest.raises(ValueError, match=r"found_inf \(shape \(\)\) is on meta but state is on cpu"):
+        lw.layerwise_rates(torch.ones(3), state, 0.1, found_inf=torch.zeros((), device="meta"))
+    assert torch.equal(state, torch.ones(3))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_rule_found_inf_no_host_sync(backend):
+    d = torch.tensor([0.5, NAN, 2.0])
+    state = torch.ones(3)
+    nf = torch.zeros((), dtype=torch.int64)
+    with NoHostSync():
+        run_rule(backend, d, state, torch.tensor(0.1), nonfinite=nf, found_inf=torch.ones(()))
+        run_rule(backend, d, state, 0.1, nonfinite=nf, found_inf=torch.zeros(()))
+    assert int(nf) == 1
+
+
+@requires_native
+def test_native_rule_opcheck_with_found_inf():
+    for flag in (torch.zeros(()), torch.ones(())):
+        args = (torch.tensor([0.5, NAN, 2.0, 0.1]), torch.ones(4), torch.zeros((), dtype=torch.int64), [0.1], None,
+                0.9, 1.0, 0.1, 10.0, 1e-12, flag)
+        torch.library.opcheck(torch.ops.lwkd.layerwise_rates.default, args)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton kernels unavailable here")
+def test_triton_rule_opcheck_with_found_inf():
+    from lwkd_fast.triton import optim as tri
+
+    args = (torch.tensor([0.5, NAN, 2.0, 0.1]), torch.ones(4), torch.zeros((), dtype=torch.int64), [0.1], None,
+            0.9, 1.0, 0.1, 10.0, 1e-12, torch.ones(()))
+    torch.library.opcheck(tri.layerwise_rates, args, test_utils=("test_schema", "test_faketensor"))

@@ -19,6 +19,23 @@
 namespace lwkd {
 
 // ---------------------------------------------------------------------------------------------
+// The optional skip flag of both ops (apex's device-side "noop" flag, torch.amp's found_inf): a
+// one-element float32 tensor on the ops' device.  Returns its address, or null when absent.  The
+// value is never read here: the kernels read it (host memory on CPU, device memory on CUDA).
+// ---------------------------------------------------------------------------------------------
+inline const float* check_found_inf(const char* op, const std::optional<at::Tensor>& found_inf,
+                                    const at::Device& device) {
+  if (!found_inf.has_value() || !found_inf->defined()) return nullptr;
+  const at::Tensor& f = *found_inf;
+  TORCH_CHECK(f.numel() == 1 && f.dim() <= 1, op, ": found_inf must be a 0-dim (or one-element) tensor, got shape ",
+              f.sizes());
+  TORCH_CHECK(f.scalar_type() == at::kFloat, op, ": found_inf has dtype ", f.scalar_type(),
+              "; expected float32");
+  TORCH_CHECK(f.device() == device, op, ": found_inf is on ", f.device(), " but the op runs on ", device);
+  return f.const_data_ptr<float>();
+}
+
+// ---------------------------------------------------------------------------------------------
 // layerwise_rates
 // ---------------------------------------------------------------------------------------------
 struct RatesArgs {
@@ -27,12 +44,14 @@ struct RatesArgs {
   // base rate: one value or one per layer, from the host list or from a tensor
   const at::Tensor* lr_tensor = nullptr;  // defined tensor or nullptr
   bool lr_per_layer = false;
+  const float* found_inf = nullptr;       // skip flag (see check_found_inf) or null
 };
 
 inline RatesArgs check_rates_args(const at::Tensor& d, const at::Tensor& state,
                                   const std::optional<at::Tensor>& nonfinite, at::ArrayRef<double> base_lr,
                                   const std::optional<at::Tensor>& base_lr_tensor, double momentum,
-                                  double gamma, double s_min, double s_max, double eps) {
+                                  double gamma, double s_min, double s_max, double eps,
+                                  const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "lwkd::layerwise_rates";
   RatesArgs a;
   TORCH_CHECK(d.dim() == 1, op, ": discrepancies must be a 1-D tensor (K,), got shape ", d.sizes());
@@ -73,6 +92,7 @@ inline RatesArgs check_rates_args(const at::Tensor& d, const at::Tensor& state,
               ": need s_min <= s_max, got s_min=", s_min, ", s_max=", s_max);
   TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
   a.prm = RuleParams{momentum, gamma, s_min, s_max, eps};
+  a.found_inf = check_found_inf(op, found_inf, d.device());
   return a;
 }
 
@@ -110,6 +130,7 @@ struct StepPlan {
   std::vector<at::ScalarType> dtypes;   // parameter dtype of each tensor
   std::vector<at::Tensor> keep_alive;   // gradient copies made to match a parameter's layout
   at::Tensor factors;
+  const float* found_inf = nullptr;     // skip flag (see check_found_inf) or null
   bool any_momentum = false;            // SGD
   bool any_amsgrad = false;             // AdamW
 };
@@ -151,7 +172,8 @@ inline StepPlan make_step_plan(c10::string_view algorithm, at::TensorList params
                                at::IntArrayRef tensor_group, at::IntArrayRef fresh,
                                at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
                                const c10::List<std::optional<at::Tensor>>& group_lr_tensor,
-                               at::ArrayRef<double> group_hyper) {
+                               at::ArrayRef<double> group_hyper,
+                               const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "lwkd::layerwise_step";
   StepPlan plan;
   plan.algo = parse_algorithm(algorithm);
@@ -172,6 +194,7 @@ inline StepPlan make_step_plan(c10::string_view algorithm, at::TensorList params
               ": factors has dtype ", factors.scalar_type(), "; expected float32 or float64");
   TORCH_CHECK(factors.is_contiguous(), op, ": factors must be contiguous");
   plan.factors = factors;
+  plan.found_inf = check_found_inf(op, found_inf, factors.device());
   const int64_t K = factors.size(0);
 
   plan.groups.resize(G);

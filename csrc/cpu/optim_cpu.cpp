@@ -33,9 +33,10 @@ at::Tensor layerwise_rates_cpu(const at::Tensor& d, at::Tensor& state,
                                const std::optional<at::Tensor>& nonfinite,
                                at::ArrayRef<double> base_lr,
                                const std::optional<at::Tensor>& base_lr_tensor, double momentum,
-                               double gamma, double s_min, double s_max, double eps) {
-  const RatesArgs a =
-      check_rates_args(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps);
+                               double gamma, double s_min, double s_max, double eps,
+                               const std::optional<at::Tensor>& found_inf) {
+  const RatesArgs a = check_rates_args(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min,
+                                       s_max, eps, found_inf);
   const int64_t K = a.K;
   at::Tensor eta = at::empty_like(state, at::MemoryFormat::Contiguous);
   if (K == 0) return eta;
@@ -55,6 +56,17 @@ at::Tensor layerwise_rates_cpu(const at::Tensor& d, at::Tensor& state,
     });
   } else {
     for (int64_t j = 0; j < K; ++j) lr[j] = base_lr[a.lr_per_layer ? j : 0];
+  }
+
+  // skipped step (the flag is host memory here): eta = base_lr * m with m and the counter unchanged
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) {
+    AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "lwkd_rates_skip", [&] {
+      const scalar_t* m = state.const_data_ptr<scalar_t>();
+      scalar_t* out = eta.mutable_data_ptr<scalar_t>();
+      const int64_t s = state.stride(0);
+      for (int64_t j = 0; j < K; ++j) out[j] = scalar_t(lr[j] * double(m[j * s]));
+    });
+    return eta;
   }
 
   double sum = 0.0;
@@ -193,12 +205,14 @@ void layerwise_step_cpu(c10::string_view algorithm, at::TensorList params, at::T
                         at::TensorList steps, const at::Tensor& factors, at::IntArrayRef tensor_group,
                         at::IntArrayRef fresh, at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
                         const c10::List<std::optional<at::Tensor>>& group_lr_tensor,
-                        at::ArrayRef<double> group_hyper) {
+                        at::ArrayRef<double> group_hyper, const std::optional<at::Tensor>& found_inf) {
   const StepPlan plan = make_step_plan(algorithm, params, grads, state1, state2, state3, steps, factors,
                                        tensor_group, fresh, group_layer, group_lr, group_lr_tensor,
-                                       group_hyper);
+                                       group_hyper, found_inf);
   const size_t N = plan.tensors.size();
   if (N == 0) return;
+  // skipped step: the flag is host memory here; nothing (not even a step count) changes
+  if (plan.found_inf != nullptr && *plan.found_inf != 0.0f) return;
 
   // rates per group, step counts per tensor (incremented here, before any element reads them)
   std::vector<double> rate(plan.groups.size());

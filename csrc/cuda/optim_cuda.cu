@@ -11,6 +11,9 @@
 //                         step counts on the device, as torch's fused AdamW does).  Each block
 //                         reads its group's rate (base rate x factor of its layer) from device
 //                         memory: nothing waits on the host.
+// Both take an optional device-side skip flag `found_inf` (apex's noop flag): every kernel
+// (the rule, the step-count bump, the step) reads it first and, when it is nonzero, writes
+// nothing (the rule still writes eta = lr * m, its output).
 //
 // Narrow headers only (no torch/extension.h).
 #include <ATen/Dispatch.h>
@@ -65,7 +68,10 @@ __global__ void __launch_bounds__(kRuleThreads)
 rates_kernel(const d_t* __restrict__ d, int64_t ds, m_t* __restrict__ m, int64_t ms, int64_t K,
              m_t* __restrict__ eta, int64_t* __restrict__ nonfinite, const void* lr_ptr,
              int lr_kind /*0 host list, 1 float tensor, 2 double tensor*/, int64_t lr_stride,
-             const double* __restrict__ lr_list, RuleParams prm) {
+             const double* __restrict__ lr_list, RuleParams prm, const float* __restrict__ found_inf) {
+  // skipped step (device-side flag, uniform over the block): eta = lr * m, nothing is written
+  // back to m or the counter
+  const bool skip = found_inf != nullptr && *found_inf != 0.0f;
   __shared__ double s_sum[kRuleThreads];
   __shared__ long long s_cnt[kRuleThreads];
   double sum = 0.0;
@@ -88,24 +94,25 @@ rates_kernel(const d_t* __restrict__ d, int64_t ds, m_t* __restrict__ m, int64_t
   const double total = s_sum[0];
   const int64_t n_finite = s_cnt[0];
   for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
-    const m_t mj = m_t(rule_update(double(d[j * ds]), double(m[j * ms]), total, n_finite, prm));
-    m[j * ms] = mj;
+    const m_t mj = skip ? m[j * ms] : m_t(rule_update(double(d[j * ds]), double(m[j * ms]), total, n_finite, prm));
+    if (!skip) m[j * ms] = mj;
     double lr;
     if (lr_kind == 1) lr = double(static_cast<const float*>(lr_ptr)[j * lr_stride]);
     else if (lr_kind == 2) lr = static_cast<const double*>(lr_ptr)[j * lr_stride];
     else lr = lr_list[j * lr_stride];
     eta[j] = m_t(lr * double(mj));
   }
-  if (threadIdx.x == 0 && nonfinite != nullptr && n_finite < K) *nonfinite += 1;
+  if (threadIdx.x == 0 && !skip && nonfinite != nullptr && n_finite < K) *nonfinite += 1;
 }
 
 at::Tensor layerwise_rates_cuda(const at::Tensor& d, at::Tensor& state,
                                 const std::optional<at::Tensor>& nonfinite,
                                 at::ArrayRef<double> base_lr,
                                 const std::optional<at::Tensor>& base_lr_tensor, double momentum,
-                                double gamma, double s_min, double s_max, double eps) {
-  const RatesArgs a =
-      check_rates_args(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps);
+                                double gamma, double s_min, double s_max, double eps,
+                                const std::optional<at::Tensor>& found_inf) {
+  const RatesArgs a = check_rates_args(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min,
+                                       s_max, eps, found_inf);
   const c10::cuda::CUDAGuard guard(d.device());
   at::Tensor eta = at::empty_like(state, at::MemoryFormat::Contiguous);
   const int64_t K = a.K;
@@ -144,7 +151,7 @@ at::Tensor layerwise_rates_cuda(const at::Tensor& d, at::Tensor& state,
     AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "lwkd_rates_cuda_state", [&] {
       rates_kernel<d_t, scalar_t><<<1, kRuleThreads, 0, stream>>>(
           d.const_data_ptr<d_t>(), d.stride(0), state.mutable_data_ptr<scalar_t>(), state.stride(0), K,
-          eta.mutable_data_ptr<scalar_t>(), nf, lr_ptr, lr_kind, lr_stride, lr_list, a.prm);
+          eta.mutable_data_ptr<scalar_t>(), nf, lr_ptr, lr_kind, lr_stride, lr_list, a.prm, a.found_inf);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -256,8 +263,12 @@ __device__ double device_group_rate(const StepGroup& grp, const void* factors, b
 template <typename scalar_t>
 __global__ void __launch_bounds__(kStepThreads)
 step_kernel(const StepGroup* __restrict__ groups, const StepTensor* __restrict__ tensors,
-            const BlockTask* __restrict__ tasks, const void* factors, bool factors_double, int algo) {
+            const BlockTask* __restrict__ tasks, const void* factors, bool factors_double, int algo,
+            const float* __restrict__ found_inf) {
   using op_t = at::opmath_type<scalar_t>;
+  // skipped step: the whole block leaves before touching anything (uniform, so before any
+  // __syncthreads); one 4-byte load per block is the entire cost of the flag
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
   const BlockTask task = tasks[blockIdx.x];
   const StepTensor& t = tensors[task.tensor];
   const StepGroup& grp = groups[t.group];
@@ -321,7 +332,9 @@ step_kernel(const StepGroup* __restrict__ groups, const StepTensor* __restrict__
   }
 }
 
-__global__ void bump_steps_kernel(const StepTensor* __restrict__ tensors, int64_t n) {
+__global__ void bump_steps_kernel(const StepTensor* __restrict__ tensors, int64_t n,
+                                  const float* __restrict__ found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;  // skipped step: counts stay
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     float* s = tensors[i].step;
     if (s != nullptr) *s += 1.0f;
@@ -333,12 +346,13 @@ void layerwise_step_cuda(c10::string_view algorithm, at::TensorList params, at::
                          at::TensorList steps, const at::Tensor& factors, at::IntArrayRef tensor_group,
                          at::IntArrayRef fresh, at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
                          const c10::List<std::optional<at::Tensor>>& group_lr_tensor,
-                         at::ArrayRef<double> group_hyper) {
+                         at::ArrayRef<double> group_hyper, const std::optional<at::Tensor>& found_inf) {
   // the guard comes first: building the plan may copy a gradient into its parameter's layout
   const c10::cuda::CUDAGuard guard(factors.device());
   const StepPlan plan = make_step_plan(algorithm, params, grads, state1, state2, state3, steps, factors,
                                        tensor_group, fresh, group_layer, group_lr, group_lr_tensor,
-                                       group_hyper);
+                                       group_hyper, found_inf);
+  const float* fi = plan.found_inf;  // device address (or null); read only by the kernels
   const size_t N = plan.tensors.size();
   if (N == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -373,7 +387,7 @@ void layerwise_step_cuda(c10::string_view algorithm, at::TensorList params, at::
   if (plan.algo == Algorithm::kAdamW) {
     const int threads = 128;
     const int blocks = static_cast<int>(std::min<int64_t>((int64_t(N) + threads - 1) / threads, 1024));
-    bump_steps_kernel<<<blocks, threads, 0, stream>>>(d_tensors, static_cast<int64_t>(N));
+    bump_steps_kernel<<<blocks, threads, 0, stream>>>(d_tensors, static_cast<int64_t>(N), fi);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const void* fac = plan.factors.numel() ? plan.factors.const_data_ptr() : nullptr;
@@ -384,16 +398,16 @@ void layerwise_step_cuda(c10::string_view algorithm, at::TensorList params, at::
     const BlockTask* tk = d_tasks + first;
     switch (kinds[k]) {
       case at::kFloat:
-        step_kernel<float><<<count, kStepThreads, 0, stream>>>(d_groups, d_tensors, tk, fac, fac_double, algo);
+        step_kernel<float><<<count, kStepThreads, 0, stream>>>(d_groups, d_tensors, tk, fac, fac_double, algo, fi);
         break;
       case at::kBFloat16:
-        step_kernel<c10::BFloat16><<<count, kStepThreads, 0, stream>>>(d_groups, d_tensors, tk, fac, fac_double, algo);
+        step_kernel<c10::BFloat16><<<count, kStepThreads, 0, stream>>>(d_groups, d_tensors, tk, fac, fac_double, algo, fi);
         break;
       case at::kHalf:
-        step_kernel<c10::Half><<<count, kStepThreads, 0, stream>>>(d_groups, d_tensors, tk, fac, fac_double, algo);
+        step_kernel<c10::Half><<<count, kStepThreads, 0, stream>>>(d_groups, d_tensors, tk, fac, fac_double, algo, fi);
         break;
       default:
-        step_kernel<double><<<count, kStepThreads, 0, stream>>>(d_groups, d_tensors, tk, fac, fac_double, algo);
+        step_kernel<double><<<count, kStepThreads, 0, stream>>>(d_groups, d_tensors, tk, fac, fac_double, algo, fi);
         break;
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();

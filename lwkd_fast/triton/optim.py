@@ -15,6 +15,12 @@ group.  The rate of a tensor is read on the device: ``factors[layer] * lr`` (rou
 factors' dtype) with the group's base rate ``lr``.  AdamW step counts are incremented on the
 device with ``torch._foreach_add_`` before the launch, as torch's fused AdamW does.
 
+Skip flag: both ops take an optional ``found_inf`` (0-dim float32 on the device).  The kernels
+load it once per program and fold it into their load/store masks, so a skipped step writes
+nothing (and reads next to nothing); the rule still writes its output ``eta = lr * m`` from the
+unchanged ``m``, and the AdamW step counts are incremented by ``found_inf == 0`` (a 0 or 1 tensor)
+instead of 1.  No value is read on the host.
+
 The same code runs on CPU tensors under ``TRITON_INTERPRET=1`` (the interpreter reads the raw
 addresses of CPU tensors).  Under the interpreter bfloat16 values are converted by explicit bit
 manipulation (round to nearest even), because the interpreter's own bfloat16 casts truncate; the
@@ -112,15 +118,21 @@ def _flag(x):
     return (x != 0.0).to(tl.int32) != 0
 
 
+@triton.jit
+def _zero(x):
+    """``x == 0`` (NaN is not zero), combinable with block masks like :func:`_flag`."""
+    return (x == 0.0).to(tl.int32) != 0
+
+
 # ------------------------------------------------------------------------------------------------
 # The rule: one program over all K layers, float64 arithmetic
 # ------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _rates_kernel(d_ptr, d_stride, m_ptr, m_stride, eta_ptr, nf_ptr, lr_ptr, lr_stride, K, prm_ptr,
+def _rates_kernel(d_ptr, d_stride, m_ptr, m_stride, eta_ptr, nf_ptr, lr_ptr, lr_stride, K, prm_ptr, fi_ptr,
                   HAS_NF: tl.constexpr, LR_FROM_PTR: tl.constexpr, GAMMA_MODE: tl.constexpr,
-                  M_F64: tl.constexpr, BLOCK: tl.constexpr):
+                  M_F64: tl.constexpr, HAS_FI: tl.constexpr, BLOCK: tl.constexpr):
     # float64 scalars come through memory (scalar kernel arguments would be float32)
     base_lr = tl.load(prm_ptr + 0)
     momentum = tl.load(prm_ptr + 1)
@@ -150,7 +162,12 @@ def _rates_kernel(d_ptr, d_stride, m_ptr, m_stride, eta_ptr, nf_ptr, lr_ptr, lr_
         m_q = m_new
     else:
         m_q = m_new.to(tl.float32).to(tl.float64)
-    tl.store(m_ptr + offs * m_stride, m_q, mask=inb)
+    if HAS_FI:  # skipped step: m keeps its (exactly representable) old value, nothing is stored
+        keep = _zero(tl.load(fi_ptr))
+        m_q = tl.where(keep, m_q, m_old)
+        tl.store(m_ptr + offs * m_stride, m_q, mask=inb & keep)
+    else:
+        tl.store(m_ptr + offs * m_stride, m_q, mask=inb)
     if LR_FROM_PTR:
         lr = tl.load(lr_ptr + offs * lr_stride, mask=inb, other=0.0).to(tl.float64)
     else:
@@ -159,13 +176,17 @@ def _rates_kernel(d_ptr, d_stride, m_ptr, m_stride, eta_ptr, nf_ptr, lr_ptr, lr_
     if HAS_NF:
         bad = tl.sum((inb & ~fin).to(tl.int32), axis=0)
         old = tl.load(nf_ptr)
-        tl.store(nf_ptr, old + (bad > 0).to(tl.int64))
+        if HAS_FI:
+            tl.store(nf_ptr, old + (bad > 0).to(tl.int64), mask=_zero(tl.load(fi_ptr)))
+        else:
+            tl.store(nf_ptr, old + (bad > 0).to(tl.int64))
 
 
 @torch.library.custom_op("lwkd_triton::layerwise_rates", mutates_args=("state", "nonfinite"))
 def layerwise_rates(d: torch.Tensor, state: torch.Tensor, nonfinite: Optional[torch.Tensor],
                     base_lr: List[float], base_lr_tensor: Optional[torch.Tensor], momentum: float,
-                    gamma: float, s_min: float, s_max: float, eps: float) -> torch.Tensor:
+                    gamma: float, s_min: float, s_max: float, eps: float,
+                    found_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Triton implementation of ``lwkd::layerwise_rates`` (same arguments and result)."""
     K = d.shape[0]
     eta = torch.empty(K, dtype=state.dtype, device=state.device)
@@ -189,14 +210,16 @@ def layerwise_rates(d: torch.Tensor, state: torch.Tensor, nonfinite: Optional[to
     with _quiet():
         _rates_kernel[(1,)](
             d, d.stride(0), state, state.stride(0), eta, nf, lr_ptr, lr_stride, K, prm,
+            found_inf if found_inf is not None else eta,
             HAS_NF=nonfinite is not None, LR_FROM_PTR=from_ptr, GAMMA_MODE=gamma_mode,
-            M_F64=state.dtype == torch.float64, BLOCK=max(16, triton.next_power_of_2(K)),
+            M_F64=state.dtype == torch.float64, HAS_FI=found_inf is not None,
+            BLOCK=max(16, triton.next_power_of_2(K)),
         )
     return eta
 
 
 @layerwise_rates.register_fake
-def _(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps):
+def _(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps, found_inf=None):
     return torch.empty(d.shape[0], dtype=state.dtype, device=state.device)
 
 
@@ -211,8 +234,8 @@ _GLR = 0
 
 @triton.jit
 def _step_kernel(ptr_table, numel_table, tgroup_table, fresh_table, task_table, glayer_table, gfloat_table,
-                 factors_ptr, ALGO: tl.constexpr, DT: tl.constexpr, FAC_F64: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 factors_ptr, fi_ptr, ALGO: tl.constexpr, DT: tl.constexpr, FAC_F64: tl.constexpr,
+                 HAS_FI: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(task_table + 2 * pid)
     chunk = tl.load(task_table + 2 * pid + 1).to(tl.int64)
@@ -236,6 +259,9 @@ def _step_kernel(ptr_table, numel_table, tgroup_table, fresh_table, task_table, 
 
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
+    if HAS_FI:
+        # skipped step: every load and store below is masked off (nothing written, little read)
+        mask = mask & _zero(tl.load(fi_ptr))
     row = ptr_table + 6 * t
     p_addr = tl.load(row + 0)
     g_addr = tl.load(row + 1)
@@ -317,7 +343,8 @@ def layerwise_step(algorithm: str, params: List[torch.Tensor], grads: List[torch
                    state1: List[torch.Tensor], state2: List[torch.Tensor], state3: List[torch.Tensor],
                    steps: List[torch.Tensor], factors: torch.Tensor, tensor_group: List[int],
                    fresh: List[int], group_layer: List[int], group_lr: List[float],
-                   group_lr_tensor: List[Optional[torch.Tensor]], group_hyper: List[float]) -> None:
+                   group_lr_tensor: List[Optional[torch.Tensor]], group_hyper: List[float],
+                   found_inf: Optional[torch.Tensor] = None) -> None:
     """Triton implementation of ``lwkd::layerwise_step`` (same arguments; see csrc/ops.cpp)."""
     if algorithm not in ("sgd", "adamw"):
         raise ValueError(f"lwkd_triton::layerwise_step: unknown algorithm {algorithm!r} (expected 'sgd' or 'adamw')")
@@ -369,7 +396,10 @@ def layerwise_step(algorithm: str, params: List[torch.Tensor], grads: List[torch
     tgroup_table = _as_table(tgroups, torch.int64, device)
     fresh_table = _as_table(fresh_flags, torch.int64, device)
     if not sgd:
-        torch._foreach_add_(list(steps), 1.0)
+        if found_inf is None:
+            torch._foreach_add_(list(steps), 1.0)
+        else:  # + 1.0 or + 0.0 (exact either way), decided on the device
+            torch._foreach_add_(list(steps), (found_inf.reshape(()) == 0).to(torch.float32))
     # K = 0 (head groups only): an empty tensor has no address to hand the kernel; the masked
     # load never reads this stand-in
     fac = factors if factors.numel() else torch.ones(1, dtype=factors.dtype, device=device)
@@ -385,7 +415,9 @@ def layerwise_step(algorithm: str, params: List[torch.Tensor], grads: List[torch
         with _quiet():
             _step_kernel[(len(tasks),)](
                 ptr_table, numel_table, tgroup_table, fresh_table, task_table, glayer, gtable, fac,
-                ALGO=0 if sgd else 1, DT=code, FAC_F64=factors.dtype == torch.float64, BLOCK=_STEP_BLOCK,
+                found_inf if found_inf is not None else fac,
+                ALGO=0 if sgd else 1, DT=code, FAC_F64=factors.dtype == torch.float64,
+                HAS_FI=found_inf is not None, BLOCK=_STEP_BLOCK,
                 num_warps=_STEP_WARPS,
             )
 
@@ -408,5 +440,5 @@ def _same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @layerwise_step.register_fake
 def _(algorithm, params, grads, state1, state2, state3, steps, factors, tensor_group, fresh, group_layer,
-      group_lr, group_lr_tensor, group_hyper):
+      group_lr, group_lr_tensor, group_hyper, found_inf=None):
     return None
