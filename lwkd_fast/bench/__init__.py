@@ -147,6 +147,7 @@ def format_table(result: Dict[str, object]) -> str:
 def plot(result: Dict[str, object], path: str) -> None:
     """Speedup over each suite's baseline against problem size (suites with a size sweep)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -160,6 +161,7 @@ def plot(result: Dict[str, object], path: str) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("problem size (elements of all student feature maps)")
         ax.set_ylabel("speedup over the eager per-layer code")
         ax.set_title(f"{name} (fwd+bwd)")
