@@ -179,6 +179,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
     p.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 20; --quick 5)")
     p.add_argument("--memory", action="store_true", help="also measure peak memory of the derivative strategies")
+    p.add_argument("--derivative-size", type=int, default=0, metavar="N",
+                   help="input height = width of the derivatives suite (default 32; --quick 16)")
     p.add_argument("--json", metavar="FILE", help="write every number as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a PNG plot of speedup against problem size")
 
@@ -193,7 +195,8 @@ def _run_cmd(args: argparse.Namespace) -> int:
     def progress(msg):
         bar.set_description_str(f"bench: {msg}")
 
-    ctx = Ctx(quick=args.quick, device=device, repeat=repeat, progress=progress, memory=args.memory)
+    ctx = Ctx(quick=args.quick, device=device, repeat=repeat, progress=progress, memory=args.memory,
+              derivative_size=args.derivative_size)
     try:
         result = run(args.suite or list(SUITES), ctx)
     finally:

@@ -45,6 +45,7 @@ class Ctx:
     repeat: int
     progress: Callable[[str], None]
     memory: bool = False    # also measure peak memory where a suite supports it (slow: subprocesses)
+    derivative_size: int = 0  # input height = width of the derivatives suite (0: 32, --quick 16)
 
 
 SUITES: Dict[str, Callable[[Ctx], List[Row]]] = {}

@@ -149,6 +149,7 @@ def peak_memory_mib(kind: str, strategy: str, batch: int, mode: str, size: int) 
 @suite("derivatives")
 def derivatives_suite(ctx: Ctx) -> List[Row]:
     batch, size = (32, 16) if ctx.quick else (128, 32)
+    size = ctx.derivative_size or size
     model, x, v = make_workload(batch, "train", size=size, device=ctx.device)
     flops = jacobian_conv_flops(model, x)
     rows: List[Row] = []
