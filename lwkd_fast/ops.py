@@ -233,17 +233,6 @@ def backends() -> Dict[str, Dict[str, object]]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _bcn_n(x: torch.Tensor, channel_dim: int) -> int:
-    if x.dim() == 1:
-        return 1
-    cd = channel_dim % x.dim()
-    n = 1
-    for d in range(1, x.dim()):
-        if d != cd:
-            n *= x.shape[d]
-    return n
-
-
 if _C is not None:
 
     @torch.library.register_fake("lwkd::attention_discrepancy")
@@ -251,8 +240,8 @@ if _C is not None:
         dt = reference.acc_dtype(*student, *teacher)
         B = student[0].shape[0]
         d = student[0].new_empty((len(student), B), dtype=dt)
-        maps_s = [x.new_empty((B, _bcn_n(x, channel_dim)), dtype=dt) for x in student]
-        maps_t = [x.new_empty((B, _bcn_n(x, channel_dim)), dtype=dt) for x in teacher]
+        maps_s = [x.new_empty((B, reference.bcn_locations(x, channel_dim)), dtype=dt) for x in student]
+        maps_t = [x.new_empty((B, reference.bcn_locations(x, channel_dim)), dtype=dt) for x in teacher]
         return d, maps_s, maps_t
 
     @torch.library.register_fake("lwkd::attention_discrepancy_backward")

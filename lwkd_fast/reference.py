@@ -37,12 +37,25 @@ def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _to_bcn(feat: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """(B, C, N) view (or copy) of a feature map whose channel dimension is ``channel_dim``."""
+def to_bcn(feat: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """(B, C, N) view of a feature map whose channel dimension is ``channel_dim`` (a copy only
+    when its spatial dimensions cannot merge)."""
     if feat.dim() == 1:
         return feat.reshape(feat.shape[0], 1, 1)
     x = feat.movedim(channel_dim, 1)
     return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def bcn_locations(feat: torch.Tensor, channel_dim: int) -> int:
+    """N, the number of locations of :func:`to_bcn` (product of the non-batch, non-channel dims)."""
+    if feat.dim() == 1:
+        return 1
+    cd = channel_dim % feat.dim()
+    n = 1
+    for d in range(1, feat.dim()):
+        if d != cd:
+            n *= feat.shape[d]
+    return n
 
 
 def attention_maps(
@@ -54,7 +67,7 @@ def attention_maps(
 ) -> torch.Tensor:
     """``a[b, i] = (1/C) sum_c |A[b, c, i]|^p`` as a (B, N) tensor (SPEC section 1)."""
     dtype = compute_dtype or acc_dtype(feat)
-    x = _to_bcn(feat, channel_dim).to(dtype)
+    x = to_bcn(feat, channel_dim).to(dtype)
     x = x.pow(2) if p == 2 else x.abs().pow(p)
     return x.mean(1)
 

@@ -76,6 +76,19 @@ inline int64_t check_pair_lists(at::TensorList s, at::TensorList t, const char* 
   return B;
 }
 
+// Argument checks shared by the CPU and CUDA attention backward; returns B (0 when K == 0).
+inline int64_t check_attention_backward(const at::Tensor& grad, at::TensorList student,
+                                        at::TensorList maps_s, at::TensorList maps_t) {
+  const int64_t K = static_cast<int64_t>(student.size());
+  TORCH_CHECK(maps_s.size() == student.size() && maps_t.size() == student.size(),
+              "lwkd::attention_discrepancy_backward: list lengths differ");
+  if (K == 0) return 0;
+  const int64_t B = student[0].size(0);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == K && grad.size(1) == B,
+              "lwkd::attention_discrepancy_backward: grad must be (", K, ", ", B, "), got ", grad.sizes());
+  return B;
+}
+
 // float64 if any input is float64, else float32 (SPEC section 2).
 inline at::ScalarType acc_dtype(at::TensorList s, at::TensorList t) {
   for (const auto& x : s) if (x.scalar_type() == at::kDouble) return at::kDouble;

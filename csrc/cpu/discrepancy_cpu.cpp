@@ -333,12 +333,8 @@ std::vector<at::Tensor> attention_discrepancy_backward_cpu(
     double eps, int64_t channel_dim) {
   const MetricParams prm = parse_params(metric, normalize, beta, tau, eps, /*attention=*/true);
   const int64_t K = static_cast<int64_t>(student.size());
-  TORCH_CHECK(maps_s.size() == student.size() && maps_t.size() == student.size(),
-              "lwkd::attention_discrepancy_backward: list lengths differ");
+  const int64_t B = check_attention_backward(grad, student, maps_s, maps_t);
   if (K == 0) return {};
-  const int64_t B = student[0].size(0);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == K && grad.size(1) == B,
-              "lwkd::attention_discrepancy_backward: grad must be (", K, ", ", B, "), got ", grad.sizes());
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
 

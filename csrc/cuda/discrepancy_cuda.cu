@@ -793,13 +793,9 @@ std::vector<at::Tensor> attention_discrepancy_backward_cuda(
     double eps, int64_t channel_dim) {
   const MetricParams prm = parse_params(metric, normalize, beta, tau, eps, /*attention=*/true);
   const int64_t K = static_cast<int64_t>(student.size());
-  TORCH_CHECK(maps_s.size() == student.size() && maps_t.size() == student.size(),
-              "lwkd::attention_discrepancy_backward: list lengths differ");
+  const int64_t B = check_attention_backward(grad, student, maps_s, maps_t);
   if (K == 0) return {};
   check_cuda_inputs(student, "attention_discrepancy_backward");
-  const int64_t B = student[0].size(0);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == K && grad.size(1) == B,
-              "lwkd::attention_discrepancy_backward: grad must be (", K, ", ", B, "), got ", grad.sizes());
   const c10::cuda::CUDAGuard guard(student[0].device());
   const auto acc = maps_s[0].scalar_type();
   TORCH_CHECK(acc == at::kFloat || acc == at::kDouble,

@@ -73,6 +73,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
+
 __all__ = ["attention_discrepancy", "map_discrepancy", "CONFIG", "Config"]
 
 # ------------------------------------------------------------------------------------------------
@@ -951,26 +953,6 @@ def _pair_lists(student, teacher, op: str) -> int:
     return B
 
 
-def _bcn(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """(B, C, N) view of a feature tensor (a copy only when the spatial dims cannot merge)."""
-    if x.dim() == 1:
-        return x.view(x.shape[0], 1, 1)
-    cd = channel_dim % x.dim()
-    y = x.movedim(cd, 1)
-    return y.reshape(y.shape[0], y.shape[1], -1)
-
-
-def _bcn_n(x: torch.Tensor, channel_dim: int):
-    if x.dim() == 1:
-        return 1
-    cd = channel_dim % x.dim()
-    n = 1
-    for d in range(1, x.dim()):
-        if d != cd:
-            n = n * x.shape[d]
-    return n
-
-
 def _divisibility(ptr: int, esize: int, strides) -> Tuple[int, int]:
     """(div, align): the largest power of two div <= 16 bytes / element such that the base pointer
     is div-element aligned and every stride is a multiple of div.  The kernels pass these to the
@@ -1104,7 +1086,7 @@ def _grad_view(x: torch.Tensor, channel_dim: int):
     """Gradient buffer with x's layout and its (B, C, N) view; when the view cannot alias the
     buffer, a (B, C, N) scratch buffer is written and copied into the gradient afterwards."""
     g = torch.empty_like(x)
-    g3 = _bcn(g, channel_dim)
+    g3 = reference.to_bcn(g, channel_dim)
     if x.dim() == 1 or g3._base is g:
         return g, g3, False
     return g, torch.empty(g3.shape, dtype=x.dtype, device=x.device), True
@@ -1131,8 +1113,8 @@ def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, e
     K = len(student)
     acc = _acc_dtype(list(student) + list(teacher))
     dev = student[0].device
-    s3 = [_bcn(x, channel_dim) for x in student]
-    t3 = [_bcn(x, channel_dim) for x in teacher]
+    s3 = [reference.to_bcn(x, channel_dim) for x in student]
+    t3 = [reference.to_bcn(x, channel_dim) for x in teacher]
     Ns = []
     for k in range(K):
         if s3[k].shape[2] != t3[k].shape[2]:
@@ -1185,7 +1167,7 @@ def _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, nor
     if tuple(grad.shape) != (K, B):
         raise ValueError(f"lwkd_triton::{op}: grad must be ({K}, {B}), got {tuple(grad.shape)}")
     grad = grad.to(acc).contiguous()
-    s3 = [_bcn(x, channel_dim) for x in student]
+    s3 = [reference.to_bcn(x, channel_dim) for x in student]
     Ns = [x.shape[2] for x in s3]
     if maps_s.numel() != B * sum(Ns) or maps_t.numel() != B * sum(Ns):
         raise ValueError(f"lwkd_triton::{op}: saved maps do not match the student features")
@@ -1388,7 +1370,7 @@ def attention_discrepancy_op(student: List[torch.Tensor], teacher: List[torch.Te
 def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim):
     acc = _acc_dtype(list(student) + list(teacher))
     B = student[0].shape[0]
-    ntot = sum(_bcn_n(x, channel_dim) for x in student)
+    ntot = sum(reference.bcn_locations(x, channel_dim) for x in student)
     d = student[0].new_empty((len(student), B), dtype=acc)
     return d, student[0].new_empty((B * ntot,), dtype=acc), student[0].new_empty((B * ntot,), dtype=acc)
 
