@@ -358,12 +358,13 @@ def _discrepancy_run(T=40, K=4, seed=5):
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.float64])
 def test_running_rule_is_scale_invariant(backend, sdtype):
     """Multiplying one layer's D by a constant at every step leaves every rate unchanged: bit for
-    bit for a power of two (exact in floating point), to rounding for 100 and 1e-3."""
-    ds = _discrepancy_run()
+    bit for a power of two (exact in floating point), to rounding for 100 and 1e-3 (fewer factors
+    under the Triton interpreter, where every step costs milliseconds)."""
+    ds = _discrepancy_run(T=16)
     opts = dict(gamma=1.5, s_min=0.05, s_max=20.0)
     base_f, base_eta, _, base_ref = run_steps(backend, ds, "running", sdtype, **opts)
     assert float((base_f - 1).abs().max()) > 0.05  # the rates do move
-    for c in (2.0 ** 7, 2.0 ** -9, 100.0, 1e-3):
+    for c in (2.0 ** 7, 2.0 ** -9, 100.0, 1e-3) if backend != "triton" else (2.0 ** -9, 100.0):
         scaled = ds.clone()
         scaled[:, 2] *= c
         f, eta, _, ref = run_steps(backend, scaled, "running", sdtype, **opts)
@@ -386,7 +387,7 @@ def test_running_rule_constant_multiple_gets_the_same_rate(backend):
     """A layer whose D is a constant multiple of another layer's at every step gets that layer's
     rate under "running"; under "none" the 100x copy takes the rate of both (issue 14: 0.14 and
     2.85 for the two)."""
-    base = _discrepancy_run(T=60, K=2)
+    base = _discrepancy_run(T=40, K=2)
     ds = torch.cat([base, 100.0 * base[:, :1]], dim=1)  # layer 2 = 100 x layer 0
     f_run = run_steps(backend, ds, "running")[0]
     torch.testing.assert_close(f_run[:, 2], f_run[:, 0], rtol=2e-6, atol=0)
@@ -400,7 +401,7 @@ def test_stalled_layer_gains_rate(backend, normalize):
     """All layers fall alike, then layer 1 stops falling while the others keep falling: its factor
     rises above every other layer's and above where it stood when it stalled.  "running" shows it
     whatever the layers' scales (here 1e-3 next to 5); "none" only for layers of similar scale."""
-    T, stall = 80, 30
+    T, stall = 50, 20
     t = torch.arange(T, dtype=torch.float64)
     scale = [0.2, 1e-3, 5.0] if normalize == "running" else [0.2, 0.15, 0.3]
     ds = torch.stack([c * torch.exp(-0.05 * t) for c in scale], 1)
