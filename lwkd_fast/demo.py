@@ -568,7 +568,7 @@ def _band(ax, xs, rows, color, ls, gid):
 
 
 def plot(results: List[RunResult], summary, path: str, teacher_acc: float, settings: Dict[str, Dict]):
-    """The figure: test accuracy per epoch in each setting (mean and ± 1 sd over seeds), the paired
+    """The figure: test error per epoch in each setting (mean and ± 1 sd over seeds), the paired
     differences with their simultaneous intervals, and each layer's rate factor in the harder
     setting.  Returns the matplotlib figure (closed after saving)."""
     import matplotlib
@@ -587,34 +587,30 @@ def plot(results: List[RunResult], summary, path: str, teacher_acc: float, setti
     acc_span = cells // max(len(names), 1)
     for i, st in enumerate(names):
         ax = fig.add_subplot(grid[0, i * acc_span:(i + 1) * acc_span])
-        lows, highs = [], []
+        # test error on a log axis: the whole run is visible and the last points still resolve
+        # differences of a fraction of a point
+        values = [100 * (1 - teacher_acc)]
         for loss in LOSSES:
             for arm in arms_of(loss):
                 rs = [r for r in results if (r.setting, r.loss, r.arm) == (st, loss, arm)]
                 if not rs:
                     continue
                 xs = list(range(1, len(rs[0].curve) + 1))
-                mean, sd = _band(ax, xs, [[100 * a for a in r.curve] for r in rs], COLORS[loss], LINESTYLES[arm],
-                                 f"acc|{st}|{loss}|{arm}")
-                tail = len(xs) // 3  # the axis shows where the runs end up, not the first epochs
-                lows += [m - v for m, v in zip(mean[tail:], sd[tail:])]
-                highs += [m + v for m, v in zip(mean[tail:], sd[tail:])]
-        title = f"{st}: {settings[st]['train_images']} training images"
-        if lows:  # the students' range; the teacher is a line only when it falls inside it
-            lo, hi = min(lows), max(highs)
-            pad = 0.06 * (hi - lo) + 0.3
-            ax.set_ylim(lo - pad, hi + 2 * pad)
-        if not lows or 100 * teacher_acc <= hi + 2 * pad:
-            ax.axhline(100 * teacher_acc, color="black", lw=0.8, ls=(0, (1, 3)))
-            ax.text(1, 100 * teacher_acc, " teacher", va="bottom", ha="left", fontsize=7)
-        else:
-            title += f" (teacher {teacher_acc:.1%})"
-        ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+                mean, sd = _band(ax, xs, [[100 * (1 - a) for a in r.curve] for r in rs], COLORS[loss],
+                                 LINESTYLES[arm], f"acc|{st}|{loss}|{arm}")
+                values += [v for m, d in zip(mean, sd) for v in (m - d, m + d) if v > 0] + mean
+        ax.axhline(100 * (1 - teacher_acc), color="black", lw=0.8, ls=(0, (1, 3)))
+        ax.text(1, 100 * (1 - teacher_acc), " teacher", va="bottom", ha="left", fontsize=7)
+        ax.set_yscale("log")
+        positive = [v for v in values if v > 0]
+        if positive:
+            ax.set_ylim(min(positive) / 1.15, min(100.0, max(positive) * 1.15))
+        ax.yaxis.set_major_formatter(PercentFormatter(decimals=0 if min(positive, default=1) >= 1 else 1))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
-        ax.set_ylabel("student test accuracy")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.25, lw=0.5)
+        ax.set_ylabel("student test error (log scale)")
+        ax.set_title(f"{st}: {settings[st]['train_images']} training images", fontsize=10)
+        ax.grid(alpha=0.25, lw=0.5, which="both")
 
     # paired differences with simultaneous intervals; each label sits above its interval
     ax = fig.add_subplot(grid[:, cells:])
@@ -666,7 +662,7 @@ def plot(results: List[RunResult], summary, path: str, teacher_acc: float, setti
                bbox_to_anchor=(0.5, -0.005))
     fig.suptitle("Layer-wise rates on sklearn digits: students distilled from a wide CNN (bands: ± 1 sd over seeds)",
                  fontsize=11)
-    fig.subplots_adjust(bottom=0.12, top=0.89, left=0.05, right=0.99)
+    fig.subplots_adjust(bottom=0.12, top=0.89, left=0.065, right=0.99)
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return fig

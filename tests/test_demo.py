@@ -189,64 +189,11 @@ def test_plot_legend_covers_no_data_and_each_encoding_has_one_meaning(tmp_path):
     assert all(len(v) == 1 for v in colour.values()) and all(len(v) == 1 for v in style.values())
     assert len({next(iter(v)) for v in colour.values()}) == len(colour)  # distinct per loss
     assert len({next(iter(v)) for v in style.values()}) == len(style)    # distinct per arm
-    # the accuracy axes show where the runs end, not 0..100 %
+    # the accuracy panels plot test error on a log axis fitted to every curve and band
     acc_axes = [ax for ax in fig.axes if any((ln.get_gid() or "").startswith("acc|") for ln in ax.get_lines())]
     assert len(acc_axes) == 2
     for ax in acc_axes:
         lo, hi = ax.get_ylim()
-        finals = [ln.get_ydata()[-1] for ln in ax.get_lines() if (ln.get_gid() or "").startswith("acc|")]
-        assert lo <= min(finals) and max(finals) <= hi and lo > 30 and hi - lo < 40
-
-
-# ------------------------------------------------------------------------------------------------
-# The command
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("flag", ["--seeds", "--epochs", "--jobs"])
-def test_zero_seeds_or_epochs_are_refused(flag, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["demo", flag, "0", "--no-progress"])
-    assert exc.value.code == 2
-    assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
-
-
-def test_unknown_setting_or_loss_is_refused(capsys):
-    assert cli.main(["demo", "--settings", "scarce,tiny", "--no-progress"]) == 2
-    assert "unknown setting 'tiny'" in capsys.readouterr().err
-    assert cli.main(["demo", "--losses", "mse", "--no-progress"]) == 2
-    assert "unknown loss 'mse'" in capsys.readouterr().err
-
-
-def _run(tmp_path, jobs, name):
-    out = tmp_path / name
-    code = cli.main(["demo", "--losses", "ce,hessian", "--seeds", "1", "--epochs", "1", "--settings", "scarce",
-                     "--jobs", str(jobs), "--no-progress", "--out", str(out)])
-    assert code == 0
-    return json.loads((out / "demo.json").read_text()), out
-
-
-def test_tiny_demo_end_to_end_and_independent_of_jobs(tiny, capsys):
-    r1, out1 = _run(tiny, 1, "one")
-    text = capsys.readouterr().out
-    assert "paired differences" in text and "layer-wise, rule 'running'" in text and "rate factors" in text
-    assert "not enough seeds" in text and "helped" not in text
-    assert (out1 / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the exact number of images the students saw
-    assert r1["student_cfg"]["settings"]["scarce"]["train_images"] == 50
-    assert "scarce': 50 training images" in text
-    runs = r1["runs"]
-    assert sorted((r["loss"], r["arm"]) for r in runs) == [
-        ("ce", "fixed"), ("hessian", "fixed"), ("hessian", "none"), ("hessian", "running")]
-    for r in runs:
-        assert len(r["curve"]) == 1 and all(0.0 <= a <= 1.0 for a in r["curve"])
-        assert len(r["factor_traj"]) == 1 and len(r["factor_traj"][0]) == 3
-        if r["arm"] == "fixed":  # gamma = 0: every factor stays exactly 1
-            assert all(m == 1.0 for row in r["factor_traj"] for m in row)
-        else:
-            assert any(m != 1.0 for row in r["factor_traj"] for m in row)
-    assert [c["verdict"] for c in r1["summary"]["comparisons"]] == ["not enough seeds"] * 3
-    r2, _ = _run(tiny, 2, "two")
-    key = lambda r: (r["setting"], r["loss"], r["arm"], r["seed"])  # noqa: E731
-    for a, b in zip(sorted(r1["runs"], key=key), sorted(r2["runs"], key=key)):
-        assert a["curve"] == b["curve"] and a["factor_traj"] == b["factor_traj"]
+        values = [v for ln in ax.get_lines() if (ln.get_gid() or "").startswith("acc|") for v in ln.get_ydata()]
+        assert ax.get_yscale() == "log" and lo <= min(values) and max(values) <= hi <= 100.0
+        assert min(min(values), 100 * (1 - 0.995)) < 1.3 * lo  # fitted to the curves and the teacher
