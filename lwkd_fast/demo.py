@@ -41,6 +41,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -568,53 +569,48 @@ def _band(ax, xs, rows, color, ls, gid):
     return mean, sd
 
 
-def plot(results: List[RunResult], summary, path: str, teacher_acc: float, settings: Dict[str, Dict]):
-    """The figure: test error per epoch in each setting (mean and ± 1 sd over seeds), the paired
-    differences with their simultaneous intervals, and each layer's rate factor in the harder
-    setting.  Returns the matplotlib figure (closed after saving)."""
-    import matplotlib
+def _error_panel(ax, results, st, n_images, teacher_acc):
+    """Test error per epoch of every (loss, arm) in one setting, on a log axis fitted to the
+    students: the whole run is visible and the last epochs still resolve fractions of a point."""
+    from matplotlib.ticker import MaxNLocator, NullFormatter, PercentFormatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator, PercentFormatter
+    values = []
+    for loss in LOSSES:
+        for arm in arms_of(loss):
+            rs = [r for r in results if (r.setting, r.loss, r.arm) == (st, loss, arm)]
+            if not rs:
+                continue
+            xs = list(range(1, len(rs[0].curve) + 1))
+            mean, sd = _band(ax, xs, [[100 * (1 - a) for a in r.curve] for r in rs], COLORS[loss],
+                             LINESTYLES[arm], f"acc|{st}|{loss}|{arm}")
+            values += [v for m, d in zip(mean, sd) for v in (m - d, m + d, m) if v > 0]
+    ax.set_yscale("log")
+    title = f"{st}: {n_images} training images"
+    if values:
+        lo, hi = min(values) / 1.15, min(100.0, max(values) * 1.15)
+        ax.set_ylim(lo, hi)
+        teacher_err = 100 * (1 - teacher_acc)
+        if lo <= teacher_err <= hi:
+            ax.axhline(teacher_err, color="black", lw=0.8, ls=(0, (1, 3)))
+            ax.text(1, teacher_err, " teacher", va="bottom", ha="left", fontsize=7)
+        else:
+            title += f" (teacher: {teacher_err:.1f}% error)"
+        ax.yaxis.set_major_formatter(PercentFormatter(decimals=0 if lo >= 1 else 1))
+        if hi / lo < 12:  # label the minor ticks too when the axis spans about a decade or less
+            ax.yaxis.set_minor_formatter(PercentFormatter(decimals=0 if lo >= 1 else 1))
+        else:
+            ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("student test error (log scale)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.25, lw=0.5, which="both")
+    ax.tick_params(axis="y", which="minor", labelsize=7)
 
-    names = [st for st in settings if any(r.setting == st for r in results)]
-    K = max((len(r.factor_traj[0]) for r in results if r.factor_traj), default=0)
-    # left block: accuracy per setting (top), rate factor per layer (bottom); right: the intervals
-    cells = max(len(names), 1) * max(K, 1)
-    fig = plt.figure(figsize=(15, 8.2))
-    grid = fig.add_gridspec(2, cells + (cells * 2) // 3, hspace=0.38, wspace=1.2)
-    acc_span = cells // max(len(names), 1)
-    for i, st in enumerate(names):
-        ax = fig.add_subplot(grid[0, i * acc_span:(i + 1) * acc_span])
-        # test error on a log axis: the whole run is visible and the last points still resolve
-        # differences of a fraction of a point
-        values = [100 * (1 - teacher_acc)]
-        for loss in LOSSES:
-            for arm in arms_of(loss):
-                rs = [r for r in results if (r.setting, r.loss, r.arm) == (st, loss, arm)]
-                if not rs:
-                    continue
-                xs = list(range(1, len(rs[0].curve) + 1))
-                mean, sd = _band(ax, xs, [[100 * (1 - a) for a in r.curve] for r in rs], COLORS[loss],
-                                 LINESTYLES[arm], f"acc|{st}|{loss}|{arm}")
-                values += [v for m, d in zip(mean, sd) for v in (m - d, m + d) if v > 0] + mean
-        ax.axhline(100 * (1 - teacher_acc), color="black", lw=0.8, ls=(0, (1, 3)))
-        ax.text(1, 100 * (1 - teacher_acc), " teacher", va="bottom", ha="left", fontsize=7)
-        ax.set_yscale("log")
-        positive = [v for v in values if v > 0]
-        if positive:
-            ax.set_ylim(min(positive) / 1.15, min(100.0, max(positive) * 1.15))
-        ax.yaxis.set_major_formatter(PercentFormatter(decimals=0 if min(positive, default=1) >= 1 else 1))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("student test error (log scale)")
-        ax.set_title(f"{st}: {settings[st]['train_images']} training images", fontsize=10)
-        ax.grid(alpha=0.25, lw=0.5, which="both")
 
-    # paired differences with simultaneous intervals; each label sits above its interval
-    ax = fig.add_subplot(grid[:, cells:])
+def _interval_panel(ax, summary):
+    """The paired differences with their simultaneous intervals (a forest plot); each label sits
+    above its interval, intervals beyond the axis end in an arrow."""
     comps = summary["comparisons"]
     finite = [abs(v) for c in comps for v in (c["lo"], c["hi"]) if math.isfinite(v)]
     lim = max(3.0, min(20.0, max(finite, default=3.0) * 1.05))
@@ -626,44 +622,69 @@ def plot(results: List[RunResult], summary, path: str, teacher_acc: float, setti
         ax.plot([lo, hi], [y, y], color=color, lw=2, solid_capstyle="butt", gid=f"diff|{c['setting']}|{c['loss']}")
         ax.plot([c["mean"]], [y], "o", color=color, ms=4)
         for edge, bound, mark in ((c["lo"], -lim, "<"), (c["hi"], lim, ">")):
-            if not -lim <= edge <= lim:  # clipped interval: an arrow at the edge
+            if not -lim <= edge <= lim:
                 ax.plot([bound], [y], mark, color=color, ms=5)
-        ax.text(-lim * 0.98, y - 0.22, f"{c['setting']}, {c['loss']}: {_comparison_name(c)} -- {c['verdict']}",
+        ax.text(-lim * 0.98, y - 0.2, f"{c['setting']}, {c['loss']}: {_comparison_name(c)} -- {c['verdict']}",
                 fontsize=6.5, va="bottom", ha="left")
     ax.set_yticks([])
     ax.set_ylim(len(comps) - 0.5, -0.9)
     ax.set_xlim(-lim, lim)
-    ax.set_xlabel("paired difference in test accuracy (percentage points)")
+    ax.set_xlabel("paired difference in test accuracy (points)")
     ax.set_title(f"paired differences, simultaneous {1 - summary['family_alpha']:.0%} intervals\n"
-                 f"(grey: ±{summary['margin_pts']:g} point)", fontsize=10)
+                 f"(Bonferroni over {summary['family_size']}; grey: ±{summary['margin_pts']:g} point)", fontsize=10)
     ax.grid(axis="x", alpha=0.25, lw=0.5)
 
-    # rate factors of the harder setting, one panel per layer
-    fst = "scarce" if "scarce" in names else (names[0] if names else None)
-    fspan = cells // max(K, 1)
-    for j in range(K):
-        ax = fig.add_subplot(grid[1, j * fspan:(j + 1) * fspan])
-        for loss in MATCHING:
-            for arm in ("none", "running"):
-                rs = [r for r in results if (r.setting, r.loss, r.arm) == (fst, loss, arm)]
-                if rs:
-                    xs = list(range(1, len(rs[0].factor_traj) + 1))
-                    _band(ax, xs, [[row[j] for row in r.factor_traj] for r in rs], COLORS[loss], LINESTYLES[arm],
-                          f"factor|{fst}|{loss}|{arm}|{j}")
-        ax.axhline(1.0, color="black", lw=0.8, ls=LINESTYLES["fixed"])
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"rate factor m{j} = eta{j} / eta0")
-        ax.set_title(f"layer {j} ({fst})", fontsize=10)
-        ax.grid(alpha=0.25, lw=0.5)
 
+def _factor_panel(ax, results, st, j):
+    from matplotlib.ticker import MaxNLocator
+
+    for loss in MATCHING:
+        for arm in ("none", "running"):
+            rs = [r for r in results if (r.setting, r.loss, r.arm) == (st, loss, arm)]
+            if rs:
+                xs = list(range(1, len(rs[0].factor_traj) + 1))
+                _band(ax, xs, [[row[j] for row in r.factor_traj] for r in rs], COLORS[loss], LINESTYLES[arm],
+                      f"factor|{st}|{loss}|{arm}|{j}")
+    ax.axhline(1.0, color="black", lw=0.8, ls=LINESTYLES["fixed"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"rate factor m{j} = eta{j} / eta0")
+    ax.set_title(f"layer {j} ({st})", fontsize=10)
+    ax.grid(alpha=0.25, lw=0.5)
+
+
+def plot(results: List[RunResult], summary, path: str, teacher_acc: float, settings: Dict[str, Dict]):
+    """The figure: test error per epoch in each setting (mean and ± 1 sd over seeds), the paired
+    differences with their simultaneous intervals, and each layer's rate factor in the harder
+    setting.  Colour means the loss and line style the rates (arm) in every panel; the legend sits
+    below all panels.  Returns the matplotlib figure (closed after saving)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    names = [st for st in settings if any(r.setting == st for r in results)]
+    K = max((len(r.factor_traj[0]) for r in results if r.factor_traj), default=0)
+    fig = plt.figure(figsize=(15, 8.4))
+    left, right = fig.subfigures(1, 2, width_ratios=[2.3, 1], wspace=0.02)
+    top, bottom = left.subfigures(2, 1, hspace=0.04)
+    for ax, st in zip(np.atleast_1d(top.subplots(1, max(len(names), 1))), names):
+        _error_panel(ax, results, st, settings[st]["train_images"], teacher_acc)
+    fst = "scarce" if "scarce" in names else (names[0] if names else None)
+    if K:
+        for j, ax in enumerate(np.atleast_1d(bottom.subplots(1, K))):
+            _factor_panel(ax, results, fst, j)
+    _interval_panel(right.subplots(1, 1), summary)
+    top.subplots_adjust(left=0.11, right=0.98, bottom=0.17, top=0.84, wspace=0.32)
+    bottom.subplots_adjust(left=0.11, right=0.98, bottom=0.2, top=0.9, wspace=0.32)
+    right.subplots_adjust(left=0.04, right=0.98, bottom=0.1, top=0.9)
     handles = [Line2D([], [], color=COLORS[loss], lw=2.5, label=loss) for loss in LOSSES]
     handles += [Line2D([], [], color="black", ls=LINESTYLES[arm], lw=1.6, label=ARM_LABEL[arm]) for arm in ARMS]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, -0.005))
+               bbox_to_anchor=(0.5, 0.0))
     fig.suptitle("Layer-wise rates on sklearn digits: students distilled from a wide CNN (bands: ± 1 sd over seeds)",
-                 fontsize=11)
-    fig.subplots_adjust(bottom=0.12, top=0.89, left=0.065, right=0.99)
+                 fontsize=11, y=0.995)
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return fig
