@@ -39,8 +39,8 @@ Skipping a step (non-finite loss, fp16 overflow) without a host synchronisation
     When it is nonzero the step is skipped ON THE DEVICE (apex's skip-flag pattern): no
     parameter, no optimizer state (momentum buffers, ``exp_avg``, ``exp_avg_sq``,
     ``max_exp_avg_sq``, AdamW step counts) and no rule state (factors ``m``, the running
-    reference, the non-finite counter, ``rates``) changes -- the run is bit-identical to one that never called ``step()``
-    there -- and ``opt.skipped_steps`` (0-dim int64 device tensor, in the checkpoint) counts it.
+    reference, the non-finite counter, ``rates``) changes -- the run is bit-identical to one that
+    never called ``step()`` there -- and ``opt.skipped_steps`` (0-dim int64 device tensor, in the checkpoint) counts it.
     The kernels read the flag themselves, so a skipped step costs next to nothing and a
     ``found_inf`` of None costs nothing at all.  State a skipped step had to create for
     parameters seen for the first time (AdamW zeros; SGD momentum buffers, whose first update is
