@@ -219,9 +219,8 @@ def kernels_in_sources(cuda_dir: Optional[Path] = None) -> List[str]:
         src = f.read_text()
         mask = _code_mask(src)
         for m in _finds(src, r"\b__global__\b", mask):
-            head = src[m.end():src.index("(", m.end())]
-            head = re.sub(r"__launch_bounds__\s*\([^)]*\)", "", head)
-            names.add(re.findall(r"[A-Za-z_]\w*", head)[-1])
+            head = re.sub(r"__launch_bounds__\s*\([^)]*\)", "", src[m.end():m.end() + 400])
+            names.add(re.findall(r"[A-Za-z_]\w*", head[:head.index("(")])[-1])
     return sorted(names)
 
 
@@ -253,12 +252,14 @@ def generate(out: Path, cuda_dir: Optional[Path] = None, root: Optional[Path] = 
     root = root or source_root()
     cuda_dir = Path(cuda_dir or root / "csrc" / "cuda")
     units = []
-    for f in sorted(cuda_dir.iterdir()):
+    files = [(f, "cuda") for f in sorted(cuda_dir.iterdir())]
+    files.append((root / "csrc" / "emu" / "selftest.cu", "emu"))  # the layer's own test kernels
+    for f, sub in files:
         if f.suffix not in (".cu", ".cuh"):
             continue
-        rel = f"csrc/cuda/{f.name}"
+        rel = f"csrc/{sub}/{f.name}"
         text, counts = rewrite_cuda_source(f.read_text(), rel)
-        dest = out / "cuda" / (f.stem + (".cpp" if f.suffix == ".cu" else ".cuh"))
+        dest = out / sub / (f.stem + (".cpp" if f.suffix == ".cu" else ".cuh"))
         _write_if_changed(dest, text)
         if f.suffix == ".cu":
             if counts["launches"] == 0 and "__global__" in text:
@@ -357,11 +358,16 @@ def sanitizer_env(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     preloaded, leak checks off (the Python interpreter is not instrumented), aborting on the
     first report."""
     env = dict(os.environ if base is None else base)
-    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-    if not os.path.isabs(libasan):
-        raise RuntimeError("cuda_emu: the compiler has no libasan.so (install the ASan runtime of g++)")
-    env["LD_PRELOAD"] = os.path.realpath(libasan)
+    libs = []
+    # libstdc++ right after the ASan runtime: otherwise ASan's __cxa_throw interceptor finds no
+    # real __cxa_throw (python does not link libstdc++) and the first C++ exception aborts
+    for lib in ("libasan.so", "libstdc++.so"):
+        path = subprocess.run(["g++", f"-print-file-name={lib}"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        if not os.path.isabs(path):
+            raise RuntimeError(f"cuda_emu: the compiler has no {lib} (install the ASan runtime of g++)")
+        libs.append(os.path.realpath(path))
+    env["LD_PRELOAD"] = ":".join(libs)
     env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0"
     env["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1"
     return env

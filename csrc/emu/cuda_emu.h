@@ -247,13 +247,13 @@ inline T load_aligned(const char* file, int line, const T* p) {
 constexpr int warpSize = ::lwkd_emu::kWarpSize;
 
 #define __syncthreads() ::lwkd_emu::detail::syncthreads(__FILE__, __LINE__)
-#define __syncwarp(...) ::lwkd_emu::syncwarp(__FILE__, __LINE__, ##__VA_ARGS__)
+#define __syncwarp(...) ::lwkd_emu::syncwarp(__FILE__, __LINE__ __VA_OPT__(,) __VA_ARGS__)
 #define LWKD_EMU_SHFL(OP, mask, var, arg, ...) \
   ::lwkd_emu::shfl(::lwkd_emu::detail::WarpOp::OP, __FILE__, __LINE__, (mask), (var), (arg), ::lwkd_emu::detail::width_or_warp(__VA_ARGS__))
-#define __shfl_sync(mask, var, lane, ...) LWKD_EMU_SHFL(kShflIdx, mask, var, lane, ##__VA_ARGS__)
-#define __shfl_up_sync(mask, var, delta, ...) LWKD_EMU_SHFL(kShflUp, mask, var, delta, ##__VA_ARGS__)
-#define __shfl_down_sync(mask, var, delta, ...) LWKD_EMU_SHFL(kShflDown, mask, var, delta, ##__VA_ARGS__)
-#define __shfl_xor_sync(mask, var, lane_mask, ...) LWKD_EMU_SHFL(kShflXor, mask, var, lane_mask, ##__VA_ARGS__)
+#define __shfl_sync(mask, var, lane, ...) LWKD_EMU_SHFL(kShflIdx, mask, var, lane __VA_OPT__(,) __VA_ARGS__)
+#define __shfl_up_sync(mask, var, delta, ...) LWKD_EMU_SHFL(kShflUp, mask, var, delta __VA_OPT__(,) __VA_ARGS__)
+#define __shfl_down_sync(mask, var, delta, ...) LWKD_EMU_SHFL(kShflDown, mask, var, delta __VA_OPT__(,) __VA_ARGS__)
+#define __shfl_xor_sync(mask, var, lane_mask, ...) LWKD_EMU_SHFL(kShflXor, mask, var, lane_mask __VA_OPT__(,) __VA_ARGS__)
 #define __ballot_sync(mask, pred) ::lwkd_emu::vote(::lwkd_emu::detail::WarpOp::kBallot, __FILE__, __LINE__, (mask), (pred))
 #define __any_sync(mask, pred) (::lwkd_emu::vote(::lwkd_emu::detail::WarpOp::kAny, __FILE__, __LINE__, (mask), (pred)) != 0)
 #define __all_sync(mask, pred) (::lwkd_emu::vote(::lwkd_emu::detail::WarpOp::kAll, __FILE__, __LINE__, (mask), (pred)) != 0)

@@ -27,6 +27,7 @@
 #endif
 #endif
 #ifdef LWKD_EMU_ASAN
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -257,6 +258,12 @@ void fiber_tramp(unsigned hi, unsigned lo) {
 #endif
 
 void init_fiber(Fiber* f) {
+#ifdef LWKD_EMU_ASAN
+  // the frames of the fiber that ran on this stack before never returned: clear their redzones
+  // where the new fiber starts (deeper frames set their own shadow when they are entered)
+  const size_t fresh = std::min<size_t>(f->stack_size, 64 << 10);
+  ASAN_UNPOISON_MEMORY_REGION(f->stack_lo + f->stack_size - fresh, fresh);
+#endif
 #if defined(__x86_64__)
   // initial frame popped by lwkd_emu_ctx_switch: fpcw, mxcsr, r15, r14, r13 (entry), r12
   // (argument), rbx, rbp, return address (lwkd_emu_ctx_start); 16-byte aligned after the ret
