@@ -446,6 +446,21 @@ def _spatial(x: torch.Tensor, cd: int) -> Tuple[int, ...]:
     return tuple(s for d, s in enumerate(x.shape) if d not in (0, cd))
 
 
+def _check_extent(op: str, name: str, x: torch.Tensor, cd: Optional[int], k: Optional[int] = None) -> None:
+    """A non-empty extent (SPEC section 6): a feature tensor needs at least one channel and one
+    location (``cd`` its channel dimension), a derivative map at least one element per sample."""
+    where = f"pair {k}: " if k is not None else ""
+    if cd is None:
+        if x[0].numel() == 0:
+            raise ValueError(f"{op}: {where}{name} has shape {_shape(x)}, 0 elements per sample; every "
+                             "derivative map needs at least one element")
+        return
+    n = math.prod(_spatial(x, cd))
+    if x.shape[cd] == 0 or n == 0:
+        raise ValueError(f"{op}: {where}{name} has shape {_shape(x)} ({x.shape[cd]} channels, {n} locations); "
+                         "every pair needs at least one channel and one location")
+
+
 def _pool_to(x: torch.Tensor, cd: int, target: Tuple[int, ...]) -> torch.Tensor:
     if _spatial(x, cd) == target:
         return x
@@ -472,6 +487,8 @@ def _check_features(op: str, s: List[torch.Tensor], t: List[torch.Tensor], chann
                 f"{op}: channel_dim={channel_dim} is not a channel dimension of pair {k} (shape {_shape(a)})"
             )
         cd = channel_dim % a.dim()
+        _check_extent(op, f"student_feats[{k}]", a, cd, k)
+        _check_extent(op, f"teacher_feats[{k}]", b, cd, k)
         Ss, St = _spatial(a, cd), _spatial(b, cd)
         if Ss != St:
             if resize != "pool":
@@ -525,6 +542,7 @@ def attention_maps(feat: torch.Tensor, *, p: float = 2.0, channel_dim: int = 1) 
         raise ValueError(f"{op}: channel_dim={channel_dim} is not a channel dimension of shape {_shape(feat)}")
     if feat.shape[0] == 0:
         raise ValueError(f"{op}: batch size is 0 (feat has shape {_shape(feat)})")
+    _check_extent(op, "feat", feat, channel_dim % feat.dim())
     return reference.attention_maps(feat, p=p, channel_dim=channel_dim)
 
 
@@ -606,6 +624,7 @@ def map_discrepancy(
                 f"{op}: pair {k}: student_maps[{k}] has shape {_shape(a)} but teacher_maps[{k}] has shape "
                 f"{_shape(b)}; derivative maps of one pair must have the same shape"
             )
+        _check_extent(op, f"student_maps[{k}]", a, None, k)
     beta, eps = float(beta), float(eps)
     backend = select_backend(op, s[0].device)
     if backend in NATIVE_NAMESPACES:

@@ -784,10 +784,12 @@ class _Unsettled:
             self._np = np.zeros((), dtype=np.bool_)
             torch.from_numpy(self._np).copy_(flag)
         elif flag.device.type == "cuda":
+            # the copy runs on the current stream of the flag's device, which need not be the
+            # current device: the event is recorded on that same stream
             self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
             self._host.copy_(flag, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(flag.device))
 
     def value(self, block: bool = False) -> Optional[bool]:
         """True / False once known; None while the device has not got there (``block``: wait)."""

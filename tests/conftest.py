@@ -19,11 +19,14 @@ NATIVE = ops._C is not None
 
 # The CUDA kernels of csrc/cuda, executed on the CPU (lwkd_fast/cuda_emu.py): loading registers
 # the backend "cuda_emu", which every backend-parametrized test then covers (marked `cuda_emu`).
-# LWKD_TEST_CUDA_EMU=0 leaves it out (tests/test_cuda_emu.py then fails, saying so).
+# LWKD_TEST_CUDA_EMU=0 leaves it out (tests/test_cuda_emu.py then fails, saying so);
+# LWKD_TEST_CUDA_EMU_VARIANT=sanitize loads the sanitizer build (test_cuda_emu.py runs it so);
+# LWKD_EMU_CUDA_DIR builds another copy of csrc/cuda (tests/cuda_mutation.py).
 CUDA_EMU_ERROR = None
 if os.environ.get("LWKD_TEST_CUDA_EMU", "1") != "0":
     try:
-        cuda_emu.load(os.environ.get("LWKD_TEST_CUDA_EMU_VARIANT", "default"))
+        cuda_emu.load(os.environ.get("LWKD_TEST_CUDA_EMU_VARIANT", "default"),
+                      cuda_dir=os.environ.get("LWKD_EMU_CUDA_DIR") or None)
     except Exception as exc:  # reported by tests/test_cuda_emu.py::test_the_execution_layer_loads
         CUDA_EMU_ERROR = f"{type(exc).__name__}: {exc}"
 else:

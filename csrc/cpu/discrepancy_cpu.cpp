@@ -291,7 +291,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> attenti
     double beta, c10::string_view normalize, double tau, double eps, int64_t channel_dim) {
   const MetricParams prm = parse_params(metric, normalize, beta, tau, eps, /*attention=*/true);
   TORCH_CHECK(p > 0.0 && std::isfinite(p), "lwkd::attention_discrepancy: p must be positive and finite, got ", p);
-  const int64_t B = check_pair_lists(student, teacher, "attention_discrepancy");
+  const int64_t B = check_pair_lists(student, teacher, "attention_discrepancy", channel_dim);
   const int64_t K = static_cast<int64_t>(student.size());
   const auto out_dt = acc_dtype(student, teacher);
   const auto opts = student[0].options().dtype(out_dt);
@@ -333,7 +333,7 @@ std::vector<at::Tensor> attention_discrepancy_backward_cpu(
     double eps, int64_t channel_dim) {
   const MetricParams prm = parse_params(metric, normalize, beta, tau, eps, /*attention=*/true);
   const int64_t K = static_cast<int64_t>(student.size());
-  const int64_t B = check_attention_backward(grad, student, maps_s, maps_t);
+  const int64_t B = check_attention_backward(grad, student, maps_s, maps_t, channel_dim);
   if (K == 0) return {};
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();

@@ -743,7 +743,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> attenti
     c10::string_view normalize, double tau, double eps, int64_t channel_dim) {
   const MetricParams prm = parse_params(metric, normalize, beta, tau, eps, /*attention=*/true);
   TORCH_CHECK(p > 0.0 && std::isfinite(p), "lwkd::attention_discrepancy: p must be positive and finite, got ", p);
-  const int64_t B = check_pair_lists(student, teacher, "attention_discrepancy");
+  const int64_t B = check_pair_lists(student, teacher, "attention_discrepancy", channel_dim);
   check_cuda_inputs(student, "attention_discrepancy");
   check_cuda_inputs(teacher, "attention_discrepancy");
   const int64_t K = static_cast<int64_t>(student.size());
@@ -793,7 +793,7 @@ std::vector<at::Tensor> attention_discrepancy_backward_cuda(
     double eps, int64_t channel_dim) {
   const MetricParams prm = parse_params(metric, normalize, beta, tau, eps, /*attention=*/true);
   const int64_t K = static_cast<int64_t>(student.size());
-  const int64_t B = check_attention_backward(grad, student, maps_s, maps_t);
+  const int64_t B = check_attention_backward(grad, student, maps_s, maps_t, channel_dim);
   if (K == 0) return {};
   check_cuda_inputs(student, "attention_discrepancy_backward");
   const c10::cuda::CUDAGuard guard(student[0].device());
