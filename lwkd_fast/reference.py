@@ -76,9 +76,11 @@ def _safe_plogp_over_m(P: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """``P * log(P / M)`` with ``0 log 0 = 0`` and finite gradients everywhere.
 
     The masked positions use a safe value inside the logarithms (the double-``where`` idiom), so
-    autograd never multiplies a zero by an infinite ``log 0``.
+    autograd never multiplies a zero by an infinite ``log 0``.  Only exact zeros are masked: a NaN
+    probability (from a NaN or infinite activation) stays NaN, so a corrupted sample is never a
+    perfect match (SPEC section 2).
     """
-    pos = P > 0
+    pos = P != 0
     one = torch.ones((), dtype=P.dtype, device=P.device)
     P_safe = torch.where(pos, P, one)
     M_safe = torch.where(pos, M, one)
