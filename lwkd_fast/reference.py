@@ -18,7 +18,7 @@ Teacher tensors are constants: they are detached, so no gradient ever reaches th
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -87,20 +87,35 @@ def _safe_plogp_over_m(P: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, P * (torch.log(P_safe) - torch.log(M_safe)), torch.zeros_like(P))
 
 
-def _distribution(a: torch.Tensor, normalize: str, tau: float, eps: float) -> torch.Tensor:
+def _unless_overflow(d: torch.Tensor, r_s: torch.Tensor, r_t: torch.Tensor) -> torch.Tensor:
+    """NaN for the samples whose normaliser (a norm or sum of a map) overflowed the compute dtype:
+    the normalised map would silently be zeros and d a finite wrong value (SPEC section 6)."""
+    ok = torch.isfinite(r_s.reshape(-1)) & torch.isfinite(r_t.reshape(-1))
+    return torch.where(ok, d, torch.full_like(d, float("nan")))
+
+
+def _distribution(a: torch.Tensor, normalize: str, tau: float, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(P, normaliser)``: ``a / max(sum a, eps)`` and the sum, or ``softmax(a / tau)`` and its
+    (finite unless the map holds a non-finite value) maximum."""
     if normalize == "softmax":
-        return torch.softmax(a / tau, dim=1)
-    return a / a.sum(dim=1, keepdim=True).clamp_min(eps)
+        return torch.softmax(a / tau, dim=1), a.detach().amax(dim=1)
+    S = a.sum(dim=1, keepdim=True)
+    return a / S.clamp_min(eps), S
 
 
-def _jsd(Ps: torch.Tensor, Pt: torch.Tensor, beta: float) -> torch.Tensor:
+def _jsd(Ps: Tuple[torch.Tensor, torch.Tensor], Pt: Tuple[torch.Tensor, torch.Tensor], beta: float) -> torch.Tensor:
+    (Ps, rs), (Pt, rt) = Ps, Pt
     M = beta * Ps + (1.0 - beta) * Pt
-    return (beta * _safe_plogp_over_m(Ps, M) + (1.0 - beta) * _safe_plogp_over_m(Pt, M)).sum(1)
+    d = (beta * _safe_plogp_over_m(Ps, M) + (1.0 - beta) * _safe_plogp_over_m(Pt, M)).sum(1)
+    return _unless_overflow(d, rs, rt)
 
 
 def _sqdist(u: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-sample ``sum_i (u/max(|u|,eps) - w/max(|w|,eps))^2`` of (B, N) tensors."""
-    return (F.normalize(u, dim=1, eps=eps) - F.normalize(w, dim=1, eps=eps)).pow(2).sum(1)
+    """Per-sample ``sum_i (u/max(|u|,eps) - w/max(|w|,eps))^2`` of (B, N) tensors (the
+    ``F.normalize`` of the official AT loss, with its norms kept for the range guard)."""
+    nu, nw = u.norm(dim=1, keepdim=True), w.norm(dim=1, keepdim=True)
+    d = (u / nu.clamp_min(eps) - w / nw.clamp_min(eps)).pow(2).sum(1)
+    return _unless_overflow(d, nu, nw)
 
 
 def attention_discrepancy(

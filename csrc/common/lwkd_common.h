@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define LWKD_HD __host__ __device__ __forceinline__
@@ -60,6 +61,23 @@ template <typename T>
 LWKD_HD T lwkd_max(T a, T b) { return a < b ? b : a; }
 template <typename T>
 LWKD_HD T lwkd_sign(T x) { return T((T(0) < x) - (x < T(0))); }
+// Finite test that needs neither <cmath> overloads on the device nor -ffinite-math semantics
+// (the project never compiles with -ffast-math): x - x is 0 for finite x and NaN otherwise.
+template <typename T>
+LWKD_HD bool lwkd_isfinite(T x) { return (x - x) == T(0); }
+template <typename T>
+LWKD_HD T lwkd_nan() { return std::numeric_limits<T>::quiet_NaN(); }
+
+// ---------------------------------------------------------------------------------------------
+// Range guard (SPEC section 6).  The normalisers of a sample (the L2 norms or sums of its two
+// maps; the softmax partition functions) are finite for every finite input inside the
+// accumulation dtype's range.  When one overflows, the normalised map would silently become
+// zeros and d_b a finite wrong value: the sample is NaN instead, which the rate rule skips.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+LWKD_HD T unless_overflow(T d, T r_s, T r_t) {
+  return (lwkd_isfinite(r_s) && lwkd_isfinite(r_t)) ? d : lwkd_nan<T>();
+}
 
 // ---------------------------------------------------------------------------------------------
 // Attention map element: |x|^p, and its derivative p |x|^(p-1) sign(x).

@@ -25,17 +25,18 @@ using acc_t = double;  // CPU accumulator of every reduction (see reduce_channel
 // ---------------------------------------------------------------------------------------------
 // Channel reduction: out[i] = (1/C) sum_c |x[c, i]|^p for one sample of a (C, N) strided map.
 //
-// Precision/speed: blocks of 8 channels are summed in the input's opmath type (float for
-// float16/bfloat16/float32, a pairwise tree, relative error <= 3 ulp per block) and every block
+// Precision/speed: blocks of 8 channels are summed in `op_t` (the input's opmath type, float for
+// float16/bfloat16/float32: a pairwise tree, relative error <= 3 ulp per block) and every block
 // is added into a float64 accumulator.  Converting each element to double instead costs 2x in
-// this memory-bound loop; a plain float accumulator would grow its error with C.
+// this memory-bound loop; a plain float accumulator would grow its error with C.  A call whose
+// output is float64 (some input is float64) uses op_t = double for every tensor, so a float32
+// teacher beside a float64 student loses nothing (SPEC section 6, mixed dtypes).
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kBlock = 8;
 
-template <typename scalar_t, PowMode M>
+template <typename scalar_t, PowMode M, typename op_t>
 void reduce_channels_impl(const scalar_t* __restrict__ x, int64_t C, int64_t N, int64_t sc,
                           int64_t sn, acc_t p, acc_t* __restrict__ out) {
-  using op_t = at::opmath_type<scalar_t>;
   const op_t pp = op_t(p);
   auto f = [pp](scalar_t v) { return abs_pow<M>(op_t(v), pp); };
   std::fill(out, out + N, acc_t(0));
@@ -134,10 +135,16 @@ Bcn bcn_of_mut(at::Tensor& t3) {
     default: { constexpr PowMode kM = PowMode::kGeneral; __VA_ARGS__; break; }        \
   }
 
-void reduce_channels(const Bcn& f, int64_t b, PowMode pm, acc_t p, acc_t* out) {
+// `exact`: accumulate in double throughout (the call's output is float64).
+void reduce_channels(const Bcn& f, int64_t b, PowMode pm, acc_t p, acc_t* out, bool exact) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.dtype, "lwkd_reduce_channels", [&] {
     const scalar_t* x = static_cast<const scalar_t*>(f.ptr) + b * f.sb;
-    LWKD_DISPATCH_POW(pm, reduce_channels_impl<scalar_t, kM>(x, f.C, f.N, f.sc, f.sn, p, out));
+    if (exact) {
+      LWKD_DISPATCH_POW(pm, reduce_channels_impl<scalar_t, kM, double>(x, f.C, f.N, f.sc, f.sn, p, out));
+    } else {
+      using op_t = at::opmath_type<scalar_t>;
+      LWKD_DISPATCH_POW(pm, reduce_channels_impl<scalar_t, kM, op_t>(x, f.C, f.N, f.sc, f.sn, p, out));
+    }
   });
 }
 
@@ -159,7 +166,7 @@ void channel_grad(const Bcn& f, const Bcn& g, int64_t b, PowMode pm, acc_t p, co
 // ---------------------------------------------------------------------------------------------
 
 // P = a / max(sum a, eps) or softmax(a / tau); returns the statistic the backward needs
-// (sum a for the sum normalisation, unused for softmax).
+// (sum a for the sum normalisation, the partition function for softmax).
 acc_t to_distribution(const acc_t* a, int64_t N, const MetricParams& prm, acc_t* P) {
   if (prm.normalize == Normalize::kSum) {
     acc_t s = 0;
@@ -191,18 +198,19 @@ acc_t metric_forward(const acc_t* as, const acc_t* at, int64_t N, const MetricPa
                      acc_t* ps, acc_t* pt) {
   const acc_t eps = prm.eps;
   if (prm.metric == Metric::kJsd) {
-    to_distribution(as, N, prm, ps);
-    to_distribution(at, N, prm, pt);
+    const acc_t rs = to_distribution(as, N, prm, ps);
+    const acc_t rt = to_distribution(at, N, prm, pt);
     const acc_t beta = prm.beta;
     acc_t d = 0;
     for (int64_t i = 0; i < N; ++i) d += jsd_term(ps[i], pt[i], beta);
-    return d;
+    return unless_overflow(d, rs, rt);
   }
-  const acc_t inv_ns = acc_t(1) / clamp_eps(l2norm(as, N), eps);
-  const acc_t inv_nt = acc_t(1) / clamp_eps(l2norm(at, N), eps);
+  const acc_t rs = l2norm(as, N), rt = l2norm(at, N);
+  const acc_t inv_ns = acc_t(1) / clamp_eps(rs, eps);
+  const acc_t inv_nt = acc_t(1) / clamp_eps(rt, eps);
   acc_t d = 0;
   for (int64_t i = 0; i < N; ++i) d += sqdist_term(as[i], at[i], inv_ns, inv_nt);
-  return prm.metric == Metric::kAt ? d / acc_t(N) : d;
+  return unless_overflow(prm.metric == Metric::kAt ? d / acc_t(N) : d, rs, rt);
 }
 
 // ga[i] = gd * d(metric)/d(a_s[i])
@@ -314,11 +322,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> attenti
   }
   at::Tensor d = at::empty({K, B}, opts);
   const PowMode pm = pow_mode(p);
+  const bool exact = out_dt == at::kDouble;
 
   parallel_tiles(K, B, total, nmax, [&](int64_t k, int64_t b, Scratch& w) {
     const int64_t N = fs[k].N;
-    reduce_channels(fs[k], b, pm, p, w.a.data());
-    reduce_channels(ft[k], b, pm, p, w.b.data());
+    reduce_channels(fs[k], b, pm, p, w.a.data(), exact);
+    reduce_channels(ft[k], b, pm, p, w.b.data(), exact);
     const acc_t v = metric_forward(w.a.data(), w.b.data(), N, prm, w.c.data(), w.d.data());
     store_row(maps_s[k], b, N, w.a.data());
     store_row(maps_t[k], b, N, w.b.data());

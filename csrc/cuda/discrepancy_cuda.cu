@@ -318,7 +318,8 @@ __global__ void __launch_bounds__(kThreads) attn_rows_fwd_kernel(const __grid_co
     }
   }
   acc = block_sum(acc, red);
-  if (threadIdx.x == 0) d[L.k * P.B + b] = mp.metric == Metric::kAt ? acc / acc_t(L.N) : acc;
+  if (threadIdx.x == 0)
+    d[L.k * P.B + b] = unless_overflow(mp.metric == Metric::kAt ? acc / acc_t(L.N) : acc, st.r_s, st.r_t);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -524,7 +525,7 @@ __global__ void __launch_bounds__(kThreads) map_stats_kernel(const __grid_consta
 
 template <typename acc_t>
 struct MapNorm {
-  acc_t r_u, inv_u, inv_w;
+  acc_t r_u, r_w, inv_u, inv_w;
 };
 
 template <typename acc_t>
@@ -536,7 +537,7 @@ __device__ __forceinline__ MapNorm<acc_t> map_norm(const acc_t* part, const Flat
     ru = lwkd_sqrt(ru);
     rw = lwkd_sqrt(rw);
   }
-  return {ru, acc_t(1) / clamp_eps(ru, eps), acc_t(1) / clamp_eps(rw, eps)};
+  return {ru, rw, acc_t(1) / clamp_eps(ru, eps), acc_t(1) / clamp_eps(rw, eps)};
 }
 
 template <typename acc_t>
@@ -562,7 +563,7 @@ __global__ void __launch_bounds__(kThreads) map_terms_kernel(const __grid_consta
                  : sqdist_term(u[q], w[q], nm.inv_u, nm.inv_w);
   }
   acc = block_sum(acc, red);
-  if (threadIdx.x == 0) part2[blockIdx.x] = acc;
+  if (threadIdx.x == 0) part2[blockIdx.x] = unless_overflow(acc, nm.r_u, nm.r_w);
 }
 
 template <typename acc_t>
