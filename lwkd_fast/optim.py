@@ -45,7 +45,8 @@ Skipping a step (non-finite loss, fp16 overflow) without a host synchronisation
     ``buf = g`` in torch) is tracked until the host learns the flag without waiting, and dropped
     if it never got initialised, so even a skipped *first* step is exact.  With
     ``sync="all_reduce"`` the flag is all-reduced with the discrepancies (one collective), so a
-    non-finite loss on any rank skips the step on every rank.
+    non-finite loss on any rank skips the step on every rank; every rank all-reduces the same K + 1
+    values whether or not it passes a flag, so ranks that differ in passing one cannot diverge.
 
 Discrepancy sources (KD frameworks call ``optimizer.step()`` with no arguments)
     ``opt.attach(source)``: ``source`` is any object with ``latest_discrepancies`` ((K,) tensor
@@ -54,6 +55,22 @@ Discrepancy sources (KD frameworks call ``optimizer.step()`` with no arguments)
     ``source.latest_discrepancies``, and ``source.found_inf`` whenever no ``found_inf`` is
     passed; ``opt.detach_source()`` undoes it.  Without a source, ``step()`` needs its
     ``discrepancies``.
+
+Parameters as torch.optim takes them (SPEC section 5)
+    * Every state tensor is checked against its parameter (shape, dtype, DTensor placements)
+      when the work list is built and by ``load_state_dict`` before anything is loaded; a
+      mismatch (another model's checkpoint, ``p.data`` resized or re-typed between steps) raises
+      naming ``param_groups[g]['params'][i]``, the state key and both shapes.  Device and memory
+      layout follow the parameter.
+    * The rate state follows the parameters' device: built before ``model.cuda()``, it moves at
+      the next step (asynchronously); ``load_state_dict`` places state like torch.optim.
+    * Non-dense parameters (strided slices used as leaves) are updated through a dense working
+      copy inside the step.
+    * DTensor parameters (FSDP2): the step runs on the local shards, one fused call, the rates
+      replicated; sharded parameters need ``sync="all_reduce"``.  ``state_dict()`` also puts the
+      ``"layerwise"`` record into ``param_groups[0]`` for torch.distributed.checkpoint's
+      ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, and a step whose every base
+      rate is 0 needs no discrepancies (how those helpers create a fresh optimizer's state).
 
 No host synchronisation: ``step()`` reads no device value on the host (``.item()``,
 ``.cpu()``, ``.tolist()``, ``bool(tensor)``); all decisions use host metadata (shapes, dtypes,

@@ -29,12 +29,13 @@ a source.  Neither needs any KD framework.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["DiscrepancySource", "layerwise_param_groups", "make_layerwise_optimizer", "unwrap_model"]
+__all__ = ["DiscrepancySource", "layerwise_param_groups", "make_layerwise_optimizer", "producing_modules",
+           "unwrap_model"]
 
 
 class DiscrepancySource:
@@ -68,6 +69,47 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while isinstance(model, wrappers):
         model = model.module
     return model
+
+
+def producing_modules(op: str, model: nn.Module, run: Callable[[nn.Module], Any],
+                      pick: Callable[[Any], Sequence[Tuple[str, torch.Tensor]]],
+                      hint: str = "pass the module names explicitly") -> List[str]:
+    """Names of the sub-modules of ``model`` whose outputs are the tensors ``pick(run(model))``
+    (a list of ``(label, tensor)``), found by tensor identity on one forward pass in eval mode
+    without gradients (every training flag restored).  A tensor several modules return (a stage
+    container and its last block) maps to the one that finishes last, the stage; tuple outputs
+    count element by element.  Raises ValueError naming the label when no module returned it."""
+    from ..distill import _temporarily_eval
+
+    produced: Dict[int, Any] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if not name:
+            continue
+
+        def hook(mod, inp, out, name=name):
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for t in outs:
+                if isinstance(t, torch.Tensor):
+                    produced[id(t)] = (name, t)  # keeps t alive, so ids stay unique during the pass
+
+        handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad(), _temporarily_eval(model):
+            picked = pick(run(model))
+    finally:
+        for h in handles:
+            h.remove()
+    names = []
+    for label, t in picked:
+        hit = produced.get(id(t))
+        if hit is None or hit[1] is not t:
+            raise ValueError(
+                f"{op}: {label} (shape {tuple(t.shape)}) is not the output of any sub-module of "
+                f"{type(model).__name__}; {hint}"
+            )
+        names.append(hit[0])
+    return names
 
 
 def _check_layers(op: str, student: nn.Module, layers: Sequence[str]) -> List[str]:
