@@ -1047,7 +1047,7 @@ class _WorkList:
     at build time: :meth:`same_params` tells a parameter resized or re-typed since."""
 
     __slots__ = ("owners", "params", "grads", "s1", "s2", "s3", "steps", "tgroup", "fresh", "pending", "present",
-                 "created", "special", "shapes", "dtypes")
+                 "created", "special", "shapes", "dtypes", "plain", "ptrs", "special_ptrs")
 
     def __init__(self, owners, params, grads, s1, s2, s3, steps, tgroup, fresh=(), pending=(), created=()):
         self.owners, self.params, self.grads, self.s1, self.s2, self.s3 = owners, params, grads, s1, s2, s3
@@ -1056,13 +1056,24 @@ class _WorkList:
         self.created = list(created) + [p for p, _ in self.pending]
         self.present: Optional[List[bool]] = None
         self.special = [i for i, p in enumerate(owners) if _is_dtensor(p) or not _is_dense(p)]
+        special = set(self.special)
+        self.plain = [p for i, p in enumerate(owners) if i not in special]
         self.shapes = [p.shape for p in owners]
         self.dtypes = [p.dtype for p in owners]
+        self.ptrs = [p.data_ptr() for p in self.plain]
+        self.special_ptrs = self._special_ptrs()
+
+    def _special_ptrs(self) -> List[int]:
+        return [_local(self.owners[i]).data_ptr() for i in self.special]
 
     def same_params(self) -> bool:
-        """No parameter changed shape or dtype since the list was built (``p.data = ...``)."""
+        """No parameter was replaced under the optimizer since the list was built (``p.data =
+        ...``, ``model.to(...)``): same shapes and dtypes, same storage addresses (a new
+        storage is what a change of device, dtype or memory layout makes)."""
         owners = self.owners
-        return [p.shape for p in owners] == self.shapes and [p.dtype for p in owners] == self.dtypes
+        return ([p.shape for p in owners] == self.shapes and [p.data_ptr() for p in self.plain] == self.ptrs
+                and [p.dtype for p in owners] == self.dtypes
+                and (not self.special or self._special_ptrs() == self.special_ptrs))
 
     def kernel_inputs(self, grads):
         """``(params, grads, copies)`` for this step's kernel call; ``copies`` pairs each
