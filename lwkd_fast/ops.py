@@ -31,8 +31,8 @@ from . import reference
 
 log = logging.getLogger("lwkd_fast")
 
-BACKENDS = ("reference", "native", "triton")
-_REQUESTS = ("auto",) + BACKENDS
+# Every backend name; register_native_backend() appends the CUDA execution layer's "cuda_emu".
+BACKENDS = ["reference", "native", "triton"]
 
 # ------------------------------------------------------------------------------------------------
 # Soft loading of the native library
@@ -66,11 +66,22 @@ NATIVE_OPS = (
 )
 
 
-def _has_native_kernel(op: str, dispatch_key: str) -> bool:
-    if _C is None:
+# Backends served by a build of the csrc kernels: backend -> (torch.ops namespace, device types).
+# "native" is lwkd_fast._C; the CUDA execution layer (lwkd_fast.cuda_emu) adds "cuda_emu", the
+# csrc/cuda kernels compiled for the CPU (torch.ops.lwkd_emu, CPU tensors).
+NATIVE_NAMESPACES: Dict[str, Tuple[str, Tuple[str, ...]]] = {"native": ("lwkd", ("cpu", "cuda"))}
+
+
+def native_ops(backend: str = "native"):
+    """The ``torch.ops`` namespace of a native backend (``torch.ops.lwkd`` for ``"native"``)."""
+    return getattr(torch.ops, NATIVE_NAMESPACES[backend][0])
+
+
+def _has_native_kernel(op: str, dispatch_key: str, namespace: str = "lwkd") -> bool:
+    if namespace == "lwkd" and _C is None:
         return False
     try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"lwkd::{op}", dispatch_key))
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{op}", dispatch_key))
     except RuntimeError:  # schema not defined
         return False
 
@@ -100,8 +111,9 @@ _forced_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
 
 def _check_backend_name(name: str, source: str) -> str:
     name = (name or "auto").strip().lower()
-    if name not in _REQUESTS:
-        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {', '.join(_REQUESTS)}")
+    requests = ["auto"] + BACKENDS
+    if name not in requests:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {', '.join(requests)}")
     return name
 
 
@@ -124,16 +136,17 @@ def requested_backend() -> str:
     return _check_backend_name(os.environ.get("LWKD_BACKEND", "auto"), "LWKD_BACKEND")
 
 
-def _native_status(op: str, device_type: str) -> Tuple[bool, str]:
-    if _C is None:
+def _native_status(op: str, device_type: str, backend: str = "native") -> Tuple[bool, str]:
+    namespace, devices = NATIVE_NAMESPACES[backend]
+    if backend == "native" and _C is None:
         return False, _C_ERROR or "lwkd_fast._C is not loaded"
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return False, f"no native kernels for device type {device_type!r}"
-    if not _has_native_kernel(op, key):
+    if key is None or device_type not in devices:
+        return False, f"no {backend} kernels for device type {device_type!r}"
+    if not _has_native_kernel(op, key, namespace):
         if key == "CUDA":
             return False, f"the extension has no CUDA kernel for lwkd::{op} (built without CUDA?)"
-        return False, f"the extension has no {key} kernel for lwkd::{op}"
+        return False, f"the {backend} library has no {key} kernel for {namespace}::{op}"
     return True, ""
 
 
@@ -154,8 +167,8 @@ def backend_status(backend: str, op: str, device_type: str) -> Tuple[bool, str]:
     """``(available, reason)`` of one backend for one op on one device type."""
     if backend == "reference":
         return True, ""
-    if backend == "native":
-        return _native_status(op, device_type)
+    if backend in NATIVE_NAMESPACES:
+        return _native_status(op, device_type, backend)
     if backend == "triton":
         return _triton_status(op, device_type)
     raise ValueError(f"unknown backend {backend!r}")
@@ -233,9 +246,36 @@ def backends() -> Dict[str, Dict[str, object]]:
 # ------------------------------------------------------------------------------------------------
 
 
-if _C is not None:
+_NAMESPACE_HOOKS: List = []
 
-    @torch.library.register_fake("lwkd::attention_discrepancy")
+
+def on_native_namespace(register) -> None:
+    """Run ``register(namespace)`` for every native operator library: now for ``lwkd`` (when the
+    extension loaded) and later for each one :func:`register_native_backend` adds.  The fake
+    kernels and autograd formulas of each op module are registered this way, once per library."""
+    _NAMESPACE_HOOKS.append(register)
+    for backend, (ns, _devices) in NATIVE_NAMESPACES.items():
+        if backend != "native" or _C is not None:
+            register(ns)
+
+
+def register_native_backend(name: str, namespace: str, device_types: Sequence[str]) -> None:
+    """Add a backend served by another build of the csrc kernels whose schemas live in
+    ``torch.ops.<namespace>`` (used by :mod:`lwkd_fast.cuda_emu`).  It is never chosen by
+    ``auto``; :func:`use_backend` selects it."""
+    if name in NATIVE_NAMESPACES:
+        return
+    NATIVE_NAMESPACES[name] = (namespace, tuple(device_types))
+    BACKENDS.append(name)
+    for register in _NAMESPACE_HOOKS:
+        register(namespace)
+
+
+def _register_discrepancy_ops(ns: str) -> None:
+    """Fake kernels and autograd of the discrepancy ops of one native library."""
+    lib = getattr(torch.ops, ns)
+
+    @torch.library.register_fake(f"{ns}::attention_discrepancy")
     def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim):
         dt = reference.acc_dtype(*student, *teacher)
         B = student[0].shape[0]
@@ -244,16 +284,16 @@ if _C is not None:
         maps_t = [x.new_empty((B, reference.bcn_locations(x, channel_dim)), dtype=dt) for x in teacher]
         return d, maps_s, maps_t
 
-    @torch.library.register_fake("lwkd::attention_discrepancy_backward")
+    @torch.library.register_fake(f"{ns}::attention_discrepancy_backward")
     def _attention_bwd_fake(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau, eps, channel_dim):
         return [torch.empty_like(x) for x in student]
 
-    @torch.library.register_fake("lwkd::map_discrepancy")
+    @torch.library.register_fake(f"{ns}::map_discrepancy")
     def _map_fake(student, teacher, metric, beta, eps):
         dt = reference.acc_dtype(*student, *teacher)
         return student[0].new_empty((len(student), student[0].shape[0]), dtype=dt)
 
-    @torch.library.register_fake("lwkd::map_discrepancy_backward")
+    @torch.library.register_fake(f"{ns}::map_discrepancy_backward")
     def _map_bwd_fake(grad, student, teacher, metric, beta, eps):
         return [torch.empty_like(x) for x in student]
 
@@ -271,11 +311,11 @@ if _C is not None:
         if grad_d is None:
             grads = [None] * K
         else:
-            grads = torch.ops.lwkd.attention_discrepancy_backward(grad_d, student, maps_s, maps_t, *ctx.args)
+            grads = lib.attention_discrepancy_backward(grad_d, student, maps_s, maps_t, *ctx.args)
         return list(grads), [None] * K, None, None, None, None, None, None, None
 
     torch.library.register_autograd(
-        "lwkd::attention_discrepancy", _attention_backward, setup_context=_attention_setup
+        f"{ns}::attention_discrepancy", _attention_backward, setup_context=_attention_setup
     )
 
     def _map_setup(ctx, inputs, output):
@@ -287,10 +327,10 @@ if _C is not None:
     def _map_backward(ctx, grad_d):
         K = ctx.K
         saved = ctx.saved_tensors
-        grads = torch.ops.lwkd.map_discrepancy_backward(grad_d, saved[:K], saved[K:], *ctx.args)
+        grads = lib.map_discrepancy_backward(grad_d, saved[:K], saved[K:], *ctx.args)
         return list(grads), [None] * K, None, None, None
 
-    torch.library.register_autograd("lwkd::map_discrepancy", _map_backward, setup_context=_map_setup)
+    torch.library.register_autograd(f"{ns}::map_discrepancy", _map_backward, setup_context=_map_setup)
 
     def _no_double_backward(op):
         def setup(ctx, inputs, output):
@@ -298,14 +338,17 @@ if _C is not None:
 
         def backward(ctx, *grads):
             raise RuntimeError(
-                f"lwkd_fast: differentiating lwkd::{op} (double backward through a native discrepancy) "
+                f"lwkd_fast: differentiating {ns}::{op} (double backward through a native discrepancy) "
                 "is not supported; run that computation under lwkd_fast.use_backend('reference')"
             )
 
-        torch.library.register_autograd(f"lwkd::{op}", backward, setup_context=setup)
+        torch.library.register_autograd(f"{ns}::{op}", backward, setup_context=setup)
 
     _no_double_backward("attention_discrepancy_backward")
     _no_double_backward("map_discrepancy_backward")
+
+
+on_native_namespace(_register_discrepancy_ops)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -520,8 +563,8 @@ def attention_discrepancy(
     s, t = _check_features(op, s, t, channel_dim, resize)
     p, beta, tau, eps = float(p), float(beta), float(tau), float(eps)
     backend = select_backend(op, s[0].device)
-    if backend == "native":
-        d = torch.ops.lwkd.attention_discrepancy(s, t, p, metric, beta, normalize, tau, eps, channel_dim)[0]
+    if backend in NATIVE_NAMESPACES:
+        d = native_ops(backend).attention_discrepancy(s, t, p, metric, beta, normalize, tau, eps, channel_dim)[0]
     elif backend == "triton":
         d = importlib.import_module("lwkd_fast.triton").attention_discrepancy(
             s, t, p, metric, beta, normalize, tau, eps, channel_dim
@@ -565,8 +608,8 @@ def map_discrepancy(
             )
     beta, eps = float(beta), float(eps)
     backend = select_backend(op, s[0].device)
-    if backend == "native":
-        d = torch.ops.lwkd.map_discrepancy(s, t, metric, beta, eps)
+    if backend in NATIVE_NAMESPACES:
+        d = native_ops(backend).map_discrepancy(s, t, metric, beta, eps)
     elif backend == "triton":
         d = importlib.import_module("lwkd_fast.triton").map_discrepancy(s, t, metric, beta, eps)
     else:

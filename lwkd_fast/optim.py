@@ -228,17 +228,19 @@ def _reference_step(algorithm, params, grads, state1, state2, state3, steps, fac
             torch._foreach_sub_(ps, upd)
 
 
-if ops._C is not None:
-
-    @torch.library.register_fake("lwkd::layerwise_step")
+def _register_fake(ns: str) -> None:
+    @torch.library.register_fake(f"{ns}::layerwise_step")
     def _step_fake(algorithm, params, grads, state1, state2, state3, steps, factors, tensor_group, fresh,
                    group_layer, group_lr, group_lr_tensor, group_hyper, found_inf=None):
         return None
 
 
+ops.on_native_namespace(_register_fake)
+
+
 def _run_step(backend: str, *args) -> None:
-    if backend == "native":
-        torch.ops.lwkd.layerwise_step(*args)
+    if backend in ops.NATIVE_NAMESPACES:
+        ops.native_ops(backend).layerwise_step(*args)
     elif backend == "triton":
         importlib.import_module("lwkd_fast.triton.optim").layerwise_step(*args)
     else:

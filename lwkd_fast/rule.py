@@ -109,12 +109,14 @@ def reference_rates(
     return eta.to(state.dtype).contiguous()
 
 
-if ops._C is not None:
-
-    @torch.library.register_fake("lwkd::layerwise_rates")
+def _register_fake(ns: str) -> None:
+    @torch.library.register_fake(f"{ns}::layerwise_rates")
     def _rates_fake(discrepancies, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min,
                     s_max, eps, found_inf=None):
         return torch.empty_like(state, memory_format=torch.contiguous_format)
+
+
+ops.on_native_namespace(_register_fake)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,8 +188,8 @@ def _backend_call(backend: str, d, state, nonfinite, base_lr: List[float], base_
             float(s_max), float(eps))
     if found_inf is not None:
         args = args + (found_inf,)
-    if backend == "native":
-        return torch.ops.lwkd.layerwise_rates(*args)
+    if backend in ops.NATIVE_NAMESPACES:
+        return ops.native_ops(backend).layerwise_rates(*args)
     if backend == "triton":
         return importlib.import_module("lwkd_fast.triton.optim").layerwise_rates(*args)
     return reference_rates(*args)
