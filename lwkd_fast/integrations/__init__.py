@@ -5,9 +5,14 @@
   (``LayerwiseWeightedSumLoss``) and registered optimizer builders (``LayerwiseSGD``,
   ``LayerwiseAdamW``) for torchdistill's config-driven ``DistillationBox``.
 * :mod:`lwkd_fast.integrations.mdistiller` -- ``LWKD``, a ``Distiller`` subclass for mdistiller's
-  trainer (``forward_train(image, target) -> (logits, losses_dict)``).
+  trainer (``forward_train(image, target) -> (logits, losses_dict)``), and ``register()``, the one
+  line ``tools/train.py`` needs (distiller, trainer and ``CFG.LWKD`` node).
 * :mod:`lwkd_fast.integrations.repdistiller` -- ``LayerwiseAttention``, a RepDistiller-style
-  criterion ``forward(g_s, g_t) -> [loss per layer]`` backed by one fused op.
+  criterion ``forward(g_s, g_t) -> [loss per layer]`` backed by one fused op, and
+  ``feature_layers`` (the modules behind ``feat_s[1:-1]``).
+
+Each submodule's docstring gives the recipe for that framework's own entry point (the README
+quotes it verbatim); in each, the default replaces the framework's AT loss like for like.
 
 Each submodule imports its framework only when it is imported itself; ``import lwkd_fast`` and
 ``import lwkd_fast.integrations`` need none of them.
@@ -24,7 +29,8 @@ The optimizer contract every adapter follows
 Parameter groups come from :func:`layerwise_param_groups` (SPEC section 4: forward-execution order
 of one pass, computed by :func:`lwkd_fast.distill.execution_order_groups`), and
 :func:`make_layerwise_optimizer` builds ``LayerwiseSGD`` / ``LayerwiseAdamW`` over them and attaches
-a source.  Neither needs any KD framework.
+a source; :func:`producing_modules` finds the modules that produce a model's returned features.
+None of them needs any KD framework.
 """
 
 from __future__ import annotations
