@@ -14,6 +14,12 @@ import lwkd_fast as lw
 from lwkd_fast import ops, rule
 from lwkd_fast.optim import LayerwiseSGD, LayerwiseAdamW
 
+try:  # the CUDA kernels through the CPU execution layer, where it builds
+    from lwkd_fast import cuda_emu
+
+    cuda_emu.load()
+except Exception as exc:  # (a missing compiler, or no source checkout)
+    print(f"cuda_emu not loaded: {exc}")
 BACKENDS = [b for b in ops.BACKENDS if ops.backend_status(b, "layerwise_step", "cpu")[0]]
 KEYS = {"sgd": ["momentum_buffer"], "adamw": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]}
 
