@@ -5,7 +5,9 @@ TRITON_INTERPRET=1 before triton is imported); with a GPU they run the compiled 
 tensors.  Shapes are small because every interpreted program costs milliseconds.
 """
 
+import contextlib
 import os
+import re
 
 import pytest
 import torch
@@ -25,6 +27,8 @@ else:  # pragma: no cover - depends on the machine
                 allow_module_level=True)
 
 D = pytest.importorskip("lwkd_fast.triton.discrepancy")
+from lwkd_fast.triton import _common as C  # noqa: E402
+from lwkd_fast.triton import optim as O  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 ATT_CFGS = check.ATTENTION_CONFIGS + (dict(metric="at", p=1.0), dict(metric="jsd", p=3.0, normalize="softmax", tau=2.0))
@@ -396,3 +400,54 @@ def test_public_dispatch_uses_triton_when_forced():
     with lwkd_fast.use_backend("reference"):
         want = lwkd_fast.attention_discrepancy(s, t)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs the kernels cannot compute are refused by op, pair and shape (issue 10 item 3)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, channel_dim, what", [
+    ((2, 3, 0), 1, "no locations"), ((2, 3, 0, 7), 1, "no locations"), ((2, 0, 4, 4), 1, "no channels"),
+    ((2, 0), 1, "no channels"), ((2, 0, 6), -1, "no locations"), ((2, 5, 0), -1, "no channels")])
+def test_empty_feature_maps_are_refused(shape, channel_dim, what):
+    ok_s, ok_t = _rand(2, 3, 4, seed=1), _rand(2, 5, 4, seed=2)
+    if channel_dim == -1:
+        ok_s, ok_t = ok_s.transpose(1, 2), ok_t.transpose(1, 2)
+    bad = torch.zeros(shape, device=DEVICE)
+    msg = re.escape(f"pair 1: student tensor of shape {tuple(shape)} has {what}")
+    with pytest.raises(ValueError, match="lwkd_triton::attention_discrepancy: " + msg):
+        D.attention_discrepancy([ok_s, bad], [ok_t, bad.clone()], 2.0, "at", 0.5, "sum", 1.0, 1e-12, channel_dim)
+    msg = re.escape(f"pair 0: teacher tensor of shape {tuple(shape)} has {what}")
+    with pytest.raises(ValueError, match="attention_discrepancy: " + msg):
+        D.attention_discrepancy([ok_s], [bad], 2.0, "jsd", 0.5, "sum", 1.0, 1e-12, channel_dim)
+    maps = torch.zeros(2 * 12, device=DEVICE)
+    with pytest.raises(ValueError, match="lwkd_triton::attention_discrepancy_backward: pair 1: student tensor"):
+        torch.ops.lwkd_triton.attention_discrepancy_backward(torch.ones(2, 2, device=DEVICE), [ok_s, bad], maps, maps,
+                                                             2.0, "at", 0.5, "sum", 1.0, 1e-12, channel_dim)
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (2, 3, 0), (2, 0, 5, 5)])
+def test_empty_derivative_maps_are_refused(shape):
+    u, w = _rand(2, 7, seed=1), _rand(2, 7, seed=2)
+    bad = torch.zeros(shape, device=DEVICE)
+    msg = re.escape(f"pair 1: student map of shape {tuple(shape)} has 0 elements per sample")
+    with pytest.raises(ValueError, match="lwkd_triton::map_discrepancy: " + msg):
+        D.map_discrepancy([u, bad], [w, bad.clone()], "cos", 0.5, 1e-12)
+    stats = torch.zeros(2 * 2 * 2, device=DEVICE)
+    with pytest.raises(ValueError, match="lwkd_triton::map_discrepancy_backward: " + msg):
+        torch.ops.lwkd_triton.map_discrepancy_backward(torch.ones(2, 2, device=DEVICE), [u, bad], [w, bad], stats,
+                                                       "jsd", 0.5, 1e-12)
+
+
+def test_backward_refuses_saved_tensors_that_do_not_fit():
+    s = [_rand(2, 3, 4, 5, seed=1)]
+    _, ms, mt = torch.ops.lwkd_triton.attention_discrepancy(s, [_rand(2, 2, 4, 5, seed=2)], 2.0, "at", 0.5, "sum",
+                                                             1.0, 1e-12, 1)
+    g = torch.ones(1, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="maps_t must be a contiguous torch.float32 tensor of 40 elements"):
+        torch.ops.lwkd_triton.attention_discrepancy_backward(g, s, ms, mt[:20], 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1)
+    u, w = [_rand(2, 6, seed=3)], [_rand(2, 6, seed=4)]
+    _, st = torch.ops.lwkd_triton.map_discrepancy(u, w, "cos", 0.5, 1e-12)
+    with pytest.raises(ValueError, match="rowstats has dtype torch.float64 but the maps accumulate in torch.float32"):
+        torch.ops.lwkd_triton.map_discrepancy_backward(g, u, w, st.double(), "cos", 0.5, 1e-12)
