@@ -329,9 +329,12 @@ def test_compiles_fullgraph():
 
 
 def test_kernels_compile_for_gpu_targets():
-    """Every kernel variant the host code launches compiles to sm_80 and sm_90 cubins with Triton's
-    real compiler (the interpreter never runs it), and the tile kernels get 128-bit vector loads
-    (and the gradient kernels vector stores) for aligned inputs.  See tests/triton_aot_compile.py."""
+    """Every kernel the host code launches (discrepancy ops, rule, SGD/AdamW step), in every code
+    path the cases below reach, compiles to sm_80 and sm_90 cubins with Triton's real compiler
+    (the interpreter never runs it); the tile kernels get 128-bit vector loads (and the gradient
+    kernels vector stores) for aligned inputs, and the AdamW step's float32 square roots and
+    divisions are the correctly rounded ones.  See tests/triton_aot_compile.py; its variants are
+    compiled by two processes at once when the machine has two cores."""
     import json
     import subprocess
     import sys
@@ -340,11 +343,18 @@ def test_kernels_compile_for_gpu_targets():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.join(root, "tests", "triton_aot_compile.py"), "80", "90"],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    kernels = {name for name in dir(D) if name.endswith("_kernel") and name.startswith("_")}
+    n = 2 if (os.cpu_count() or 1) >= 2 else 1
+    script = os.path.join(root, "tests", "triton_aot_compile.py")
+    procs = [subprocess.Popen([sys.executable, script, "--shard", f"{i}/{n}", "80", "90"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(n)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    lines = [line for out, _ in outs for line in out.splitlines()]
+    rows = [json.loads(line) for line in lines if line.startswith("{")]
+    done = [line.split() for line in lines if line.startswith("DONE")]
+    assert len(done) == n and sum(int(d[1]) for d in done) == int(done[0][2])  # every selected variant ran
+    kernels = {name for mod in (D, O) for name in dir(mod) if name.endswith("_kernel") and name.startswith("_")}
     for arch in (80, 90):
         assert {r["kernel"] for r in rows if r["arch"] == arch} == kernels
     tile_kernels = {"_attn_maps_kernel", "_attn_grad_kernel", "_map_stats_kernel", "_map_terms_kernel",
@@ -355,6 +365,12 @@ def test_kernels_compile_for_gpu_targets():
     assert not scalar, f"aligned variants without vector loads: {scalar}"
     no_vst = [(r["arch"], r["kernel"]) for r in aligned if r["kernel"].endswith("grad_kernel") and not r["vector_stores"]]
     assert not no_vst, f"aligned gradient kernels without vector stores: {no_vst}"
+    adamw = [r for r in rows if r["kernel"] == "_step_kernel" and r["constexprs"]["ALGO"] == "1"
+             and r["constexprs"]["DT"] != "1"]  # float32 arithmetic: float32, bfloat16, float16 parameters
+    assert len(adamw) == 2 * 3
+    approx = [(r["arch"], r["constexprs"]["DT"]) for r in adamw
+              if r["approx_f32"] or not (r["ieee_sqrt_f32"] and r["ieee_div_f32"])]
+    assert not approx, f"AdamW variants with approximate float32 sqrt/div: {approx}"
 
 
 # ------------------------------------------------------------------------------------------------

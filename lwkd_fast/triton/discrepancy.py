@@ -27,7 +27,7 @@ pointer and strides, a group is compiled with the smallest value among its layer
 launch), and the kernels state it with ``tl.multiple_of``; loops run unmasked full blocks and one
 masked tail.  The generated PTX of aligned inputs holds 128-bit ``ld.global.v4`` loads (and
 ``st.global.v4`` stores in the gradient kernels) -- checked by tests/triton_aot_compile.py, which
-compiles every launched variant for sm_80 and sm_90 without a GPU.  Ragged tails and unaligned
+compiles every code path the tests launch for sm_80 and sm_90 without a GPU.  Ragged tails and unaligned
 tensors (e.g. 7x7 float16 maps) use scalar accesses, still coalesced across a warp.
 
 *Phases.*
