@@ -18,6 +18,7 @@
 namespace lwkd {
 namespace {
 
+// Gradient buffers come from the pool; each backward call is one of its rounds (see buffer_pool.h).
 at::Tensor pooled_empty_like(const at::Tensor& x) { return CpuBufferPool::instance().empty_like(x); }
 
 using acc_t = double;  // CPU accumulator of every reduction (see reduce_channels_impl)
@@ -344,6 +345,7 @@ std::vector<at::Tensor> attention_discrepancy_backward_cpu(
   const int64_t K = static_cast<int64_t>(student.size());
   const int64_t B = check_attention_backward(grad, student, maps_s, maps_t, channel_dim);
   if (K == 0) return {};
+  CpuBufferPool::instance().begin_round();
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
 
@@ -414,6 +416,7 @@ std::vector<at::Tensor> map_discrepancy_backward_cpu(const at::Tensor& grad, at:
               "lwkd::map_discrepancy_backward: grad must be (", K, ", ", B, "), got ", grad.sizes());
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
+  CpuBufferPool::instance().begin_round();
   std::vector<FlatPair> fp(K);
   std::vector<FlatGrad> gbuf(K);
   int64_t nmax = 1, total = 0;

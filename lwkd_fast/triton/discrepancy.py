@@ -27,7 +27,7 @@ pointer and strides, a group is compiled with the smallest value among its layer
 launch), and the kernels state it with ``tl.multiple_of``; loops run unmasked full blocks and one
 masked tail.  The generated PTX of aligned inputs holds 128-bit ``ld.global.v4`` loads (and
 ``st.global.v4`` stores in the gradient kernels) -- checked by tests/triton_aot_compile.py, which
-compiles every launched variant for sm_80 and sm_90 without a GPU.  Ragged tails and unaligned
+compiles every code path the tests launch for sm_80 and sm_90 without a GPU.  Ragged tails and unaligned
 tensors (e.g. 7x7 float16 maps) use scalar accesses, still coalesced across a warp.
 
 *Phases.*
@@ -53,6 +53,12 @@ partials in index order.  Results are bit-identical run to run.
 float64 tensor in the call) in float64, matching the SPEC.  The attention maps are kept in the
 accumulation dtype.  Gradients are written in the student's dtype.
 
+*Checks and device.*  The host code refuses, by op, pair and shape, what it cannot compute: a
+feature map with no channel or no location per sample, a derivative map with no element per
+sample (the means would be 0/0, and the tiling divides by those sizes), besides the checks of
+batch sizes, dtypes and devices.  Every call runs under the device guard of its tensors
+(._common.on_device): Triton launches on the current device's current stream.
+
 *Conventions.*  The gradient conventions are those of csrc/common/lwkd_common.h (the CPU and
 CUDA kernels): d|x|^p/dx = 0 at x = 0, clamp_min semantics at eps (the gradient flows through a
 norm or sum only when it is >= eps), the JSD gradient at zero probability is -beta when M > 0.
@@ -63,6 +69,7 @@ bfloat16 stores round to nearest even with explicit bit arithmetic; on a GPU the
 conversion is used.
 """
 
+import contextlib
 import math
 import os
 import struct
@@ -74,6 +81,8 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from . import _common
+from ._common import is_dense, on_device, same_layout, sqrt_rn
 
 __all__ = ["attention_discrepancy", "map_discrepancy", "CONFIG", "Config"]
 
@@ -252,15 +261,6 @@ def _abs_pow_grad(x, p, POW_MODE: tl.constexpr):
         pos = ax > 0
         d = tl.where(pos, p * tl.exp((p - 1.0) * tl.log(tl.where(pos, ax, 1.0))), 0.0)
         return d.to(x.dtype) * _sign(x)
-
-
-@triton.jit
-def _sqrt(x):
-    """Correctly rounded square root (tl.sqrt is approximate for float32; float64 is exact)."""
-    if x.dtype == tl.float64:
-        return tl.sqrt(x)
-    else:
-        return tl.sqrt_rn(x)
 
 
 @triton.jit
@@ -482,8 +482,8 @@ def _row_stats(ms, mt, N, eps, inv_tau, ACC: tl.constexpr, METRIC: tl.constexpr,
         r_s = _sum(acc_s)
         r_t = _sum(acc_t)
         if METRIC != 2:
-            r_s = _sqrt(r_s)
-            r_t = _sqrt(r_t)
+            r_s = sqrt_rn(r_s)
+            r_t = sqrt_rn(r_t)
         inv_s = _inv_clamp(r_s, eps)
         inv_t = _inv_clamp(r_t, eps)
         mx_s = r_s * 0.0
@@ -794,8 +794,8 @@ def _map_terms_kernel(hdr, tab, n_layers, tile0, B, part, part2, rowstats, S_DT:
     r_u = _combine(part, first, nch, 2, 0, MAXC)
     r_w = _combine(part, first, nch, 2, 1, MAXC)
     if METRIC != 2:
-        r_u = _sqrt(r_u)
-        r_w = _sqrt(r_w)
+        r_u = sqrt_rn(r_u)
+        r_w = sqrt_rn(r_w)
     inv_u = _inv_clamp(r_u, eps)
     inv_w = _inv_clamp(r_w, eps)
     u_base = _base(row, _M_SPTR, _M_SSB, b, S_DT, S_DIV, S_ALIGN)
@@ -953,6 +953,37 @@ def _pair_lists(student, teacher, op: str) -> int:
     return B
 
 
+def _check_features_nonempty(tensors, op: str, who: str, channel_dim: int) -> None:
+    """Every sample of a feature map needs a channel and a location: an empty map would be a
+    0/0 mean (and the host's tiling divides by its size)."""
+    for k, x in enumerate(tensors):
+        if x.dim() == 1:  # (B,): one channel, one location
+            continue
+        C = x.shape[channel_dim % x.dim()]
+        N = reference.bcn_locations(x, channel_dim)
+        if C == 0 or N == 0:
+            what = "no channels" if C == 0 else "no locations (an empty spatial extent)"
+            raise ValueError(f"lwkd_triton::{op}: pair {k}: {who} tensor of shape {tuple(x.shape)} has {what}; "
+                             "every sample needs at least one channel and one location")
+
+
+def _check_maps_nonempty(student, teacher, op: str) -> None:
+    """A derivative map with no element per sample has no norm and no distribution."""
+    for k, (a, b) in enumerate(zip(student, teacher)):
+        for x, who in ((a, "student"), (b, "teacher")):
+            if x.numel() == 0:  # the batch is > 0 (checked first): 0 elements per sample
+                raise ValueError(f"lwkd_triton::{op}: pair {k}: {who} map of shape {tuple(x.shape)} has 0 "
+                                 "elements per sample; every sample needs at least one")
+
+
+def _check_saved(op: str, name: str, x: torch.Tensor, dtype: torch.dtype, device: torch.device, numel: int) -> None:
+    """A tensor the forward saved for the backward: the kernels read it as one flat buffer."""
+    if x.dtype != dtype or x.device != device or x.numel() != numel or not x.is_contiguous():
+        raise ValueError(f"lwkd_triton::{op}: {name} must be a contiguous {dtype} tensor of {numel} elements on "
+                         f"{device} (as the forward returns it), got shape {tuple(x.shape)}, dtype {x.dtype}, "
+                         f"device {x.device}")
+
+
 def _divisibility(ptr: int, esize: int, strides) -> Tuple[int, int]:
     """(div, align): the largest power of two div <= 16 bytes / element such that the base pointer
     is div-element aligned and every stride is a multiple of div.  The kernels pass these to the
@@ -1099,7 +1130,13 @@ def _scatter_back(g: torch.Tensor, g3: torch.Tensor, channel_dim: int) -> None:
 
 
 def _launch(kernel, grid, *args, **kw):
-    kernel[grid](*args, num_warps=CONFIG.num_warps, **kw)
+    _common.launch(kernel, grid, *args, num_warps=CONFIG.num_warps, **kw)
+
+
+def _guard(tensors, op: str):
+    """The device guard of one op call (see _common.on_device); the impl checks that every
+    tensor is on the first one's device."""
+    return on_device(tensors[0].device, op) if tensors else contextlib.nullcontext()
 
 
 # ---- attention ---------------------------------------------------------------------------------
@@ -1110,6 +1147,8 @@ def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, e
     mcode = _metric_code(metric, True)
     _check_params(op, beta, tau, eps, normalize, p)
     B = _pair_lists(student, teacher, op)
+    _check_features_nonempty(student, op, "student", channel_dim)
+    _check_features_nonempty(teacher, op, "teacher", channel_dim)
     K = len(student)
     acc = _acc_dtype(list(student) + list(teacher))
     dev = student[0].device
@@ -1160,17 +1199,20 @@ def _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, nor
     op = "attention_discrepancy_backward"
     mcode = _metric_code(metric, True)
     _check_params(op, beta, tau, eps, normalize, p)
+    B = _pair_lists(student, student, op)
+    _check_features_nonempty(student, op, "student", channel_dim)
     K = len(student)
-    B = student[0].shape[0]
     acc = maps_s.dtype
     dev = student[0].device
     if tuple(grad.shape) != (K, B):
         raise ValueError(f"lwkd_triton::{op}: grad must be ({K}, {B}), got {tuple(grad.shape)}")
-    grad = grad.to(acc).contiguous()
     s3 = [reference.to_bcn(x, channel_dim) for x in student]
     Ns = [x.shape[2] for x in s3]
-    if maps_s.numel() != B * sum(Ns) or maps_t.numel() != B * sum(Ns):
-        raise ValueError(f"lwkd_triton::{op}: saved maps do not match the student features")
+    if acc not in (torch.float32, torch.float64):
+        raise ValueError(f"lwkd_triton::{op}: maps_s has dtype {acc}; the forward saves float32 or float64 maps")
+    for name, m in (("maps_s", maps_s), ("maps_t", maps_t)):
+        _check_saved(op, name, m, acc, dev, B * sum(Ns))
+    grad = grad.to(device=dev, dtype=acc).contiguous()
     grads, bufs = [], []
     table = _Table(A_NCOL, (p, beta, tau, eps))
     keyed = []
@@ -1214,26 +1256,11 @@ def _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, nor
 # ---- map op ------------------------------------------------------------------------------------
 
 
-def _non_overlapping_and_dense(x: torch.Tensor) -> bool:
-    """The elements fill one contiguous memory range exactly once (any dimension order)."""
-    expected = 1
-    dims = sorted(((st, s) for s, st in zip(x.shape, x.stride()) if s != 1))
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _dense_batch_outer(x: torch.Tensor) -> bool:
-    if x.dim() == 0 or not _non_overlapping_and_dense(x):
+    if x.dim() == 0 or not is_dense(x):
         return False
     n = x.numel() // max(x.shape[0], 1)
     return x.shape[0] == 1 or x.stride(0) == n
-
-
-def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and all(a.stride(d) == b.stride(d) for d in range(a.dim()) if a.shape[d] > 1)
 
 
 def _flat_pair(s: torch.Tensor, t: torch.Tensor, op: str, k: int):
@@ -1242,7 +1269,7 @@ def _flat_pair(s: torch.Tensor, t: torch.Tensor, op: str, k: int):
     if s.shape != t.shape:
         raise ValueError(f"lwkd_triton::{op}: pair {k}: student map shape {tuple(s.shape)} differs from "
                          f"teacher map shape {tuple(t.shape)}")
-    if not (_dense_batch_outer(s) and _dense_batch_outer(t) and _same_layout(s, t)):
+    if not (_dense_batch_outer(s) and _dense_batch_outer(t) and same_layout(s, t)):
         s, t = s.contiguous(), t.contiguous()
     return s, t, s.numel() // s.shape[0]
 
@@ -1286,6 +1313,7 @@ def _map_forward_impl(student, teacher, metric, beta, eps):
     mcode = _metric_code(metric, False)
     _check_params(op, beta, 1.0, eps)
     B = _pair_lists(student, teacher, op)
+    _check_maps_nonempty(student, teacher, op)
     K = len(student)
     acc = _acc_dtype(list(student) + list(teacher))
     dev = student[0].device
@@ -1316,12 +1344,17 @@ def _map_backward_impl(grad, student, teacher, rowstats, metric, beta, eps):
     mcode = _metric_code(metric, False)
     _check_params(op, beta, 1.0, eps)
     B = _pair_lists(student, teacher, op)
+    _check_maps_nonempty(student, teacher, op)
     K = len(student)
     acc = rowstats.dtype
     dev = student[0].device
     if tuple(grad.shape) != (K, B):
         raise ValueError(f"lwkd_triton::{op}: grad must be ({K}, {B}), got {tuple(grad.shape)}")
-    grad = grad.to(acc).contiguous()
+    if acc != _acc_dtype(list(student) + list(teacher)):
+        raise ValueError(f"lwkd_triton::{op}: rowstats has dtype {acc} but the maps accumulate in "
+                         f"{_acc_dtype(list(student) + list(teacher))} (pass the forward's row statistics)")
+    _check_saved(op, "rowstats", rowstats, acc, dev, K * B * 2)
+    grad = grad.to(device=dev, dtype=acc).contiguous()
     pairs = [_flat_pair(s, t, op, k) for k, (s, t) in enumerate(zip(student, teacher))]
     Ns = [n for _, _, n in pairs]
     grads, bufs = [], []
@@ -1363,7 +1396,8 @@ def attention_discrepancy_op(student: List[torch.Tensor], teacher: List[torch.Te
                              channel_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d (K, B), maps_s, maps_t); the maps of layer k are the (B, N_k) block at offset
     B * sum_{j<k} N_j of the flat map buffers (kept for the backward)."""
-    return _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim)
+    with _guard(student, "attention_discrepancy"):
+        return _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim)
 
 
 @attention_discrepancy_op.register_fake
@@ -1380,8 +1414,9 @@ def attention_discrepancy_backward_op(grad: torch.Tensor, student: List[torch.Te
                                       maps_s: torch.Tensor, maps_t: torch.Tensor, p: float,
                                       metric: str, beta: float, normalize: str, tau: float,
                                       eps: float, channel_dim: int) -> List[torch.Tensor]:
-    return _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau,
-                                    eps, channel_dim)
+    with _guard(student, "attention_discrepancy_backward"):
+        return _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau,
+                                        eps, channel_dim)
 
 
 @attention_discrepancy_backward_op.register_fake
@@ -1417,7 +1452,8 @@ attention_discrepancy_op.register_autograd(_attention_backward, setup_context=_a
 def map_discrepancy_op(student: List[torch.Tensor], teacher: List[torch.Tensor], metric: str,
                        beta: float, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (d (K, B), row statistics (K * B * 2) kept for the backward)."""
-    return _map_forward_impl(student, teacher, metric, beta, eps)
+    with _guard(student, "map_discrepancy"):
+        return _map_forward_impl(student, teacher, metric, beta, eps)
 
 
 @map_discrepancy_op.register_fake
@@ -1431,7 +1467,8 @@ def _map_fake(student, teacher, metric, beta, eps):
 def map_discrepancy_backward_op(grad: torch.Tensor, student: List[torch.Tensor],
                                 teacher: List[torch.Tensor], rowstats: torch.Tensor, metric: str,
                                 beta: float, eps: float) -> List[torch.Tensor]:
-    return _map_backward_impl(grad, student, teacher, rowstats, metric, beta, eps)
+    with _guard(student, "map_discrepancy_backward"):
+        return _map_backward_impl(grad, student, teacher, rowstats, metric, beta, eps)
 
 
 @map_discrepancy_backward_op.register_fake
