@@ -244,8 +244,9 @@ def _abs_pow(x, p, POW_MODE: tl.constexpr):
         # general p: exp(p log|x|) in float64.  In float32 the argument's rounding error grows with
         # |log|x|| (30 eps for |x| ~ 1e-9), enough to break the float32 tolerance where the metric
         # cancels; libdevice.pow would do, but the interpreter that verifies these kernels lacks it.
+        # (only an exact zero is special: a NaN stays NaN, as in lwkd::abs_pow)
         ax = tl.abs(x).to(tl.float64)
-        pos = ax > 0
+        pos = ax != 0
         return tl.where(pos, tl.exp(p * tl.log(tl.where(pos, ax, 1.0))), 0.0).to(x.dtype)
 
 
@@ -258,9 +259,16 @@ def _abs_pow_grad(x, p, POW_MODE: tl.constexpr):
         return _sign(x)
     else:
         ax = tl.abs(x).to(tl.float64)  # float64 power: see _abs_pow
-        pos = ax > 0
+        pos = ax != 0
         d = tl.where(pos, p * tl.exp((p - 1.0) * tl.log(tl.where(pos, ax, 1.0))), 0.0)
         return d.to(x.dtype) * _sign(x)
+
+
+@triton.jit
+def _unless_overflow(d, r_s, r_t):
+    """lwkd::unless_overflow: NaN when a normaliser overflowed (SPEC section 6, range)."""
+    ok = ((r_s - r_s) == 0) & ((r_t - r_t) == 0)
+    return tl.where(ok, d, float("nan"))
 
 
 @triton.jit
@@ -271,18 +279,19 @@ def _inv_clamp(r, eps):
 
 @triton.jit
 def _jsd_term(ps, pt, beta):
-    """lwkd::jsd_term: beta ps log(ps/M) + (1-beta) pt log(pt/M), 0 log 0 = 0."""
+    """lwkd::jsd_term: beta ps log(ps/M) + (1-beta) pt log(pt/M), 0 log 0 = 0 for exact zeros
+    only (a NaN probability makes the term NaN: SPEC section 2)."""
     m = beta * ps + (1.0 - beta) * pt
-    ms = tl.where(m > 0, m, 1.0)
-    r = tl.where(ps > 0, beta * ps * tl.log(tl.where(ps > 0, ps, 1.0) / ms), 0.0)
-    return r + tl.where(pt > 0, (1.0 - beta) * pt * tl.log(tl.where(pt > 0, pt, 1.0) / ms), 0.0)
+    ms = tl.where(m != 0, m, 1.0)
+    r = tl.where(ps != 0, beta * ps * tl.log(tl.where(ps != 0, ps, 1.0) / ms), 0.0)
+    return r + tl.where(pt != 0, (1.0 - beta) * pt * tl.log(tl.where(pt != 0, pt, 1.0) / ms), 0.0)
 
 
 @triton.jit
 def _jsd_grad_ps(ps, pt, beta):
-    """lwkd::jsd_grad_ps: beta log(ps/M) where ps > 0, else -beta if M > 0, else 0."""
+    """lwkd::jsd_grad_ps: beta log(ps/M) where ps != 0, else -beta if M > 0, else 0."""
     m = beta * ps + (1.0 - beta) * pt
-    pos = ps > 0
+    pos = ps != 0
     g = beta * tl.log(tl.where(pos, ps, 1.0) / tl.where(pos, m, 1.0))
     return tl.where(pos, g, tl.where(m > 0, -beta, 0.0 * beta))
 
@@ -533,7 +542,7 @@ def _attn_rows_fwd_kernel(hdr, tab, B, maps_s, maps_t, d, ACC: tl.constexpr, MET
     total = _sum(acc)
     if METRIC == 0:
         total = total / N.to(ACC)
-    tl.store(d + k * B + b, total)
+    tl.store(d + k * B + b, _unless_overflow(total, r_s, r_t))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -807,7 +816,7 @@ def _map_terms_kernel(hdr, tab, n_layers, tile0, B, part, part2, rowstats, S_DT:
     for i0 in range(i_full, i_end, BLOCK):
         idx, u, w = _flat_vals(u_base, w_base, i0, i_end, S_BF16, T_BF16, ACC, True, BLOCK)
         acc = _terms_step(acc, u, w, inv_u, inv_w, beta, METRIC)
-    tl.store(part2 + gt, _sum(acc))
+    tl.store(part2 + gt, _unless_overflow(_sum(acc), r_u, r_w))
     k = tl.load(row + _M_ORIG)
     tl.store(rowstats + (k * B + b) * 2, r_u, mask=ci == 0)
     tl.store(rowstats + (k * B + b) * 2 + 1, r_w, mask=ci == 0)
