@@ -505,8 +505,11 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         lrs = [default if x is None else x for x in first]
         if any(isinstance(x, torch.Tensor) for x in lrs):
             dev = self._device or torch.device("cpu")
-            vals = [x.detach().reshape(()).to(device=dev, dtype=torch.float64) if isinstance(x, torch.Tensor)
-                    else torch.full((), float(x), dtype=torch.float64, device=dev) for x in lrs]
+            # rates that all live in host memory stay there: every rule backend reads a CPU
+            # base-rate tensor on the host, so no blocking host-to-device copy happens per step
+            if all(x.device.type == "cpu" for x in lrs if isinstance(x, torch.Tensor)):
+                dev = torch.device("cpu")
+            vals = [_scalar_on(x, dev) for x in lrs]
             return [], torch.stack(vals) if vals else torch.empty(0, dtype=torch.float64, device=dev)
         lrs_f = [float(x) for x in lrs]
         if all(x == lrs_f[0] for x in lrs_f):
@@ -997,6 +1000,19 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         return (f"{type(self).__name__}(K={self._num_layers}, groups={len(self.param_groups)}, "
                 f"rate_momentum={self.rate_momentum}, gamma={self.gamma}, s_min={self.s_min}, "
                 f"s_max={self.s_max}, sync={self.sync!r})")
+
+
+def _scalar_on(x, device: torch.device) -> torch.Tensor:
+    """A base rate (float or 0-dim tensor) as a 0-dim float64 tensor on ``device``; a CPU tensor
+    goes to an accelerator through pinned memory, without blocking the host."""
+    if not isinstance(x, torch.Tensor):
+        return torch.full((), float(x), dtype=torch.float64, device=device)
+    x = x.detach().reshape(()).to(torch.float64)
+    if x.device == device:
+        return x
+    if x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 _EAGER_HOST_READ = True  # learn skip flags on the host as soon as that costs no wait (tests turn it off)

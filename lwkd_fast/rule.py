@@ -95,7 +95,7 @@ def reference_rates(
     state.copy_(new_m)
     mq = state.detach().to(torch.float64)  # the rounded factors, as the kernels use them
     if base_lr_tensor is not None:
-        lr = base_lr_tensor.detach().to(device=mq.device, dtype=torch.float64).reshape(-1)
+        lr = base_lr_tensor.detach().to(device=mq.device, dtype=torch.float64, non_blocking=True).reshape(-1)
         eta = mq * (lr if lr.numel() == K else lr[0])
     elif len(base_lr) == 1:
         eta = mq * float(base_lr[0])

@@ -41,3 +41,14 @@ def test_flag_copy_and_its_event_share_the_stream_of_the_flags_device(monkeypatc
     flag = types.SimpleNamespace(device=torch.device("cuda", 1))
     optim._Unsettled(flag)
     assert rec.calls == [("copy", 1, True), ("record", "stream-of-1")]
+
+
+def test_cpu_tensor_rates_stay_on_the_host_for_a_device_optimizer():
+    """A base rate held in a CPU 0-dim tensor (a scheduler writing into it) is read by every rule
+    backend on the host; the optimizer must not copy it to its device with a blocking copy at
+    every step (on CUDA a pageable host-to-device copy waits for the host)."""
+    p = torch.zeros(3, requires_grad=True)
+    opt = optim.LayerwiseSGD([{"params": [p], "layer": 0, "lr": torch.tensor(0.1)}], lr=0.1)
+    opt._device = torch.device("meta")  # stands in for an accelerator: any copy would land there
+    _, lr_t = opt._layer_base_lrs()
+    assert lr_t.device.type == "cpu" and lr_t.tolist() == [float(torch.tensor(0.1))]
