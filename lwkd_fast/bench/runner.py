@@ -1,40 +1,40 @@
-"""``lwkd-fast bench``: every kernel side by side with what a user would otherwise run.
+"""The runner behind ``lwkd-fast bench`` (:mod:`lwkd_fast.bench`): runs the suites, judges the
+issues' performance targets on the run's own numbers, prints the table, writes JSON, Markdown and
+a plot.
 
-One process, one run: each suite checks that its implementations agree, then times them
-interleaved (round-robin, so background load hits them alike) and reports median, spread (IQR),
-effective GB/s and the fraction of the memory-bandwidth roofline, where the roofline is a plain
-``torch.sum`` over the same number of bytes measured in the same run.
-
-Suites (one module each, registered in :data:`SUITES`; ``benchmarks/`` wraps the same code as
-pytest-benchmark suites, so every baseline exists once):
-
-``attention``    discrepancy fwd+bwd: native vs eager per-layer torch vs ``torch.compile``
-``derivatives``  Jacobian / HVP maps: ``batched_backward`` vs ``vmap`` vs ``loop``
-``optimizer``    fused layer-wise step vs ``torch.optim`` foreach (+ host sync) and fused
-``e2e``          a whole distillation step: layer-wise rates vs fixed rate vs eager KD code
+A target compares two medians (a speedup, a roofline fraction, an overhead).  It is judged only
+when both are trustworthy: enough runs, a spread (IQR / median) below ``MAX_SPREAD``, no more torch
+threads than usable cores, and no contention from other processes while they were timed
+(:func:`lwkd_fast.benchmarking.noise`).  Then "met" / "missed" needs the ratio to clear the goal by
+two standard errors of the ratio of medians; closer than that it is "unclear".  Otherwise the
+target is "not judged", with the reason -- a run on a loaded machine prints no verdict at all.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import sys
 import time
-from typing import Dict, List, Sequence
+import warnings
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..benchmarking import machine_info, read_bandwidth
+from ..benchmarking import CpuClock, load_average, machine_info, read_bandwidth
 from . import attention, derivatives, e2e, optim
 from .core import SUITES, Ctx, Row
 
 SUITE_MODULES = (attention, derivatives, optim, e2e)  # importing them registers their suites
 
-__all__ = ["SUITES", "Ctx", "Row", "run", "format_table", "plot", "targets", "script_main"]
+__all__ = ["run", "targets", "judge", "format_table", "format_markdown", "plot", "run_command"]
 
 
 def run(names: Sequence[str], ctx: Ctx) -> Dict[str, object]:
     t0 = time.perf_counter()
+    load_start, clock = load_average(), CpuClock()
     rows: List[Row] = []
     for name in names:
         rows += SUITES[name](ctx)
@@ -43,6 +43,9 @@ def run(names: Sequence[str], ctx: Ctx) -> Dict[str, object]:
     out_rows = [r.as_dict(read_bw, base.get((r.suite, r.case))) for r in rows]
     result = {
         "machine": machine_info(),
+        "state": {"load_average_start": load_start, "load_average_end": load_average(),
+                  "other_cpu_whole_run": clock.other_share(), "threads_requested": ctx.threads,
+                  "noisy_rows": sum(1 for r in out_rows if r.get("noise"))},
         "device": str(ctx.device),
         "quick": ctx.quick,
         "repeat": ctx.repeat,
@@ -54,6 +57,11 @@ def run(names: Sequence[str], ctx: Ctx) -> Dict[str, object]:
     return result
 
 
+# ------------------------------------------------------------------------------------------------
+# Targets
+# ------------------------------------------------------------------------------------------------
+
+
 def _row(result, suite, impl, case_prefix=""):
     for r in result["rows"]:
         if r["suite"] == suite and r["impl"] == impl and r["case"].startswith(case_prefix):
@@ -61,87 +69,181 @@ def _row(result, suite, impl, case_prefix=""):
     return None
 
 
+def _rel_se(r: Dict[str, object], prefix: str = "") -> float:
+    """Relative standard error of a row's median (``prefix="read_"``: of its roofline proxy)."""
+    return 0.9290 * r[prefix + "spread"] / math.sqrt(max(r[prefix + "n"], 1))
+
+
+def judge(ratio: float, goal: float, rel_se: float, relation: str, noise: List[str]) -> Dict[str, object]:
+    """The verdict on ``ratio`` (a ratio of two medians) against ``goal`` (``relation`` ">=" or
+    "<="): "not judged" when ``noise`` names a reason, else "met"/"missed" when the ratio clears
+    the goal by two standard errors (``rel_se``, relative) and "unclear" when it does not."""
+    if noise:
+        return {"verdict": "not judged", "met": None, "why": "; ".join(noise)}
+    margin = math.log(ratio / goal) * (1 if relation == ">=" else -1)
+    if abs(margin) < 2 * rel_se:
+        return {"verdict": "unclear", "met": None,
+                "why": f"within two standard errors ({2 * rel_se:.0%}) of the goal"}
+    return {"verdict": "met" if margin > 0 else "missed", "met": margin > 0, "why": ""}
+
+
+def _noise(*rows) -> List[str]:
+    """The noise reasons of ``rows``, each once, with the implementations it concerns."""
+    by_reason: Dict[str, List[str]] = {}
+    for r in rows:
+        if r.get("noise"):
+            by_reason.setdefault(r["noise"], []).append(r["impl"])
+    return [f"{why} ({', '.join(impls)})" for why, impls in by_reason.items()]
+
+
 def targets(result: Dict[str, object]) -> List[Dict[str, object]]:
-    """The issues' performance targets, evaluated on this run's numbers (met or not)."""
+    """The issues' performance targets, judged on this run's numbers."""
     out = []
 
-    def add(name, value, goal, met, unit="x"):
-        out.append({"target": name, "value": value, "goal": goal, "met": bool(met), "unit": unit})
+    def add(name, top, bottom, goal, noise, rel_se, unit="x", relation=">=", shown=None):
+        ratio = top / bottom
+        value = ratio if shown is None else shown(ratio)
+        out.append({"target": name, "value": value, "goal": goal if shown is None else shown(goal),
+                    "unit": unit, "relation": relation, **judge(ratio, goal, rel_se, relation, noise)})
+
+    def speedup(name, fast, slow, goal, also=()):
+        add(name, slow["median"], fast["median"], goal, _noise(fast, slow, *also),
+            math.hypot(_rel_se(fast), _rel_se(slow)))
+
+    def roofline(name, r, goal):
+        proxy = {"impl": "torch.sum roofline", "noise": r.get("read_noise")}
+        add(name, r["read_median"], r["median"], goal, _noise(r, proxy),
+            math.hypot(_rel_se(r), _rel_se(r, "read_")), unit="")
 
     main = "K=4 x (128, 64, 32, 32)"
     nat = _row(result, "attention", "native", main)
     if nat:
-        eager = _row(result, "attention", "eager", main)
+        speedup("attention fwd+bwd: native vs eager", nat, _row(result, "attention", "eager", main), 3.0)
         comp = _row(result, "attention", "torch.compile", main)
-        add("attention fwd+bwd: native vs eager", eager["median"] / nat["median"], 3.0,
-            eager["median"] / nat["median"] >= 3.0)
         if comp:
-            add("attention fwd+bwd: native vs torch.compile", comp["median"] / nat["median"], 1.0,
-                comp["median"] >= nat["median"])
-        add("attention fwd+bwd: fraction of read roofline", nat["roofline"], 0.6, nat["roofline"] >= 0.6, "")
+            speedup("attention fwd+bwd: native vs torch.compile", nat, comp, 1.0)
+        roofline("attention fwd+bwd: fraction of read roofline", nat, 0.6)
     for kind in ("jacobian", "hvp"):
         b = _row(result, "derivatives", "batched_backward", kind)
         if b:
-            loop, vmap = _row(result, "derivatives", "loop", kind), _row(result, "derivatives", "vmap", kind)
-            add(f"{kind} maps: batched_backward vs loop", loop["median"] / b["median"], 10.0,
-                loop["median"] / b["median"] >= 10.0)
-            add(f"{kind} maps: batched_backward vs vmap", vmap["median"] / b["median"], 1.5,
-                vmap["median"] / b["median"] >= 1.5)
+            speedup(f"{kind} maps: batched_backward vs loop", b, _row(result, "derivatives", "loop", kind), 10.0)
+            speedup(f"{kind} maps: batched_backward vs vmap", b, _row(result, "derivatives", "vmap", kind), 1.5)
     for kind in ("sgd", "adamw"):
         ours = _row(result, "optimizer", "lwkd fused (native)", kind)
         if ours:
             foreach = _row(result, "optimizer", "torch foreach + sync", kind)
             fused = _row(result, "optimizer", "torch fused + tensor lr", kind)
-            best = min(foreach["median"], fused["median"])
-            add(f"{kind} step: fused vs best torch.optim", best / ours["median"], 1.0, best >= ours["median"])
-            add(f"{kind} step: fused vs foreach", foreach["median"] / ours["median"], 1.5,
-                foreach["median"] / ours["median"] >= 1.5)
-            add(f"{kind} step: fraction of read roofline", ours["roofline"], 0.6, ours["roofline"] >= 0.6, "")
+            best, other = sorted((foreach, fused), key=lambda r: r["median"])
+            speedup(f"{kind} step: fused vs best torch.optim ({best['impl']})", ours, best, 1.0, also=[other])
+            speedup(f"{kind} step: fused vs foreach", ours, foreach, 1.5)
+            roofline(f"{kind} step: fraction of read roofline", ours, 0.6)
     lw_ = _row(result, "e2e", "lwkd layer-wise rates")
     if lw_:
         fixed = _row(result, "e2e", "lwkd fixed rate")
-        over = lw_["median"] / fixed["median"] - 1.0
-        add("e2e step: layer-wise rates overhead vs fixed rate", over, 0.05, over <= 0.05, "")
+        add("e2e step: layer-wise rates overhead vs fixed rate", lw_["median"], fixed["median"], 1.05,
+            _noise(lw_, fixed),
+            math.hypot(_rel_se(lw_), _rel_se(fixed)), unit="", relation="<=", shown=lambda r: r - 1.0)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------------
+
+COLUMNS = ("suite", "case", "impl", "median", "IQR", "GB/s", "roof", "speedup", "notes")
+
+
+def _fmt_time(t: float) -> str:
+    return f"{t * 1e3:.2f} ms" if t < 10 else f"{t:.2f} s"
+
+
+def _notes(r: Dict[str, object]) -> str:
+    notes = []
+    if r.get("gflops_per_s"):
+        notes.append(f"{r['gflops_per_s']:.1f} GFLOP/s")
+    if r.get("peak_mib") is not None:
+        notes.append(f"peak {r['peak_mib']:.0f} MiB")
+    if "overhead_vs_fixed" in r:
+        notes.append(f"{r['overhead_vs_fixed']:+.1%} vs fixed rate")
+    if r.get("noise"):
+        notes.append(f"NOISY: {r['noise']}")
+    if r.get("read_noise"):
+        notes.append(f"NOISY roofline: {r['read_noise']}")
+    return ", ".join(notes)
+
+
+def _cells(r: Dict[str, object]) -> List[str]:
+    return [r["suite"], r["case"], r["impl"], _fmt_time(r["median"]), _fmt_time(r["iqr"]),
+            f"{r['gbps']:.1f}" if "gbps" in r else "", f"{r['roofline']:.0%}" if "roofline" in r else "",
+            f"{r['speedup']:.2f}x" if "speedup" in r else "", _notes(r)]
+
+
+def _fmt_target(t: Dict[str, object]) -> str:
+    def val(v):
+        return f"{v:.2f}{t['unit']}" if t["unit"] else f"{v:.1%}"
+
+    label = "MISSED" if t["verdict"] == "missed" else t["verdict"]
+    why = f" -- {t['why']}" if t["why"] else ""
+    return f"  {label:<10} {t['target']}: {val(t['value'])} ({t['relation']} {val(t['goal'])}){why}"
+
+
+def _load(la) -> str:
+    return "/".join(f"{v:.2f}" for v in la) if la else "unknown"
+
+
+def machine_line(result: Dict[str, object]) -> str:
+    m, st = result["machine"], result["state"]
+    other = st.get("other_cpu_whole_run")
+    used = f"{other:.0%} of the {m['logical_cores']} cores" if other is not None else "an unknown share of the cores"
+    asked = f" (--threads {st['threads_requested']})" if st.get("threads_requested") else ""
+    return (f"machine state: load average {_load(st.get('load_average_start'))} before the run, "
+            f"{_load(st.get('load_average_end'))} after; other processes used {used} over the whole run; "
+            f"{m['torch_threads']} torch threads on {m['usable_cores']} usable cores{asked}")
+
+
+def verdict_summary(result: Dict[str, object]) -> List[str]:
+    ts = result.get("targets") or []
+    skipped = [t for t in ts if t["verdict"] == "not judged"]
+    if not skipped:
+        return []
+    m, other = result["machine"], result["state"].get("other_cpu_whole_run") or 0.0
+    free = max(1, int(m["logical_cores"] * (1.0 - other)))
+    return [f"{len(skipped)} of {len(ts)} targets not judged: this run was too noisy to judge them. Rerun on an "
+            f"idle machine, or with --threads {free} (the cores other work left free) to compare like for like."]
 
 
 def format_table(result: Dict[str, object]) -> str:
     m = result["machine"]
-    lines = [
-        f"lwkd-fast bench on {m['cpu']} ({m['logical_cores']} logical cores, {m['torch_threads']} torch threads)"
-        + (f", GPU {m['gpu']}" if "gpu" in m else "")
-        + f", device {result['device']}, torch {m['torch']}, {result['repeat']} timed runs per case"
-        + (" (--quick)" if result["quick"] else ""),
-        f"roof = effective GB/s / GB/s of a torch.sum over the same bytes, timed in the same round-robin "
-        f"(an idle read: {result['read_bandwidth_gbps']:.1f} GB/s)",
-        "",
-        f"{'suite':<11} {'case':<44} {'impl':<24} {'median':>10} {'IQR':>9} {'GB/s':>6} {'roof':>5} {'speedup':>8}  notes",
-    ]
+    header = (f"lwkd-fast bench on {m['cpu']} ({m['logical_cores']} logical cores, {m['torch_threads']} torch threads)"
+              + (f", GPU {m['gpu']}" if "gpu" in m else "")
+              + f", device {result['device']}, torch {m['torch']}, {result['repeat']} timed runs per case"
+              + (" (--quick)" if result["quick"] else ""))
+    body = [list(COLUMNS)] + [_cells(r) for r in result["rows"]]
+    widths = [max(len(row[i]) for row in body) for i in range(len(COLUMNS) - 1)]
+    right = {3, 4, 5, 6, 7}
+
+    def line(cells):
+        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(out + [cells[-1]]).rstrip()
+
+    lines = [header, machine_line(result),
+             f"roof = effective GB/s / GB/s of a torch.sum over the same bytes, timed in the same round-robin "
+             f"(torch.sum over 128 MiB on its own: {result['read_bandwidth_gbps']:.1f} GB/s)", "", line(body[0])]
     lines.append("-" * len(lines[-1]))
-    for r in result["rows"]:
-        gbps = f"{r['gbps']:6.1f}" if "gbps" in r else f"{'':6}"
-        roof = f"{r['roofline']:5.0%}" if "roofline" in r else f"{'':5}"
-        sp = f"{r['speedup']:7.2f}x" if "speedup" in r else f"{'':8}"
-        notes = []
-        if r.get("gflops_per_s"):
-            notes.append(f"{r['gflops_per_s']:.1f} GFLOP/s")
-        if r.get("peak_mib") is not None and "peak_mib" in r:
-            notes.append(f"peak {r['peak_mib']:.0f} MiB")
-        if "overhead_vs_fixed" in r:
-            notes.append(f"{r['overhead_vs_fixed']:+.1%} vs fixed rate")
-        med = f"{r['median'] * 1e3:8.2f}ms" if r["median"] < 10 else f"{r['median']:8.2f} s"
-        lines.append(
-            f"{r['suite']:<11} {r['case'][:44]:<44} {r['impl'][:24]:<24} {med} "
-            f"{r['iqr'] * 1e3:7.2f}ms {gbps} {roof} {sp}  {', '.join(notes)}"
-        )
+    lines += [line(cells) for cells in body[1:]]
     if result.get("targets"):
-        lines += ["", "targets (issues 2, 3, 6, 7), evaluated on this run:"]
-        for t in result["targets"]:
-            val = f"{t['value']:.2f}{t['unit']}" if t["unit"] else f"{t['value']:.1%}"
-            goal = f"{t['goal']:.2f}{t['unit']}" if t["unit"] else f"{t['goal']:.0%}"
-            rel = "<=" if "overhead" in t["target"] else ">="
-            lines.append(f"  {'met   ' if t['met'] else 'MISSED'} {t['target']}: {val} ({rel} {goal})")
+        lines += ["", "targets (issues 2, 3, 6, 7), judged on this run (met/missed: beyond two standard errors):"]
+        lines += [_fmt_target(t) for t in result["targets"]]
+        lines += verdict_summary(result)
     return "\n".join(lines)
+
+
+def format_markdown(result: Dict[str, object]) -> str:
+    """The table as Markdown (the README's form)."""
+    head = ["suite", "case", "implementation", "median", "IQR", "GB/s", "roofline", "speedup", "notes"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in result["rows"]]
+    return "\n".join(lines) + "\n"
 
 
 def plot(result: Dict[str, object], path: str) -> None:
@@ -173,59 +275,94 @@ def plot(result: Dict[str, object], path: str) -> None:
     plt.close(fig)
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="smaller problems, fewer runs (under 2 minutes on 2 cores)")
-    p.add_argument("--suite", action="append", choices=sorted(SUITES), help="run only this suite (repeatable)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
-    p.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 20; --quick 5)")
-    p.add_argument("--memory", action="store_true", help="also measure peak memory of the derivative strategies")
-    p.add_argument("--derivative-size", type=int, default=0, metavar="N",
-                   help="input height = width of the derivatives suite (default 32; --quick 16)")
-    p.add_argument("--json", metavar="FILE", help="write every number as JSON")
-    p.add_argument("--plot", metavar="FILE", help="write a PNG plot of speedup against problem size")
+# ------------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------------
 
 
-def _run_cmd(args: argparse.Namespace) -> int:
+class StatusLine:
+    """One self-overwriting progress line on stderr (only on a terminal: logs stay clean)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if self.live:
+            self.stream.write(f"\r\x1b[Kbench [{time.perf_counter() - self.t0:.0f} s] {msg}")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.live:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+class _Collect(logging.Handler):
+    def __init__(self, sink: List[str]):
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(f"{record.name}: {record.getMessage()}")
+
+
+class collect_messages:
+    """Warnings and WARNING+ log records raised during the run (torch's "No CUDA runtime is
+    found", ...), kept for printing after the table instead of breaking the progress line.  Every
+    logger that has handlers of its own (torch configures some) hands its records to the
+    collector meanwhile; its handlers are put back afterwards."""
+
+    def __init__(self):
+        self.messages: List[str] = []
+
+    def __enter__(self):
+        self._warnings = warnings.catch_warnings(record=True)
+        self._caught = self._warnings.__enter__()
+        warnings.simplefilter("default")
+        handler = _Collect(self.messages)
+        loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                           if isinstance(lg, logging.Logger) and lg.handlers]
+        self._saved = [(lg, lg.handlers) for lg in loggers]
+        for lg in loggers:
+            lg.handlers = [handler]
+        return self
+
+    def __exit__(self, *exc):
+        for lg, handlers in self._saved:
+            lg.handlers = handlers
+        self._warnings.__exit__(*exc)
+        self.messages += [f"{w.category.__name__}: {w.message}" for w in self._caught]
+        self.messages[:] = list(dict.fromkeys(self.messages))  # each once (propagated records repeat)
+        return False
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from ..cli import write_json
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeat = args.repeat or (5 if args.quick else 20)
-    from tqdm import tqdm
-
-    bar = tqdm(total=None, bar_format="{desc} [{elapsed}]", file=sys.stderr, leave=False)
-
-    def progress(msg):
-        bar.set_description_str(f"bench: {msg}")
-
-    ctx = Ctx(quick=args.quick, device=device, repeat=repeat, progress=progress, memory=args.memory,
-              derivative_size=args.derivative_size)
+    status = StatusLine()
+    ctx = Ctx(quick=args.quick, device=device, repeat=repeat, progress=status, memory=args.memory,
+              derivative_size=args.derivative_size or 0, threads=args.threads)
     try:
-        result = run(args.suite or list(SUITES), ctx)
+        with collect_messages() as caught:
+            result = run(args.suite or list(SUITES), ctx)
     finally:
-        bar.close()
+        status.close()
+    result["messages"] = caught.messages
     print(format_table(result))
+    if caught.messages:
+        print("\nmessages raised during the run:")
+        print("\n".join(f"  {m}" for m in caught.messages))
     print(f"\n({result['seconds']:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    write_json(args.json, result)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(format_markdown(result))
     if args.plot:
         plot(result, args.plot)
     return 0
-
-
-def script_main(suites: Sequence[str], argv=None) -> int:
-    """Entry point of the ``benchmarks/bench_*.py`` scripts: the same runner as ``lwkd-fast
-    bench``, restricted to ``suites``."""
-    ap = argparse.ArgumentParser(description=f"lwkd-fast bench --suite {' --suite '.join(suites)}")
-    _add_arguments(ap)
-    args = ap.parse_args(argv)
-    args.suite = args.suite or list(suites)
-    return _run_cmd(args)
-
-
-def _register() -> None:
-    from ..cli import register_command
-
-    register_command("bench", "side-by-side benchmark of every kernel against what users would use instead",
-                     _add_arguments, _run_cmd)
-
-
-_register()
