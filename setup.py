@@ -145,7 +145,7 @@ def get_extensions():
 
     use_cuda = bool(want_cuda and torch.version.cuda and cuda_home)
     reason = (
-        "LWKD_NO_CUDA=1" if not want_cuda else
+        "built with LWKD_NO_CUDA=1" if not want_cuda else
         f"torch {torch.__version__} is a CPU-only build" if not torch.version.cuda else
         "nvcc (the CUDA toolkit) was not found at build time" if not cuda_home else ""
     )

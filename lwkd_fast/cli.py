@@ -173,8 +173,8 @@ def extension_line() -> str:
     build = ops._C_BUILD
     if ops._C is not None:
         what = f"built against torch {build['torch']}" if build.get("torch") else "build record absent"
-        cuda = "; CUDA kernels" if "CUDA" in ops.native_kernels().get("attention_discrepancy", []) else \
-            f"; no CUDA kernels ({ops._no_cuda_reason()})"
+        cuda = "; CPU and CUDA kernels" if "CUDA" in ops.native_kernels().get("attention_discrepancy", []) else \
+            f"; CPU kernels only: {ops._no_cuda_reason()}"
         return f"loaded from {ops._C.__file__} ({what}{cuda})"
     return f"NOT USED -- {ops._C_ERROR}"
 

@@ -99,7 +99,7 @@ if _C_STATE == "broken":
 def _no_cuda_reason() -> str:
     """Why the extension has no CUDA kernels, as far as it is known."""
     if _C_BUILD.get("cuda_skipped"):
-        return f"built without CUDA kernels: {_C_BUILD['cuda_skipped']}"
+        return str(_C_BUILD["cuda_skipped"])
     if not torch.version.cuda:
         return f"torch {torch.__version__} is a CPU-only build"
     return "built without CUDA kernels"

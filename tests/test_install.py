@@ -131,12 +131,12 @@ def test_unloadable_extension_warns_once_with_reason_and_fix(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("lwkd_fast._C") is None, reason="no built extension to copy")
 def test_extension_built_for_another_torch_is_refused(tmp_path):
-    other = {"torch": "2.13.0+cpu", "torch_cuda": None, "cuda_kernels": False,
-             "cuda_skipped": "torch 2.13.0+cpu is a CPU-only build"}
+    other = {"torch": "2.6.0+planted", "torch_cuda": None, "cuda_kernels": False,
+             "cuda_skipped": "torch 2.6.0+planted is a CPU-only build"}
     got = _probe(_package_copy(tmp_path, build_info=other))
     assert got["state"] == "broken" and not got["loaded"]
     assert got["warnings"] == [
-        f"lwkd_fast: the native extension lwkd_fast._C is not used: it was built against torch 2.13.0+cpu, "
+        f"lwkd_fast: the native extension lwkd_fast._C is not used: it was built against torch 2.6.0+planted, "
         f"and this is torch {torch.__version__}. Every op runs on the slower pure-torch reference backend. Fix: "
         f"rebuild it against this torch with `pip install --no-build-isolation -e {tmp_path}` (or set "
         f"LWKD_DISABLE_NATIVE=1 to use the reference backend without this warning)."]
