@@ -38,7 +38,7 @@ __all__ = ["SUITE_NAMES", "add_arguments", "run_command", "script_main"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="smaller problems, fewer runs (about 3 minutes on 2 idle cores)")
+                   help="smaller problems, fewer runs (about 3-4 minutes on 2 idle cores)")
     p.add_argument("--suite", action="append", choices=SUITE_NAMES, help="run only this suite (repeatable)")
     p.add_argument("--device", default=None, type=device_name,
                    help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
