@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 import warnings
 
 import pytest
@@ -228,3 +227,15 @@ def test_agreement_check_slices_the_batch_exactly():
     s, t = A.attention_inputs(2, 20, 3, 4, 4, "cpu", dtype=torch.float64)
     A.check_agreement("float64 slice", [("eager", A.step_eager)], s, t, 1)
     assert A.CHECK_BATCH < 20
+
+
+def test_readme_and_help_agree_on_the_quick_time():
+    import argparse
+    import re
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    quick = next(a.help for a in p._actions if "--quick" in a.option_strings)
+    claim = re.search(r"\((about [^)]*)\)", quick).group(1)
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    assert f"`--quick` (smaller problems, 5 runs) takes {claim}" in " ".join(readme.split())

@@ -13,13 +13,12 @@ target is "not judged", with the reason -- a run on a loaded machine prints no v
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
