@@ -443,15 +443,17 @@ FULL = dict(epochs=80, seeds=5)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import positive_int
+
     p.add_argument("--full", action="store_true", help=f"longer run: {FULL['epochs']} epochs, {FULL['seeds']} seeds")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3; --full 5)")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--seeds", type=positive_int, default=None, help="seeds per configuration (default 3; --full 5)")
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"student epochs (default {STUDENT_CFG['epochs']}; --full {FULL['epochs']})")
-    p.add_argument("--train-images", type=int, default=STUDENT_CFG["train_images"],
+    p.add_argument("--train-images", type=positive_int, default=STUDENT_CFG["train_images"],
                    help="training images the students see (default %(default)s of the 1198; the teacher sees all)")
     p.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated subset of {','.join(LOSSES)}")
     p.add_argument("--out", default="lwkd_results", help="directory for demo.json and demo.png (default ./lwkd_results)")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+    p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1),
                    help="worker processes, one thread each (default: min(2, cores))")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -460,10 +462,13 @@ def run_demo(args: argparse.Namespace) -> int:
     losses = [s.strip() for s in args.losses.split(",") if s.strip()]
     bad = [s for s in losses if s not in LOSSES]
     if bad:
-        print(f"unknown loss {bad[0]!r}; expected a subset of {', '.join(LOSSES)}", file=sys.stderr)
-        return 2
-    seeds = args.seeds or (FULL["seeds"] if args.full else 3)
-    cfg = dict(STUDENT_CFG, epochs=args.epochs or (FULL["epochs"] if args.full else STUDENT_CFG["epochs"]),
+        from .cli import UsageError
+
+        raise UsageError(f"--losses {args.losses!r}: unknown loss {bad[0]!r}; expected a comma-separated "
+                         f"subset of {','.join(LOSSES)}")
+    seeds = args.seeds if args.seeds is not None else (FULL["seeds"] if args.full else 3)
+    epochs = args.epochs if args.epochs is not None else (FULL["epochs"] if args.full else STUDENT_CFG["epochs"])
+    cfg = dict(STUDENT_CFG, epochs=epochs,
                train_images=args.train_images)
     os.makedirs(args.out, exist_ok=True)
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import importlib.util
 import logging
 import math
 import os
+import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -37,26 +39,71 @@ BACKENDS = ["reference", "native", "triton"]
 # ------------------------------------------------------------------------------------------------
 # Soft loading of the native library
 # ------------------------------------------------------------------------------------------------
-
-_C = None
-_C_ERROR: Optional[str] = None
+#
+# _C_STATE is one of
+#   "loaded"    the extension is imported and registered torch.ops.lwkd.*;
+#   "disabled"  LWKD_DISABLE_NATIVE=1 (the user's choice: no warning);
+#   "absent"    it was never built (LWKD_NO_EXT=1): the pure-Python package, as installed;
+#   "broken"    it exists but cannot serve this torch (built against another torch, or the import
+#               failed): ONE RuntimeWarning with the reason and the fix, then the reference backend.
+# _C_ERROR says why it is not loaded; _C_BUILD is what setup.py recorded beside it.
 
 
 def _truthy(value: Optional[str]) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-if _truthy(os.environ.get("LWKD_DISABLE_NATIVE")):
-    _C_ERROR = "disabled by LWKD_DISABLE_NATIVE=1"
-else:
+def _build_record() -> Dict[str, object]:
     try:
-        _C = importlib.import_module("lwkd_fast._C")  # registers torch.ops.lwkd.*
-    except ImportError as exc:  # not built (LWKD_NO_EXT=1), or built against another torch
-        _C = None
-        if isinstance(exc, ModuleNotFoundError) and exc.name == "lwkd_fast._C":
-            _C_ERROR = "lwkd_fast._C is not built (installed with LWKD_NO_EXT=1, or the build was skipped)"
-        else:
-            _C_ERROR = f"lwkd_fast._C did not load ({type(exc).__name__}: {exc})"
+        from ._build_info import BUILD
+    except ImportError:  # built by an older setup.py, or never built
+        return {}
+    return dict(BUILD)
+
+
+_C_BUILD = _build_record()
+
+
+def _rebuild_hint() -> str:
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    where = src if os.path.exists(os.path.join(src, "setup.py")) else "<the lwkd_fast source tree>"
+    return f"pip install --no-build-isolation -e {where}"
+
+
+def _load_native():
+    """(module or None, state, reason)."""
+    if _truthy(os.environ.get("LWKD_DISABLE_NATIVE")):
+        return None, "disabled", "disabled by LWKD_DISABLE_NATIVE=1"
+    if importlib.util.find_spec("lwkd_fast._C") is None:
+        return None, "absent", "lwkd_fast._C is not built (installed with LWKD_NO_EXT=1, or the build was skipped)"
+    built = _C_BUILD.get("torch")
+    if built and built != torch.__version__:  # loading it could fail obscurely, or crash
+        return None, "broken", f"it was built against torch {built}, and this is torch {torch.__version__}"
+    try:
+        return importlib.import_module("lwkd_fast._C"), "loaded", None  # registers torch.ops.lwkd.*
+    except Exception as exc:  # noqa: BLE001 - an unloadable library (ImportError, OSError), a failed registration
+        return None, "broken", f"{type(exc).__name__}: {exc}"
+
+
+_C, _C_STATE, _why = _load_native()
+_C_ERROR = f"lwkd_fast._C exists but cannot be used: {_why}" if _C_STATE == "broken" else _why
+if _C_STATE == "broken":
+    warnings.warn(
+        f"lwkd_fast: the native extension lwkd_fast._C is not used: {_why}. Every op runs on the slower "
+        f"pure-torch reference backend. Fix: rebuild it against this torch with `{_rebuild_hint()}` "
+        "(or set LWKD_DISABLE_NATIVE=1 to use the reference backend without this warning).",
+        RuntimeWarning,
+    )
+
+
+def _no_cuda_reason() -> str:
+    """Why the extension has no CUDA kernels, as far as it is known."""
+    if _C_BUILD.get("cuda_skipped"):
+        return str(_C_BUILD["cuda_skipped"])
+    if not torch.version.cuda:
+        return f"torch {torch.__version__} is a CPU-only build"
+    return "built without CUDA kernels"
+
 
 NATIVE_OPS = (
     "attention_discrepancy",
@@ -145,7 +192,7 @@ def _native_status(op: str, device_type: str, backend: str = "native") -> Tuple[
         return False, f"no {backend} kernels for device type {device_type!r}"
     if not _has_native_kernel(op, key, namespace):
         if key == "CUDA":
-            return False, f"the extension has no CUDA kernel for lwkd::{op} (built without CUDA?)"
+            return False, f"the extension has no CUDA kernel for lwkd::{op} ({_no_cuda_reason()})"
         return False, f"the {backend} library has no {key} kernel for {namespace}::{op}"
     return True, ""
 

@@ -172,18 +172,20 @@ def map_discrepancy(
     return torch.stack(rows)
 
 
-def eager_at_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+def eager_at_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
+                  channel_dim: int = 1) -> torch.Tensor:
     """Attention-transfer loss exactly as KD repositories write it (Zagoruyko & Komodakis):
 
-    ``sum_j (at(s_j) - at(t_j)).pow(2).mean()`` with ``at(x) = F.normalize(x.pow(2).mean(1).view(B, -1))``.
+    ``sum_j (at(s_j) - at(t_j)).pow(2).mean()`` with ``at(x) = F.normalize(x.pow(2).mean(1).view(B, -1))``
+    (``mean(-1)`` over the hidden size for token layouts (B, N, D), ``channel_dim=-1``).
 
     The per-layer Python loop with one chain of eager ops per layer is the baseline the
     benchmarks compare against.  It equals ``attention_discrepancy(...).sum()`` for p=2, "at".
     """
     total = None
     for fs, ft in zip(student_feats, teacher_feats):
-        a_s = F.normalize(fs.pow(2).mean(1).view(fs.size(0), -1))
-        a_t = F.normalize(ft.pow(2).mean(1).view(ft.size(0), -1))
+        a_s = F.normalize(fs.pow(2).mean(channel_dim).view(fs.size(0), -1))
+        a_t = F.normalize(ft.pow(2).mean(channel_dim).view(ft.size(0), -1))
         term = (a_s - a_t).pow(2).mean()
         total = term if total is None else total + term
     return total
