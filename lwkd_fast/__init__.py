@@ -1,13 +1,29 @@
 """lwkd_fast: fast derivative-matching kernels and layer-wise learning rates for knowledge
 distillation in PyTorch.  See README.md and SPEC.md.
 
-The public API below is imported on first use (PEP 562): ``import lwkd_fast`` costs nothing, so
-the ``lwkd-fast`` command line answers ``--help`` and argument errors without importing torch.
-``lw.<name>`` imports the module that defines it on first access; ``torch.ops.lwkd.*`` are
-registered once ``lwkd_fast.ops`` is imported (by any ``lw.*`` function, or ``import lwkd_fast.ops``).
+``import lwkd_fast`` imports :mod:`lwkd_fast.ops`, which loads the native library and registers
+``torch.ops.lwkd.*`` (usable right after the import, like any torch operator library); the rest of
+the public API below is imported on first use (PEP 562).  Only the ``lwkd-fast`` command line
+process defers ``lwkd_fast.ops`` too, so it answers ``--help`` and argument errors without
+importing torch (each sub-command imports what it needs).
 """
 
+import os as _os
+import sys as _sys
+
 from ._version import __version__
+
+
+def _cli_process() -> bool:
+    """This process is the ``lwkd-fast`` console script or ``python -m lwkd_fast``."""
+    if _sys.argv and _os.path.basename(_sys.argv[0]) == "lwkd-fast":
+        return True
+    orig = list(getattr(_sys, "orig_argv", []))
+    return "-m" in orig and orig[orig.index("-m") + 1:orig.index("-m") + 2] == ["lwkd_fast"]
+
+
+if not _cli_process():
+    from . import ops  # noqa: F401  (registers torch.ops.lwkd.*)
 
 # public name -> the module that defines it
 _API = {

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 PROG = "lwkd-fast"
-BACKEND_NAMES = ("reference", "native", "triton")  # lwkd_fast.ops.BACKENDS, without importing torch
+# lwkd_fast.ops.BACKENDS, without importing torch; "cuda_emu" (the csrc/cuda kernels on the CPU,
+# lwkd_fast.cuda_emu) is registered when `check --backend cuda_emu` asks for it
+BACKEND_NAMES = ("reference", "native", "triton", "cuda_emu")
 
 
 class UsageError(Exception):
@@ -255,6 +257,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     from . import check
 
     ops = _load_ops()
+    if args.backend and "cuda_emu" in args.backend:
+        from . import cuda_emu
+
+        try:
+            cuda_emu.load()  # builds once (a few minutes), then cached under build/cuda_emu
+        except RuntimeError as exc:
+            print(f"lwkd-fast check: --backend cuda_emu: {exc}", file=sys.stderr)
+            return 2
     backends = args.backend or list(ops.BACKENDS)
     print(f"lwkd_fast._C: {extension_line()}")
     print("what runs here:")

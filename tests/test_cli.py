@@ -177,6 +177,7 @@ def test_help_and_argument_errors_import_no_torch():
     """--help and argument errors are answered before torch is imported (the ~3 s of start-up)."""
     code = (
         "import sys\n"
+        "sys.argv[0] = '/venv/bin/lwkd-fast'  # as the console script runs it\n"
         "from lwkd_fast import cli\n"
         "for argv in (['--help'], ['bench', '--help'], ['check', '--help'], ['info', '--help'],\n"
         "             ['bench', '--repeat', '-3'], ['check', '--device', 'foo'], ['info', '--json', '/nonexistent/x'],\n"
@@ -193,5 +194,27 @@ def test_help_and_argument_errors_import_no_torch():
     assert "usage: lwkd-fast bench" in res.stdout and "--threads N" in res.stdout
 
 
+def test_importing_the_package_registers_the_operator_library():
+    """Outside the command line, ``import lwkd_fast`` registers torch.ops.lwkd.* at once (users call
+    the ops directly, e.g. to benchmark them)."""
+    code = "import lwkd_fast, torch\nprint(torch.ops.lwkd.attention_discrepancy.default._schema.name)\n"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    if ops._C is None:
+        pytest.skip(f"native extension not loaded: {ops._C_ERROR}")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("lwkd::attention_discrepancy")
+
+
 def test_backend_names_match_ops():
-    assert cli.BACKEND_NAMES == ops.BACKENDS
+    assert list(cli.BACKEND_NAMES[:3]) == ops.BACKENDS[:3]
+    assert set(ops.BACKENDS) <= set(cli.BACKEND_NAMES)
+
+
+def test_check_runs_the_cuda_kernels_through_the_execution_layer(capsys):
+    """`lwkd-fast check --backend cuda_emu` loads the CPU execution layer and holds the CUDA kernels
+    to the SPEC tolerances like any backend."""
+    rc = cli.main(["check", "--backend", "cuda_emu", "--device", "cpu", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "cuda_emu" in out and "FAIL" not in out
