@@ -250,6 +250,9 @@ def _auto_choice(op: str, device_type: str) -> str:
 # `import lwkd_fast`, and triton imported before `lwkd-fast check --interpret` can select the
 # interpreter.  tests/test_discrepancy.py::test_compiles_fullgraph guards the mechanism.
 _auto_choice._dynamo_marked_constant = True  # type: ignore[attr-defined]
+# likewise the request itself (use_backend's ContextVar, LWKD_BACKEND): torch 2.13's dynamo cannot
+# trace ContextVar.get, and the request is a constant of the traced region anyway
+requested_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def select_backend(op: str, device: torch.device) -> str:
