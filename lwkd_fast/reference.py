@@ -85,9 +85,20 @@ def _safe_plogp_over_m(P: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, P * (torch.log(P_safe) - torch.log(M_safe)), torch.zeros_like(P))
 
 
-def _distribution(a: torch.Tensor, normalize: str, tau: float, eps: float) -> torch.Tensor:
+def _distribution(a: torch.Tensor, normalize: str, tau: float, eps: float,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``P`` of SPEC section 2 over the locations of each sample; with a (B, N) bool ``mask``
+    only the valid locations carry probability (masked ones get exactly 0; an all-masked sample
+    gets P = 0)."""
     if normalize == "softmax":
-        return torch.softmax(a / tau, dim=1)
+        if mask is None:
+            return torch.softmax(a / tau, dim=1)
+        z = torch.where(mask, a / tau, float("-inf"))
+        any_valid = mask.any(dim=1, keepdim=True)
+        z = torch.where(any_valid, z, torch.zeros_like(z))  # no all -inf row: no NaN anywhere
+        return torch.where(mask, torch.softmax(z, dim=1), torch.zeros_like(z))
+    if mask is not None:
+        a = a * mask.to(a.dtype)
     return a / a.sum(dim=1, keepdim=True).clamp_min(eps)
 
 
@@ -113,19 +124,29 @@ def attention_discrepancy(
     channel_dim: int = 1,
     eps: float = 1e-12,
     compute_dtype: Optional[torch.dtype] = None,
+    masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
-    """Per-sample attention discrepancy of every layer pair, as a (K, B) tensor."""
+    """Per-sample attention discrepancy of every layer pair, as a (K, B) tensor.
+
+    ``masks`` (one entry per pair, each None or a (B, N) bool tensor of valid locations) restricts
+    every sum over locations to the valid ones (SPEC section 2, "Masked locations"): "at" divides
+    by the number of valid locations of the sample, "jsd" normalises over the valid locations
+    only, and a sample without valid locations gives 0."""
     dtype = compute_dtype or acc_dtype(*student_feats, *teacher_feats)
     rows = []
-    for fs, ft in zip(student_feats, teacher_feats):
+    for k, (fs, ft) in enumerate(zip(student_feats, teacher_feats)):
+        m = None if masks is None else masks[k]
         a_s = attention_maps(fs, p=p, channel_dim=channel_dim, compute_dtype=dtype)
         a_t = attention_maps(ft.detach(), p=p, channel_dim=channel_dim, compute_dtype=dtype)
         if metric == "at":
-            rows.append(_sqdist(a_s, a_t, eps) / a_s.shape[1])
+            if m is None:
+                rows.append(_sqdist(a_s, a_t, eps) / a_s.shape[1])
+            else:
+                mf = m.to(dtype)
+                rows.append(_sqdist(a_s * mf, a_t * mf, eps) / mf.sum(1).clamp_min(1.0))
         elif metric == "jsd":
-            rows.append(
-                _jsd(_distribution(a_s, normalize, tau, eps), _distribution(a_t, normalize, tau, eps), beta)
-            )
+            rows.append(_jsd(_distribution(a_s, normalize, tau, eps, m),
+                             _distribution(a_t, normalize, tau, eps, m), beta))
         else:
             raise ValueError(f"unknown metric {metric!r}")
     return torch.stack(rows)
