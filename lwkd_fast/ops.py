@@ -480,28 +480,34 @@ def _mask_list(op: str, mask: MaskArg, K: int) -> List[Optional[torch.Tensor]]:
                     f"got {type(mask).__name__}")
 
 
+def mask_as_bool(op: str, where: str, m) -> torch.Tensor:
+    """A mask of valid locations as a bool tensor: ``m`` must be a tensor that is bool or holds
+    only 0 and 1 (checked on the values: a device sync for non-bool masks).  ``where`` names it in
+    errors (e.g. ``"pair 0: mask[0]"``)."""
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"{op}: {where.split(': ')[-1]} must be a torch.Tensor or None, got {type(m).__name__}")
+    if m.is_complex():
+        raise TypeError(f"{op}: {where.split(': ')[-1]} has dtype {m.dtype}; expected bool (or 0/1 integers or floats)")
+    if m.dtype == torch.bool:
+        return m
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError(f"{op}: {where} (dtype {m.dtype}, shape {_shape(m)}) must hold only 0 and 1 (or be a "
+                         "bool tensor): 1 or True marks a valid location")
+    return m != 0
+
+
 def _check_mask(op: str, k: int, m, ref: torch.Tensor, ref_name: str, shapes: Sequence[Tuple[int, ...]],
                 expected: str) -> torch.Tensor:
-    """One pair's mask: a tensor on ``ref``'s device whose shape is one of ``shapes``, bool or
-    holding only 0 and 1 (checked on the values: a device sync for non-bool masks).  Returns it
-    as bool."""
+    """One pair's mask: :func:`mask_as_bool`, on ``ref``'s device, with one of ``shapes``."""
     name = f"mask[{k}]"
-    if not isinstance(m, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(m).__name__}")
-    if m.is_complex():
-        raise TypeError(f"{op}: {name} has dtype {m.dtype}; expected bool (or 0/1 integers or floats)")
-    if m.device != ref.device:
-        raise ValueError(f"{op}: pair {k}: {name} is on {m.device} but {ref_name}[{k}] is on {ref.device} "
-                         f"(shape {_shape(ref)}); move the mask to that device")
-    if _shape(m) not in shapes:
-        raise ValueError(f"{op}: pair {k}: {name} has shape {_shape(m)} but {ref_name}[{k}] has shape "
-                         f"{_shape(ref)}; expected {expected}")
-    if m.dtype != torch.bool:
-        if not bool(((m == 0) | (m == 1)).all()):
-            raise ValueError(f"{op}: pair {k}: {name} (dtype {m.dtype}, shape {_shape(m)}) must hold only 0 "
-                             "and 1 (or be a bool tensor): 1 or True marks a valid location")
-        m = m != 0
-    return m
+    if isinstance(m, torch.Tensor) and not m.is_complex():
+        if m.device != ref.device:
+            raise ValueError(f"{op}: pair {k}: {name} is on {m.device} but {ref_name}[{k}] is on {ref.device} "
+                             f"(shape {_shape(ref)}); move the mask to that device")
+        if _shape(m) not in shapes:
+            raise ValueError(f"{op}: pair {k}: {name} has shape {_shape(m)} but {ref_name}[{k}] has shape "
+                             f"{_shape(ref)}; expected {expected}")
+    return mask_as_bool(op, f"pair {k}: {name}", m)
 
 
 def _feature_masks(op: str, mask: MaskArg, s: List[torch.Tensor], channel_dim: int) -> Optional[List[Optional[torch.Tensor]]]:
