@@ -8,6 +8,8 @@
   trainer (``forward_train(image, target) -> (logits, losses_dict)``).
 * :mod:`lwkd_fast.integrations.repdistiller` -- ``LayerwiseAttention``, a RepDistiller-style
   criterion ``forward(g_s, g_t) -> [loss per layer]`` backed by one fused op.
+* :mod:`lwkd_fast.integrations.transformers` -- hidden-state and attention-probability pairings
+  of Hugging Face models (``hidden_state_pairs``, ``attention_pairs``) for ``LayerwiseDistiller``.
 
 Each submodule imports its framework only when it is imported itself; ``import lwkd_fast`` and
 ``import lwkd_fast.integrations`` need none of them.
