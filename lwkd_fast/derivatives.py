@@ -1153,7 +1153,7 @@ def sketched_derivative_maps(
     (D, rank) matrix per model.  For ``kind="hvp"`` the direction is ``v = z R^T`` in the one-hot
     space, z a shared (B, T, rank) Rademacher draw: the sketch of ``H v`` is ``H_E (z P^T) P``
     with ``P = E^T R``.  Inner products of sketched maps estimate those of the exact one-hot maps
-    without bias; ``benchmarks/bench_models.py --sketch`` measures the cosine accuracy.
+    without bias; ``python -m lwkd_fast.zoo --sketch`` measures the accuracy and the memory.
 
     ``inputs`` holds the token ids (``ids_key``, (B, T) integers) and the other keyword arguments
     of both models (e.g. ``attention_mask``); the models are called with ``embeds_key`` (the

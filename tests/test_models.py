@@ -362,15 +362,6 @@ def test_hf_adapter_pairings():
 # ------------------------------------------------------------------------------------------------
 
 
-class _OneHotGPT2(torch.nn.Module):
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, onehot=None, attention_mask=None):
-        return self.lm(inputs_embeds=onehot @ self.lm.get_input_embeddings().weight, attention_mask=attention_mask)
-
-
 def test_gpt2_sketched_maps_are_the_projected_one_hot_maps():
     c = case("hf_gpt2")
     student = copy.deepcopy(c.student).double().eval()
@@ -384,7 +375,7 @@ def test_gpt2_sketched_maps_are_the_projected_one_hot_maps():
     R[torch.arange(V), bucket] = sign.double()
     onehot = {"onehot": F.one_hot(c.x["input_ids"], V).double(), "attention_mask": c.x["attention_mask"]}
     for model, layer, maps in ((student, "transformer.h.1", s_maps), (teacher, "transformer.h.3", t_maps)):
-        exact = D.input_jacobians(_OneHotGPT2(model), onehot, ["lm." + layer], channel_dim=-1,
+        exact = D.input_jacobians(zoo.OneHotLM(model), onehot, ["lm." + layer], channel_dim=-1,
                                   mask=c.x["attention_mask"])[0]
         assert exact.shape == (2, 12, V)
         torch.testing.assert_close(maps[0], exact @ R, rtol=1e-9, atol=1e-12)
