@@ -131,10 +131,15 @@ def test_every_method_trains(family, method, use):
     c = case(family)
     student = copy.deepcopy(c.student)
     if family == "tv_mobilenet" and method != "attention":
+        # Hardsigmoid has no second derivative: a Jacobian loss and HVP maps fail clearly (before
+        # any backward); first-order Jacobian rates work, HVPs after replace_hardsigmoid
         with pytest.raises(D.NotDifferentiableError, match=r"aten::hardsigmoid_backward .*'features.1.block.1."
                                                            r"scale_activation' \(Hardsigmoid\).*replace_hardsigmoid"):
-            _step(c, method, use, student=copy.deepcopy(student))
-        D.replace_hardsigmoid(student)
+            _step(c, method, "rates+loss", student=copy.deepcopy(student))
+        if method == "jacobian":
+            use = "rates"
+        else:
+            D.replace_hardsigmoid(student)
     d, out, moved = _step(c, method, use, student=student)
     K = len(EXPECTED_PAIRS[family])
     assert d.num_layers == K and out.discrepancies.shape == (K,)
