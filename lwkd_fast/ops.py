@@ -567,6 +567,112 @@ def _check_options(op: str, *, metric: str, metrics: Sequence[str], beta, reduct
         _check_float(op, "p", p, lo=0.0)
 
 
+# ------------------------------------------------------------------------------------------------
+# Masks of valid locations (SPEC section 2, "Masked locations")
+# ------------------------------------------------------------------------------------------------
+
+MaskArg = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]]]
+
+# Backends whose kernels take a mask of valid locations.  The native and Triton kernels do not
+# yet: `auto` runs masked attention discrepancies on the reference, a forced one raises.
+MASK_BACKENDS = ("reference",)
+
+
+def _mask_list(op: str, mask: MaskArg, K: int) -> List[Optional[torch.Tensor]]:
+    if isinstance(mask, torch.Tensor):
+        return [mask] * K
+    if isinstance(mask, (list, tuple)):
+        if len(mask) != K:
+            raise ValueError(f"{op}: got {len(mask)} masks for {K} layer pairs; pass one mask (applied to "
+                             "every pair), or a list with one mask (or None) per pair")
+        return list(mask)
+    raise TypeError(f"{op}: mask must be None, a tensor or a list of tensors/None (one per pair), "
+                    f"got {type(mask).__name__}")
+
+
+def mask_as_bool(op: str, where: str, m) -> torch.Tensor:
+    """A mask of valid locations as a bool tensor: ``m`` must be a tensor that is bool or holds
+    only 0 and 1 (checked on the values: a device sync for non-bool masks).  ``where`` names it in
+    errors (e.g. ``"pair 0: mask[0]"``)."""
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"{op}: {where.split(': ')[-1]} must be a torch.Tensor or None, got {type(m).__name__}")
+    if m.is_complex():
+        raise TypeError(f"{op}: {where.split(': ')[-1]} has dtype {m.dtype}; expected bool (or 0/1 integers or floats)")
+    if m.dtype == torch.bool:
+        return m
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError(f"{op}: {where} (dtype {m.dtype}, shape {_shape(m)}) must hold only 0 and 1 (or be a "
+                         "bool tensor): 1 or True marks a valid location")
+    return m != 0
+
+
+def _check_mask(op: str, k: int, m, ref: torch.Tensor, ref_name: str, shapes: Sequence[Tuple[int, ...]],
+                expected: str) -> torch.Tensor:
+    """One pair's mask: :func:`mask_as_bool`, on ``ref``'s device, with one of ``shapes``."""
+    name = f"mask[{k}]"
+    if isinstance(m, torch.Tensor) and not m.is_complex():
+        if m.device != ref.device:
+            raise ValueError(f"{op}: pair {k}: {name} is on {m.device} but {ref_name}[{k}] is on {ref.device} "
+                             f"(shape {_shape(ref)}); move the mask to that device")
+        if _shape(m) not in shapes:
+            raise ValueError(f"{op}: pair {k}: {name} has shape {_shape(m)} but {ref_name}[{k}] has shape "
+                             f"{_shape(ref)}; expected {expected}")
+    return mask_as_bool(op, f"pair {k}: {name}", m)
+
+
+def _feature_masks(op: str, mask: MaskArg, s: List[torch.Tensor], channel_dim: int) -> Optional[List[Optional[torch.Tensor]]]:
+    """(B, N) bool masks of the K pairs' locations (after any resize), or None without masks."""
+    if mask is None:
+        return None
+    out: List[Optional[torch.Tensor]] = []
+    for k, (m, a) in enumerate(zip(_mask_list(op, mask, len(s)), s)):
+        if m is None:
+            out.append(None)
+            continue
+        cd = channel_dim % a.dim()
+        B, S = a.shape[0], _spatial(a, cd)
+        N = reference.bcn_locations(a, channel_dim)
+        shapes = {(B, N), (B, *S)}
+        expected = f"(B, N) = ({B}, {N}) or (B, *S) = {(B, *S)} (one entry per location, True = valid)"
+        out.append(_check_mask(op, k, m, a, "student_feats", shapes, expected).reshape(B, N))
+    return out if any(m is not None for m in out) else None
+
+
+def _map_masks(op: str, mask: MaskArg, s: List[torch.Tensor]) -> Optional[List[Optional[torch.Tensor]]]:
+    """Masks of the K pairs' map entries, each broadcastable to its map: (B, *P) with P a leading
+    part of the map's per-sample shape (e.g. (B, T) for (B, T, r) token maps)."""
+    if mask is None:
+        return None
+    out: List[Optional[torch.Tensor]] = []
+    for k, (m, a) in enumerate(zip(_mask_list(op, mask, len(s)), s)):
+        if m is None:
+            out.append(None)
+            continue
+        shapes = [tuple(a.shape[:d]) for d in range(min(2, a.dim()), a.dim() + 1)]
+        expected = (f"(B, *P) with P a leading part of the map's per-sample shape {tuple(a.shape[1:])}, "
+                    f"e.g. {shapes[0]} (True = valid)")
+        m = _check_mask(op, k, m, a, "student_maps", shapes, expected)
+        out.append(m.reshape(*m.shape, *([1] * (a.dim() - m.dim()))))
+    return out if any(m is not None for m in out) else None
+
+
+def _masked_backend(op: str, device: torch.device) -> str:
+    """The backend for a masked call: :func:`select_backend` restricted to :data:`MASK_BACKENDS`
+    (``auto`` falls back to the reference, logged once; a forced backend without mask support
+    raises)."""
+    req = requested_backend()
+    if req != "auto" and req not in MASK_BACKENDS:
+        raise RuntimeError(f"lwkd_fast: {op}: backend {req!r} was forced but does not support mask= yet "
+                           "(its kernels take no mask); use the reference backend (or 'auto', which runs "
+                           "masked calls there)")
+    backend = select_backend(op, device)
+    if backend not in MASK_BACKENDS:
+        _log_once(f"lwkd_fast: {op} with mask= on {device.type} uses the reference backend (the {backend} "
+                  "kernels take no mask yet)")
+        return "reference"
+    return backend
+
+
 def _reduce(d: torch.Tensor, reduction: str) -> torch.Tensor:
     return d.mean(dim=1) if reduction == "mean" else d
 
@@ -609,6 +715,7 @@ def attention_discrepancy(
     resize: Optional[str] = None,
     reduction: str = "mean",
     eps: float = 1e-12,
+    mask: MaskArg = None,
 ) -> torch.Tensor:
     """Per-layer attention-map discrepancy of K student/teacher layer pairs (SPEC sections 1-2).
 
@@ -618,6 +725,15 @@ def attention_discrepancy(
     (``reduction="none"``), float32 (float64 for float64 inputs).  Differentiable with respect to
     the student features; the teacher features are constants and never receive a gradient.
     Non-finite inputs propagate to D (the layer-wise rate rule skips such layers).
+
+    ``mask`` marks the valid locations (e.g. a token map's ``attention_mask``: padded tokens do
+    not count): one (B, N) or (B, *S) tensor for every pair, or a list with one tensor (or None)
+    per pair; bool, or 0/1 integers/floats (their values are checked, a device sync: pass bool to
+    avoid it).  SPEC section 2 defines the masked metrics: "at" averages over the valid locations
+    of each sample, "jsd" normalises over them, a sample without valid locations gives 0.  The
+    mask refers to the locations after ``resize``.  The native and Triton kernels take no mask
+    yet: ``auto`` runs masked calls on the reference backend (logged once), and a forced native
+    or Triton backend raises.
     """
     op = "attention_discrepancy"
     s = _as_list(student_feats, "student_feats", op)
@@ -629,8 +745,9 @@ def attention_discrepancy(
     if not s and not t:
         return _empty_result(reduction)
     s, t = _check_features(op, s, t, channel_dim, resize)
+    masks = _feature_masks(op, mask, s, channel_dim)
     p, beta, tau, eps = float(p), float(beta), float(tau), float(eps)
-    backend = select_backend(op, s[0].device)
+    backend = select_backend(op, s[0].device) if masks is None else _masked_backend(op, s[0].device)
     if backend in NATIVE_NAMESPACES:
         d = native_ops(backend).attention_discrepancy(s, t, p, metric, beta, normalize, tau, eps, channel_dim)[0]
     elif backend == "triton":
@@ -639,7 +756,8 @@ def attention_discrepancy(
         )
     else:
         d = reference.attention_discrepancy(
-            s, t, p=p, metric=metric, beta=beta, normalize=normalize, tau=tau, channel_dim=channel_dim, eps=eps
+            s, t, p=p, metric=metric, beta=beta, normalize=normalize, tau=tau, channel_dim=channel_dim, eps=eps,
+            masks=masks,
         )
     return _reduce(d, reduction)
 
@@ -652,6 +770,7 @@ def map_discrepancy(
     beta: float = 0.5,
     reduction: str = "mean",
     eps: float = 1e-12,
+    mask: MaskArg = None,
 ) -> torch.Tensor:
     """Per-layer discrepancy of per-sample derivative maps (input Jacobians, Hessian-vector
     products), SPEC section 2.
@@ -660,6 +779,12 @@ def map_discrepancy(
     flattened.  ``metric="cos"`` is ``||u/|u| - w/|w| ||^2`` (``2 - 2 cos``), ``"jsd"`` the
     Jensen-Shannon divergence of ``|u| / sum |u|``.  Returns (K,) or (K, B); differentiable with
     respect to the student maps only.
+
+    ``mask`` drops map entries (e.g. the padded tokens of (B, T, r) token maps): one tensor for
+    every pair or a list with one (or None) per pair, of shape (B, *P) with P a leading part of
+    the map's per-sample shape ((B, T) for (B, T, r)), broadcast over the rest; bool or 0/1.
+    Dropping entries is the same as zeroing them in both maps (SPEC section 2), which is how every
+    backend computes it.
     """
     op = "map_discrepancy"
     s = _as_list(student_maps, "student_maps", op)
@@ -675,6 +800,10 @@ def map_discrepancy(
                 f"{_shape(b)}; derivative maps of one pair must have the same shape"
             )
         _check_extent(op, f"student_maps[{k}]", a, None, k)
+    masks = _map_masks(op, mask, s)
+    if masks is not None:  # dropping entries == zeroing them in both maps, on every backend
+        s = [a if m is None else a * m.to(a.dtype) for a, m in zip(s, masks)]
+        t = [b if m is None else b.detach() * m.to(b.dtype) for b, m in zip(t, masks)]
     beta, eps = float(beta), float(eps)
     backend = select_backend(op, s[0].device)
     if backend in NATIVE_NAMESPACES:

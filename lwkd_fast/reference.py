@@ -94,11 +94,22 @@ def _unless_overflow(d: torch.Tensor, r_s: torch.Tensor, r_t: torch.Tensor) -> t
     return torch.where(ok, d, torch.full_like(d, float("nan")))
 
 
-def _distribution(a: torch.Tensor, normalize: str, tau: float, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(P, normaliser)``: ``a / max(sum a, eps)`` and the sum, or ``softmax(a / tau)`` and its
-    (finite unless the map holds a non-finite value) maximum."""
+def _distribution(a: torch.Tensor, normalize: str, tau: float, eps: float,
+                  mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(P, normaliser)``: ``P`` of SPEC section 2 over the locations of each sample and the sum
+    it was normalised by (the range guard's input; softmax, stable for every finite map, reports
+    0).  With a (B, N) bool ``mask`` only the valid locations carry probability (masked ones get
+    exactly 0; an all-masked sample gets P = 0)."""
     if normalize == "softmax":
-        return torch.softmax(a / tau, dim=1), a.detach().amax(dim=1)
+        none = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
+        if mask is None:
+            return torch.softmax(a / tau, dim=1), none
+        z = torch.where(mask, a / tau, float("-inf"))
+        any_valid = mask.any(dim=1, keepdim=True)
+        z = torch.where(any_valid, z, torch.zeros_like(z))  # no all -inf row: no NaN anywhere
+        return torch.where(mask, torch.softmax(z, dim=1), torch.zeros_like(z)), none
+    if mask is not None:
+        a = a * mask.to(a.dtype)
     S = a.sum(dim=1, keepdim=True)
     return a / S.clamp_min(eps), S
 
@@ -130,19 +141,29 @@ def attention_discrepancy(
     channel_dim: int = 1,
     eps: float = 1e-12,
     compute_dtype: Optional[torch.dtype] = None,
+    masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
-    """Per-sample attention discrepancy of every layer pair, as a (K, B) tensor."""
+    """Per-sample attention discrepancy of every layer pair, as a (K, B) tensor.
+
+    ``masks`` (one entry per pair, each None or a (B, N) bool tensor of valid locations) restricts
+    every sum over locations to the valid ones (SPEC section 2, "Masked locations"): "at" divides
+    by the number of valid locations of the sample, "jsd" normalises over the valid locations
+    only, and a sample without valid locations gives 0."""
     dtype = compute_dtype or acc_dtype(*student_feats, *teacher_feats)
     rows = []
-    for fs, ft in zip(student_feats, teacher_feats):
+    for k, (fs, ft) in enumerate(zip(student_feats, teacher_feats)):
+        m = None if masks is None else masks[k]
         a_s = attention_maps(fs, p=p, channel_dim=channel_dim, compute_dtype=dtype)
         a_t = attention_maps(ft.detach(), p=p, channel_dim=channel_dim, compute_dtype=dtype)
         if metric == "at":
-            rows.append(_sqdist(a_s, a_t, eps) / a_s.shape[1])
+            if m is None:
+                rows.append(_sqdist(a_s, a_t, eps) / a_s.shape[1])
+            else:
+                mf = m.to(dtype)
+                rows.append(_sqdist(a_s * mf, a_t * mf, eps) / mf.sum(1).clamp_min(1.0))
         elif metric == "jsd":
-            rows.append(
-                _jsd(_distribution(a_s, normalize, tau, eps), _distribution(a_t, normalize, tau, eps), beta)
-            )
+            rows.append(_jsd(_distribution(a_s, normalize, tau, eps, m),
+                             _distribution(a_t, normalize, tau, eps, m), beta))
         else:
             raise ValueError(f"unknown metric {metric!r}")
     return torch.stack(rows)

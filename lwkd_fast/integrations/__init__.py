@@ -10,6 +10,8 @@
 * :mod:`lwkd_fast.integrations.repdistiller` -- ``LayerwiseAttention``, a RepDistiller-style
   criterion ``forward(g_s, g_t) -> [loss per layer]`` backed by one fused op, and
   ``feature_layers`` (the modules behind ``feat_s[1:-1]``).
+* :mod:`lwkd_fast.integrations.transformers` -- hidden-state and attention-probability pairings
+  of Hugging Face models (``hidden_state_pairs``, ``attention_pairs``) for ``LayerwiseDistiller``.
 
 Each submodule's docstring gives the recipe for that framework's own entry point (the README
 quotes it verbatim); in each, the default replaces the framework's AT loss like for like.
