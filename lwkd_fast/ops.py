@@ -326,7 +326,7 @@ def _register_discrepancy_ops(ns: str) -> None:
     lib = getattr(torch.ops, ns)
 
     @torch.library.register_fake(f"{ns}::attention_discrepancy")
-    def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim):
+    def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks=None):
         dt = reference.acc_dtype(*student, *teacher)
         B = student[0].shape[0]
         d = student[0].new_empty((len(student), B), dtype=dt)
@@ -335,7 +335,8 @@ def _register_discrepancy_ops(ns: str) -> None:
         return d, maps_s, maps_t
 
     @torch.library.register_fake(f"{ns}::attention_discrepancy_backward")
-    def _attention_bwd_fake(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau, eps, channel_dim):
+    def _attention_bwd_fake(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau, eps, channel_dim,
+                            masks=None):
         return [torch.empty_like(x) for x in student]
 
     @torch.library.register_fake(f"{ns}::map_discrepancy")
@@ -348,10 +349,11 @@ def _register_discrepancy_ops(ns: str) -> None:
         return [torch.empty_like(x) for x in student]
 
     def _attention_setup(ctx, inputs, output):
-        student, _teacher, p, metric, beta, normalize, tau, eps, channel_dim = inputs
+        student, _teacher, p, metric, beta, normalize, tau, eps, channel_dim, *masks = inputs
         _d, maps_s, maps_t = output
         ctx.K = len(student)
         ctx.args = (p, metric, beta, normalize, tau, eps, channel_dim)
+        ctx.masks = masks[0] if masks else None  # constants (no gradient)
         ctx.save_for_backward(*student, *maps_s, *maps_t)
 
     def _attention_backward(ctx, grad_d, _grad_maps_s, _grad_maps_t):
@@ -361,8 +363,9 @@ def _register_discrepancy_ops(ns: str) -> None:
         if grad_d is None:
             grads = [None] * K
         else:
-            grads = lib.attention_discrepancy_backward(grad_d, student, maps_s, maps_t, *ctx.args)
-        return list(grads), [None] * K, None, None, None, None, None, None, None
+            grads = lib.attention_discrepancy_backward(grad_d, student, maps_s, maps_t, *ctx.args, ctx.masks)
+        no_masks = None if ctx.masks is None else [None] * len(ctx.masks)
+        return list(grads), [None] * K, None, None, None, None, None, None, None, no_masks
 
     torch.library.register_autograd(
         f"{ns}::attention_discrepancy", _attention_backward, setup_context=_attention_setup
@@ -573,11 +576,6 @@ def _check_options(op: str, *, metric: str, metrics: Sequence[str], beta, reduct
 
 MaskArg = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]]]
 
-# Backends whose kernels take a mask of valid locations.  The native and Triton kernels do not
-# yet: `auto` runs masked attention discrepancies on the reference, a forced one raises.
-MASK_BACKENDS = ("reference",)
-
-
 def _mask_list(op: str, mask: MaskArg, K: int) -> List[Optional[torch.Tensor]]:
     if isinstance(mask, torch.Tensor):
         return [mask] * K
@@ -656,23 +654,6 @@ def _map_masks(op: str, mask: MaskArg, s: List[torch.Tensor]) -> Optional[List[O
     return out if any(m is not None for m in out) else None
 
 
-def _masked_backend(op: str, device: torch.device) -> str:
-    """The backend for a masked call: :func:`select_backend` restricted to :data:`MASK_BACKENDS`
-    (``auto`` falls back to the reference, logged once; a forced backend without mask support
-    raises)."""
-    req = requested_backend()
-    if req != "auto" and req not in MASK_BACKENDS:
-        raise RuntimeError(f"lwkd_fast: {op}: backend {req!r} was forced but does not support mask= yet "
-                           "(its kernels take no mask); use the reference backend (or 'auto', which runs "
-                           "masked calls there)")
-    backend = select_backend(op, device)
-    if backend not in MASK_BACKENDS:
-        _log_once(f"lwkd_fast: {op} with mask= on {device.type} uses the reference backend (the {backend} "
-                  "kernels take no mask yet)")
-        return "reference"
-    return backend
-
-
 def _reduce(d: torch.Tensor, reduction: str) -> torch.Tensor:
     return d.mean(dim=1) if reduction == "mean" else d
 
@@ -731,9 +712,8 @@ def attention_discrepancy(
     per pair; bool, or 0/1 integers/floats (their values are checked, a device sync: pass bool to
     avoid it).  SPEC section 2 defines the masked metrics: "at" averages over the valid locations
     of each sample, "jsd" normalises over them, a sample without valid locations gives 0.  The
-    mask refers to the locations after ``resize``.  The native and Triton kernels take no mask
-    yet: ``auto`` runs masked calls on the reference backend (logged once), and a forced native
-    or Triton backend raises.
+    mask refers to the locations after ``resize``.  Every backend's kernels take the mask (one
+    pass over the features, as without it).
     """
     op = "attention_discrepancy"
     s = _as_list(student_feats, "student_feats", op)
@@ -747,12 +727,13 @@ def attention_discrepancy(
     s, t = _check_features(op, s, t, channel_dim, resize)
     masks = _feature_masks(op, mask, s, channel_dim)
     p, beta, tau, eps = float(p), float(beta), float(tau), float(eps)
-    backend = select_backend(op, s[0].device) if masks is None else _masked_backend(op, s[0].device)
+    backend = select_backend(op, s[0].device)
     if backend in NATIVE_NAMESPACES:
-        d = native_ops(backend).attention_discrepancy(s, t, p, metric, beta, normalize, tau, eps, channel_dim)[0]
+        d = native_ops(backend).attention_discrepancy(s, t, p, metric, beta, normalize, tau, eps, channel_dim,
+                                                      masks)[0]
     elif backend == "triton":
         d = importlib.import_module("lwkd_fast.triton").attention_discrepancy(
-            s, t, p, metric, beta, normalize, tau, eps, channel_dim
+            s, t, p, metric, beta, normalize, tau, eps, channel_dim, masks
         )
     else:
         d = reference.attention_discrepancy(

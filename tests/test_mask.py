@@ -22,12 +22,6 @@ MAP_BACKENDS = available_backends("map_discrepancy")
 METRICS = [("at", "sum"), ("jsd", "sum"), ("jsd", "softmax")]
 
 
-def mask_supported(backend: str) -> bool:
-    """Whether ``backend``'s attention kernels take ``mask=`` yet.  The single place that knows
-    they do not: delete it (and its uses) once the native and Triton kernels take the mask."""
-    return backend in ops.MASK_BACKENDS
-
-
 def _case(dtype=F64, seed=0):
     """Two pairs: a token layout (B, N, D) and an image layout (B, C, H, W); ragged masks, one
     sample of pair 0 entirely masked, one sample of pair 1 entirely valid."""
@@ -165,35 +159,35 @@ def test_masked_low_precision_within_spec_tolerance(dtype, metric, normalize):
 
 
 @pytest.mark.parametrize("backend", ATT_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
 @pytest.mark.parametrize("metric,normalize", METRICS)
-def test_every_backend_masked_or_clear_error(backend, metric, normalize):
-    s, t, masks = _case(torch.float32)
-    if not mask_supported(backend):
-        with pytest.raises(RuntimeError, match=f"attention_discrepancy: backend '{backend}' was forced but does "
-                                               "not support mask= yet"):
-            _masked(s, t, masks, metric, normalize, backend)
-        return
-    s64 = [x.double() for x in s]
-    t64 = [x.double() for x in t]
-    got = _masked(s, t, masks, metric, normalize, backend)
-    assert compare(got, _dropped(s64, t64, masks, metric, normalize), torch.float32).ok
+def test_every_backend_takes_the_mask(backend, dtype, metric, normalize):
+    """The kernels of every backend take the mask (values and gradients against the float64
+    computation that drops the masked locations sample by sample)."""
+    s, t, masks = _case(dtype)
+    w = torch.linspace(0.5, 1.5, 4, dtype=F64)
+    s_leaf = [x.clone().requires_grad_(True) for x in s]
+    got = _masked(s_leaf, t, masks, metric, normalize, backend)
+    grads = torch.autograd.grad((got * w.to(got.dtype)).sum(), s_leaf)
+    s64 = [x.detach().double().requires_grad_(True) for x in s]
+    ref = _dropped(s64, [x.double() for x in t], masks, metric, normalize)
+    grads_ref = torch.autograd.grad((ref * w).sum(), s64)
+    v = compare(got, ref, dtype)
+    assert v.ok, v
+    for k, (g, r) in enumerate(zip(grads, grads_ref)):
+        v = compare(g, r, dtype)
+        assert v.ok, f"grad[{k}]: {v}"
+        assert torch.isfinite(g).all()
 
 
-def test_auto_with_mask_uses_a_masking_backend_and_logs_once(caplog):
+def test_auto_with_mask_runs_the_kernels_of_its_backend(caplog):
     s, t, masks = _case(torch.float32)
     ops._logged.clear()
-    with caplog.at_level(logging.INFO, logger="lwkd_fast"):
-        for _ in range(2):
-            got = _masked(s, t, masks, "at", "sum", backend="auto")
-    ref = _masked(s, t, masks, "at", "sum", backend="reference")
-    assert torch.equal(got, ref)
     auto = ops.select_backend("attention_discrepancy", torch.device("cpu"))
-    msgs = [r.getMessage() for r in caplog.records if "with mask=" in r.getMessage()]
-    if mask_supported(auto):
-        assert msgs == []
-    else:
-        assert msgs == [f"lwkd_fast: attention_discrepancy with mask= on cpu uses the reference backend (the "
-                        f"{auto} kernels take no mask yet)"]
+    with caplog.at_level(logging.INFO, logger="lwkd_fast"):
+        got = _masked(s, t, masks, "at", "sum", backend="auto")
+    assert torch.equal(got, _masked(s, t, masks, "at", "sum", backend=auto))
+    assert not [r for r in caplog.records if "mask" in r.getMessage()]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 // (host code only: it uses ATen).
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -122,6 +123,33 @@ inline int64_t check_attention_backward(const at::Tensor& grad, at::TensorList s
     check_extent(student[k], op, k, "student", channel_dim);
   }
   return B;
+}
+
+// Masks of valid locations of the attention ops (SPEC section 2, "Masked locations"): None, or
+// one entry per pair, each undefined (no mask) or a (B, N) tensor of 0/1 on the op's device.
+// Returns K tensors (undefined where there is no mask), contiguous, in `dtype` (the call's
+// accumulation dtype, which the kernels read them in).
+using MaskList = std::optional<c10::List<std::optional<at::Tensor>>>;
+
+inline std::vector<at::Tensor> check_masks(const MaskList& masks, int64_t K, int64_t B,
+                                           const std::vector<int64_t>& Ns, const at::Device& device,
+                                           at::ScalarType dtype, const char* op) {
+  std::vector<at::Tensor> out(K);
+  if (!masks.has_value()) return out;
+  TORCH_CHECK(static_cast<int64_t>(masks->size()) == K, "lwkd::", op, ": ", masks->size(), " masks for ", K,
+              " layer pairs (one entry, or None, per pair)");
+  for (int64_t k = 0; k < K; ++k) {
+    const std::optional<at::Tensor> m = masks->get(k);
+    if (!m.has_value() || !m->defined()) continue;
+    TORCH_CHECK(m->dim() == 2 && m->size(0) == B && m->size(1) == Ns[k], "lwkd::", op, ": pair ", k,
+                ": masks[", k, "] has shape ", m->sizes(), " but the pair has (B, N) = (", B, ", ", Ns[k], ")");
+    TORCH_CHECK(m->device() == device, "lwkd::", op, ": pair ", k, ": masks[", k, "] is on ", m->device(),
+                " but the features are on ", device);
+    TORCH_CHECK(at::isFloatingType(m->scalar_type()) || m->scalar_type() == at::kBool, "lwkd::", op, ": pair ",
+                k, ": masks[", k, "] has dtype ", m->scalar_type(), "; expected bool or 0/1 floats");
+    out[k] = m->to(dtype).contiguous();
+  }
+  return out;
 }
 
 // float64 if any input is float64, else float32 (SPEC section 2).

@@ -93,10 +93,10 @@ def status(op: str, device_type: str) -> Tuple[bool, str]:
     return False, f"the Triton backend does not run on device type {device_type!r}"
 
 
-def attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim):
+def attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks=None):
     """Per-sample (K, B) attention discrepancy through the Triton kernels (see .discrepancy)."""
     mod = importlib.import_module(".discrepancy", __name__)
-    return mod.attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim)
+    return mod.attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks)
 
 
 def map_discrepancy(student, teacher, metric, beta, eps):

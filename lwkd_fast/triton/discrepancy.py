@@ -74,7 +74,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -444,50 +444,65 @@ def _attn_maps_kernel(hdr, tab, n_layers, tile0, maps_s, maps_t,
 
 
 @triton.jit
-def _row_stats(ms, mt, N, eps, inv_tau, ACC: tl.constexpr, METRIC: tl.constexpr,
-               SOFTMAX: tl.constexpr, BLOCK: tl.constexpr):
-    """Per-row normalisers of two maps: (inv_s, inv_t, r_s, r_t, max_s, max_t).
+def _valid(mk, idx, m, ACC: tl.constexpr, MASKED: tl.constexpr):
+    """1 at a valid location (the mask row ``mk``; every location in range without a mask), else 0."""
+    if MASKED:
+        return tl.load(mk + idx, mask=m, other=0.0)
+    else:
+        return tl.where(m, 1.0, 0.0).to(ACC)
+
+
+@triton.jit
+def _row_stats(ms, mt, mk, N, eps, inv_tau, ACC: tl.constexpr, METRIC: tl.constexpr,
+               SOFTMAX: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-row normalisers of two maps: (inv_s, inv_t, r_s, r_t, max_s, max_t, n_valid).
 
     l2 metrics: r = ||a||, inv = 1/max(r, eps); JSD-sum: r = sum a, inv = 1/max(r, eps);
-    JSD-softmax: max = max a, r = sum exp((a - max)/tau), inv = 1/r.
+    JSD-softmax: max = max a, r = sum exp((a - max)/tau), inv = 1/r.  Every sum runs over the
+    valid locations of the mask row ``mk`` only (SPEC section 2, "Masked locations").
     """
     offs = tl.arange(0, BLOCK)
     zero = tl.full([BLOCK], 0, ACC)
+    nv = zero
     if SOFTMAX:
         vs = zero - float("inf")
         vt = zero - float("inf")
         for i0 in range(0, N, BLOCK):
             idx = i0 + offs
-            m = idx < N
-            vs = tl.maximum(vs, tl.load(ms + idx, mask=m, other=-float("inf")))
-            vt = tl.maximum(vt, tl.load(mt + idx, mask=m, other=-float("inf")))
+            ok = _valid(mk, idx, idx < N, ACC, MASKED) != 0
+            vs = tl.maximum(vs, tl.load(ms + idx, mask=ok, other=-float("inf")))
+            vt = tl.maximum(vt, tl.load(mt + idx, mask=ok, other=-float("inf")))
         mx_s = _max(vs)
         mx_t = _max(vt)
         zs = zero
         zt = zero
         for i0 in range(0, N, BLOCK):
             idx = i0 + offs
-            m = idx < N
-            zs += tl.where(m, tl.exp((tl.load(ms + idx, mask=m, other=0.0) - mx_s) * inv_tau), 0.0)
-            zt += tl.where(m, tl.exp((tl.load(mt + idx, mask=m, other=0.0) - mx_t) * inv_tau), 0.0)
+            v = _valid(mk, idx, idx < N, ACC, MASKED)
+            ok = v != 0
+            nv += v
+            zs += tl.where(ok, tl.exp((tl.load(ms + idx, mask=ok, other=0.0) - mx_s) * inv_tau), 0.0)
+            zt += tl.where(ok, tl.exp((tl.load(mt + idx, mask=ok, other=0.0) - mx_t) * inv_tau), 0.0)
         r_s = _sum(zs)
         r_t = _sum(zt)
-        inv_s = 1.0 / r_s
-        inv_t = 1.0 / r_t
+        inv_s = 1.0 / tl.where(r_s > 0, r_s, 1.0)  # r = 0 only without a valid location (P = 0 there)
+        inv_t = 1.0 / tl.where(r_t > 0, r_t, 1.0)
     else:
         acc_s = zero
         acc_t = zero
         for i0 in range(0, N, BLOCK):
             idx = i0 + offs
             m = idx < N
+            v = _valid(mk, idx, m, ACC, MASKED)
+            nv += v
             a = tl.load(ms + idx, mask=m, other=0.0)
             c = tl.load(mt + idx, mask=m, other=0.0)
             if METRIC == 2:
-                acc_s += a
-                acc_t += c
+                acc_s += v * a
+                acc_t += v * c
             else:
-                acc_s += a * a
-                acc_t += c * c
+                acc_s += v * a * a
+                acc_t += v * c * c
         r_s = _sum(acc_s)
         r_t = _sum(acc_t)
         if METRIC != 2:
@@ -497,20 +512,30 @@ def _row_stats(ms, mt, N, eps, inv_tau, ACC: tl.constexpr, METRIC: tl.constexpr,
         inv_t = _inv_clamp(r_t, eps)
         mx_s = r_s * 0.0
         mx_t = r_t * 0.0
-    return inv_s, inv_t, r_s, r_t, mx_s, mx_t
+    return inv_s, inv_t, r_s, r_t, mx_s, mx_t, _sum(nv)
 
 
 @triton.jit
-def _distribution(a, inv, mx, inv_tau, SOFTMAX: tl.constexpr):
+def _distribution(a, inv, mx, inv_tau, v, SOFTMAX: tl.constexpr):
+    """P at one location (lwkd's distribution): 0 where the mask ``v`` is 0."""
     if SOFTMAX:
-        return tl.exp((a - mx) * inv_tau) * inv
+        return tl.where(v != 0, tl.exp((a - mx) * inv_tau) * inv, 0.0)
     else:
-        return a * inv
+        return tl.where(v != 0, a * inv, 0.0)
 
 
 @triton.jit
-def _attn_rows_fwd_kernel(hdr, tab, B, maps_s, maps_t, d, ACC: tl.constexpr, METRIC: tl.constexpr,
-                          SOFTMAX: tl.constexpr, BLOCK: tl.constexpr):
+def _at_scale(nv, METRIC: tl.constexpr):
+    """"at": 1/N_valid (0 without a valid location: d = 0); 1 for the other metrics."""
+    if METRIC == 0:
+        return tl.where(nv > 0, 1.0 / tl.where(nv > 0, nv, 1.0), 0.0)
+    else:
+        return nv * 0.0 + 1.0
+
+
+@triton.jit
+def _attn_rows_fwd_kernel(hdr, tab, B, maps_s, maps_t, masks, d, ACC: tl.constexpr, METRIC: tl.constexpr,
+                          SOFTMAX: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     j = pid // B
     b = pid - j * B
@@ -523,25 +548,26 @@ def _attn_rows_fwd_kernel(hdr, tab, B, maps_s, maps_t, d, ACC: tl.constexpr, MET
     inv_tau = 1.0 / _param(hdr, _H_TAU, ACC)
     ms = maps_s + moff
     mt = maps_t + moff
-    inv_s, inv_t, r_s, r_t, mx_s, mx_t = _row_stats(ms, mt, N, eps, inv_tau, ACC, METRIC, SOFTMAX, BLOCK)
+    mk = masks + moff
+    inv_s, inv_t, r_s, r_t, mx_s, mx_t, nv = _row_stats(ms, mt, mk, N, eps, inv_tau, ACC, METRIC, SOFTMAX,
+                                                        MASKED, BLOCK)
 
     offs = tl.arange(0, BLOCK)
     acc = tl.full([BLOCK], 0, ACC)
     for i0 in range(0, N, BLOCK):
         idx = i0 + offs
         m = idx < N
+        v = _valid(mk, idx, m, ACC, MASKED)
         a = tl.load(ms + idx, mask=m, other=0.0)
         c = tl.load(mt + idx, mask=m, other=0.0)
         if METRIC == 2:
-            ps = _distribution(a, inv_s, mx_s, inv_tau, SOFTMAX)
-            pt = _distribution(c, inv_t, mx_t, inv_tau, SOFTMAX)
+            ps = _distribution(a, inv_s, mx_s, inv_tau, v, SOFTMAX)
+            pt = _distribution(c, inv_t, mx_t, inv_tau, v, SOFTMAX)
             acc += tl.where(m, _jsd_term(ps, pt, beta), 0.0)
         else:
             diff = a * inv_s - c * inv_t
-            acc += tl.where(m, diff * diff, 0.0)
-    total = _sum(acc)
-    if METRIC == 0:
-        total = total / N.to(ACC)
+            acc += tl.where(m, v * diff * diff, 0.0)
+    total = _sum(acc) * _at_scale(nv, METRIC)
     tl.store(d + k * B + b, _unless_overflow(total, r_s, r_t))
 
 
@@ -553,8 +579,9 @@ _RS = tl.constexpr(8)  # values per row in the backward row-scalar buffer
 
 
 @triton.jit
-def _attn_rows_bwd_kernel(hdr, tab, B, maps_s, maps_t, grad, rowscal, ACC: tl.constexpr,
-                          METRIC: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK: tl.constexpr):
+def _attn_rows_bwd_kernel(hdr, tab, B, maps_s, maps_t, masks, grad, rowscal, ACC: tl.constexpr,
+                          METRIC: tl.constexpr, SOFTMAX: tl.constexpr, MASKED: tl.constexpr,
+                          BLOCK: tl.constexpr):
     """Row statistics and the projection <g_P, P> (JSD) or [r_s >= eps] <q_s, g_q> (at)."""
     pid = tl.program_id(0).to(tl.int64)
     j = pid // B
@@ -569,26 +596,26 @@ def _attn_rows_bwd_kernel(hdr, tab, B, maps_s, maps_t, grad, rowscal, ACC: tl.co
     gd = tl.load(grad + k * B + b).to(ACC)
     ms = maps_s + moff
     mt = maps_t + moff
-    inv_s, inv_t, r_s, r_t, mx_s, mx_t = _row_stats(ms, mt, N, eps, inv_tau, ACC, METRIC, SOFTMAX, BLOCK)
-    if METRIC == 0:
-        tsg = 2.0 * gd / N.to(ACC)
-    else:
-        tsg = 2.0 * gd
+    mk = masks + moff
+    inv_s, inv_t, r_s, r_t, mx_s, mx_t, nv = _row_stats(ms, mt, mk, N, eps, inv_tau, ACC, METRIC, SOFTMAX,
+                                                        MASKED, BLOCK)
+    tsg = 2.0 * gd * _at_scale(nv, METRIC)
 
     offs = tl.arange(0, BLOCK)
     acc = tl.full([BLOCK], 0, ACC)
     for i0 in range(0, N, BLOCK):
         idx = i0 + offs
         m = idx < N
+        v = _valid(mk, idx, m, ACC, MASKED)
         a = tl.load(ms + idx, mask=m, other=0.0)
         c = tl.load(mt + idx, mask=m, other=0.0)
         if METRIC == 2:
-            ps = _distribution(a, inv_s, mx_s, inv_tau, SOFTMAX)
-            pt = _distribution(c, inv_t, mx_t, inv_tau, SOFTMAX)
+            ps = _distribution(a, inv_s, mx_s, inv_tau, v, SOFTMAX)
+            pt = _distribution(c, inv_t, mx_t, inv_tau, v, SOFTMAX)
             acc += tl.where(m, gd * _jsd_grad_ps(ps, pt, beta) * ps, 0.0)
         else:
             qs = a * inv_s
-            acc += tl.where(m, qs * (tsg * (qs - c * inv_t)), 0.0)
+            acc += tl.where(m, v * qs * (tsg * (qs - c * inv_t)), 0.0)
     proj = _sum(acc)
     if not SOFTMAX:
         proj = tl.where(r_s >= eps, proj, 0.0)
@@ -613,16 +640,17 @@ def _grad_chan(h, x_base, g_base, cc, C, x_sc, x_sn, g_sc, g_sn, offs, mask, p, 
 
 
 @triton.jit
-def _grad_block(offs, mask, MASK_N: tl.constexpr, ms, mt, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg,
+def _grad_block(offs, mask, MASK_N: tl.constexpr, ms, mt, mk, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg,
                 inv_tau, beta, inv_c, x_base, g_base, C, x_sc, x_sn, g_sc, g_sn, p, S_DT: tl.constexpr,
-                S_BF16: tl.constexpr, STORE: tl.constexpr, OPT: tl.constexpr, POW_MODE: tl.constexpr,
-                METRIC: tl.constexpr, SOFTMAX: tl.constexpr, X_LAYOUT: tl.constexpr,
-                G_LAYOUT: tl.constexpr, BLOCK_C: tl.constexpr):
+                S_BF16: tl.constexpr, STORE: tl.constexpr, ACC: tl.constexpr, OPT: tl.constexpr,
+                POW_MODE: tl.constexpr, METRIC: tl.constexpr, SOFTMAX: tl.constexpr, MASKED: tl.constexpr,
+                X_LAYOUT: tl.constexpr, G_LAYOUT: tl.constexpr, BLOCK_C: tl.constexpr):
     a = tl.load(ms + offs, mask=mask, other=0.0)
     c = tl.load(mt + offs, mask=mask, other=0.0)
+    v = _valid(mk, offs, mask, ACC, MASKED)
     if METRIC == 2:
-        ps = _distribution(a, inv_s, mx_s, inv_tau, SOFTMAX)
-        pt = _distribution(c, inv_t, mx_t, inv_tau, SOFTMAX)
+        ps = _distribution(a, inv_s, mx_s, inv_tau, v, SOFTMAX)
+        pt = _distribution(c, inv_t, mx_t, inv_tau, v, SOFTMAX)
         gp = gd * _jsd_grad_ps(ps, pt, beta)
         if SOFTMAX:
             ga = ps * (gp - proj) * inv_tau        # lwkd::softmax_grad_a
@@ -632,7 +660,7 @@ def _grad_block(offs, mask, MASK_N: tl.constexpr, ms, mt, inv_s, inv_t, proj, mx
         qs = a * inv_s
         gq = tsg * (qs - c * inv_t)                # lwkd::sqdist_grad_q
         ga = (gq - qs * proj) * inv_s              # lwkd::sqdist_grad_a
-    h = (ga * inv_c).to(OPT)
+    h = (v * ga * inv_c).to(OPT)
     offs_c = tl.arange(0, BLOCK_C)
     if X_LAYOUT == 1 and G_LAYOUT == 1:  # channels contiguous: unmasked full channel blocks
         c_full = C - C % BLOCK_C
@@ -649,10 +677,10 @@ def _grad_block(offs, mask, MASK_N: tl.constexpr, ms, mt, inv_s, inv_t, proj, mx
 
 
 @triton.jit
-def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, rowscal,
+def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, masks, rowscal,
                       S_DT: tl.constexpr, S_BF16: tl.constexpr, STORE: tl.constexpr, ACC: tl.constexpr,
                       OPT: tl.constexpr, POW_MODE: tl.constexpr, METRIC: tl.constexpr,
-                      SOFTMAX: tl.constexpr, X_LAYOUT: tl.constexpr, G_LAYOUT: tl.constexpr,
+                      SOFTMAX: tl.constexpr, MASKED: tl.constexpr, X_LAYOUT: tl.constexpr, G_LAYOUT: tl.constexpr,
                       X_DIV: tl.constexpr, X_ALIGN: tl.constexpr, G_DIV: tl.constexpr,
                       G_ALIGN: tl.constexpr, KPAD: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_C: tl.constexpr):
@@ -692,18 +720,19 @@ def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, rowscal,
     moff = tl.load(row + _A_MOFF) + b * N
     ms = maps_s + moff
     mt = maps_t + moff
+    mk = masks + moff
     inv_c = 1.0 / C.to(ACC)
 
     for i0 in range(i_begin, i_full, BLOCK_N):
         offs = i0 + tl.arange(0, BLOCK_N)
-        _grad_block(offs, offs < i_end, False, ms, mt, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg, inv_tau, beta,
-                    inv_c, x_base, g_base, C, x_sc, x_sn, g_sc, g_sn, p, S_DT, S_BF16, STORE, OPT, POW_MODE,
-                    METRIC, SOFTMAX, X_LAYOUT, G_LAYOUT, BLOCK_C)
+        _grad_block(offs, offs < i_end, False, ms, mt, mk, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg, inv_tau,
+                    beta, inv_c, x_base, g_base, C, x_sc, x_sn, g_sc, g_sn, p, S_DT, S_BF16, STORE, ACC, OPT,
+                    POW_MODE, METRIC, SOFTMAX, MASKED, X_LAYOUT, G_LAYOUT, BLOCK_C)
     for i0 in range(i_full, i_end, BLOCK_N):
         offs = i0 + tl.arange(0, BLOCK_N)
-        _grad_block(offs, offs < i_end, True, ms, mt, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg, inv_tau, beta,
-                    inv_c, x_base, g_base, C, x_sc, x_sn, g_sc, g_sn, p, S_DT, S_BF16, STORE, OPT, POW_MODE,
-                    METRIC, SOFTMAX, X_LAYOUT, G_LAYOUT, BLOCK_C)
+        _grad_block(offs, offs < i_end, True, ms, mt, mk, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg, inv_tau,
+                    beta, inv_c, x_base, g_base, C, x_sc, x_sn, g_sc, g_sn, p, S_DT, S_BF16, STORE, ACC, OPT,
+                    POW_MODE, METRIC, SOFTMAX, MASKED, X_LAYOUT, G_LAYOUT, BLOCK_C)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1151,7 +1180,26 @@ def _guard(tensors, op: str):
 # ---- attention ---------------------------------------------------------------------------------
 
 
-def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim):
+def _mask_buffer(op, masks, Ns, B, acc, dev):
+    """The masks of the K pairs as one flat 0/1 buffer laid out like the map buffers (ones for a
+    pair without mask), or None when no pair has one."""
+    if masks is None or all(m is None for m in masks):
+        return None
+    if len(masks) != len(Ns):
+        raise ValueError(f"lwkd_triton::{op}: {len(masks)} masks for {len(Ns)} layer pairs")
+    parts = []
+    for k, (m, N) in enumerate(zip(masks, Ns)):
+        if m is None:
+            parts.append(torch.ones(B * N, dtype=acc, device=dev))
+            continue
+        if tuple(m.shape) != (B, N) or m.device != dev:
+            raise ValueError(f"lwkd_triton::{op}: pair {k}: masks[{k}] has shape {tuple(m.shape)} on {m.device} "
+                             f"but the pair has (B, N) = ({B}, {N}) on {dev}")
+        parts.append(m.to(acc).reshape(-1))
+    return torch.cat(parts)
+
+
+def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks=None):
     op = "attention_discrepancy"
     mcode = _metric_code(metric, True)
     _check_params(op, beta, tau, eps, normalize, p)
@@ -1173,6 +1221,7 @@ def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, e
     maps_s = torch.empty(B * ntot, dtype=acc, device=dev)
     maps_t = torch.empty(B * ntot, dtype=acc, device=dev)
     d = torch.empty((K, B), dtype=acc, device=dev)
+    mbuf = _mask_buffer(op, masks, Ns, B, acc, dev)
 
     table = _Table(A_NCOL, (p, beta, tau, eps))
     keyed = []
@@ -1197,14 +1246,14 @@ def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, e
                 S_BF16=sdt == torch.bfloat16, T_BF16=tdt == torch.bfloat16, ACC=_TL_DTYPES[acc],
                 POW_MODE=pm, S_LAYOUT=key[2], T_LAYOUT=key[3], S_DIV=key[4], S_ALIGN=key[5],
                 T_DIV=key[6], T_ALIGN=key[7], KPAD=_next_pow2(r1 - r0), BLOCK_N=bn, BLOCK_C=bc)
-    _launch(_attn_rows_fwd_kernel, (K * B,), table.hdr, table.all_rows, B, maps_s, maps_t, d,
-            ACC=_TL_DTYPES[acc], METRIC=mcode, SOFTMAX=(mcode == JSD and normalize == "softmax"),
-            BLOCK=CONFIG.block_rows)
+    _launch(_attn_rows_fwd_kernel, (K * B,), table.hdr, table.all_rows, B, maps_s, maps_t,
+            maps_s if mbuf is None else mbuf, d, ACC=_TL_DTYPES[acc], METRIC=mcode,
+            SOFTMAX=(mcode == JSD and normalize == "softmax"), MASKED=mbuf is not None, BLOCK=CONFIG.block_rows)
     return d, maps_s, maps_t
 
 
 def _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau, eps,
-                             channel_dim):
+                             channel_dim, masks=None):
     op = "attention_discrepancy_backward"
     mcode = _metric_code(metric, True)
     _check_params(op, beta, tau, eps, normalize, p)
@@ -1241,18 +1290,21 @@ def _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, nor
     table.build(keyed, dev, n_hints=4)
 
     softmax = mcode == JSD and normalize == "softmax"
+    mbuf = _mask_buffer(op, masks, Ns, B, acc, dev)
+    mptr = maps_s if mbuf is None else mbuf
     rowscal = torch.empty(K * B * 8, dtype=acc, device=dev)
-    _launch(_attn_rows_bwd_kernel, (K * B,), table.hdr, table.all_rows, B, maps_s, maps_t, grad,
-            rowscal, ACC=_TL_DTYPES[acc], METRIC=mcode, SOFTMAX=softmax, BLOCK=CONFIG.block_rows)
+    _launch(_attn_rows_bwd_kernel, (K * B,), table.hdr, table.all_rows, B, maps_s, maps_t, mptr, grad,
+            rowscal, ACC=_TL_DTYPES[acc], METRIC=mcode, SOFTMAX=softmax, MASKED=mbuf is not None,
+            BLOCK=CONFIG.block_rows)
     pm = _pow_mode(p)
     for key, r0, r1, tile0, ntiles in table.groups:
         sdt = getattr(torch, key[0][6:])
         opt = torch.float64 if sdt == torch.float64 else torch.float32
         bn, bc = _blocks(key[1], key[2])
         _launch(_attn_grad_kernel, (ntiles,), table.hdr, table.group_rows(r0, r1), r1 - r0, tile0, B,
-                maps_s, maps_t, rowscal, S_DT=_TL_DTYPES[sdt], S_BF16=sdt == torch.bfloat16,
+                maps_s, maps_t, mptr, rowscal, S_DT=_TL_DTYPES[sdt], S_BF16=sdt == torch.bfloat16,
                 STORE=_store_mode(sdt), ACC=_TL_DTYPES[acc], OPT=_TL_DTYPES[opt], POW_MODE=pm,
-                METRIC=mcode, SOFTMAX=softmax, X_LAYOUT=key[1], G_LAYOUT=key[2], X_DIV=key[3],
+                METRIC=mcode, SOFTMAX=softmax, MASKED=mbuf is not None, X_LAYOUT=key[1], G_LAYOUT=key[2], X_DIV=key[3],
                 X_ALIGN=key[4], G_DIV=key[5], G_ALIGN=key[6], KPAD=_next_pow2(r1 - r0), BLOCK_N=bn,
                 BLOCK_C=bc)
     for k in range(K):
@@ -1402,15 +1454,17 @@ def _map_backward_impl(grad, student, teacher, rowstats, metric, beta, eps):
 @torch.library.custom_op("lwkd_triton::attention_discrepancy", mutates_args=())
 def attention_discrepancy_op(student: List[torch.Tensor], teacher: List[torch.Tensor], p: float,
                              metric: str, beta: float, normalize: str, tau: float, eps: float,
-                             channel_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             channel_dim: int, masks: List[Optional[torch.Tensor]]
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d (K, B), maps_s, maps_t); the maps of layer k are the (B, N_k) block at offset
-    B * sum_{j<k} N_j of the flat map buffers (kept for the backward)."""
+    B * sum_{j<k} N_j of the flat map buffers (kept for the backward).  ``masks``: one (B, N_k)
+    0/1 mask of valid locations, or None, per pair (SPEC section 2)."""
     with _guard(student, "attention_discrepancy"):
-        return _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim)
+        return _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks)
 
 
 @attention_discrepancy_op.register_fake
-def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim):
+def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks):
     acc = _acc_dtype(list(student) + list(teacher))
     B = student[0].shape[0]
     ntot = sum(reference.bcn_locations(x, channel_dim) for x in student)
@@ -1422,24 +1476,26 @@ def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, chan
 def attention_discrepancy_backward_op(grad: torch.Tensor, student: List[torch.Tensor],
                                       maps_s: torch.Tensor, maps_t: torch.Tensor, p: float,
                                       metric: str, beta: float, normalize: str, tau: float,
-                                      eps: float, channel_dim: int) -> List[torch.Tensor]:
+                                      eps: float, channel_dim: int,
+                                      masks: List[Optional[torch.Tensor]]) -> List[torch.Tensor]:
     with _guard(student, "attention_discrepancy_backward"):
         return _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau,
-                                        eps, channel_dim)
+                                        eps, channel_dim, masks)
 
 
 @attention_discrepancy_backward_op.register_fake
 def _attention_backward_fake(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau, eps,
-                             channel_dim):
+                             channel_dim, masks):
     return [torch.empty_like(x) for x in student]
 
 
 def _attention_setup(ctx, inputs, output):
-    student, _teacher, p, metric, beta, normalize, tau, eps, channel_dim = inputs
+    student, _teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks = inputs
     _d, maps_s, maps_t = output
     ctx.mark_non_differentiable(maps_s, maps_t)  # kept for the backward only
     ctx.K = len(student)
     ctx.args = (p, metric, beta, normalize, tau, eps, channel_dim)
+    ctx.masks = masks  # constants (no gradient)
     ctx.save_for_backward(*student, maps_s, maps_t)
 
 
@@ -1450,8 +1506,8 @@ def _attention_backward(ctx, grad_d, _grad_maps_s, _grad_maps_t):
         grads = [None] * K
     else:
         grads = torch.ops.lwkd_triton.attention_discrepancy_backward(
-            grad_d, list(saved[:K]), saved[K], saved[K + 1], *ctx.args)
-    return list(grads), [None] * K, None, None, None, None, None, None, None
+            grad_d, list(saved[:K]), saved[K], saved[K + 1], *ctx.args, ctx.masks)
+    return list(grads), [None] * K, None, None, None, None, None, None, None, [None] * K
 
 
 attention_discrepancy_op.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -1507,11 +1563,11 @@ def _map_backward(ctx, grad_d, _grad_stats):
 map_discrepancy_op.register_autograd(_map_backward, setup_context=_map_setup)
 
 
-def attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim):
+def attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks=None):
     """Per-sample (K, B) attention discrepancy; differentiable w.r.t. the student features."""
     return torch.ops.lwkd_triton.attention_discrepancy(
         list(student), [t.detach() for t in teacher], float(p), metric, float(beta), normalize,
-        float(tau), float(eps), int(channel_dim))[0]
+        float(tau), float(eps), int(channel_dim), [None] * len(student) if masks is None else list(masks))[0]
 
 
 def map_discrepancy(student, teacher, metric, beta, eps):
