@@ -354,6 +354,7 @@ def _register_discrepancy_ops(ns: str) -> None:
         ctx.K = len(student)
         ctx.args = (p, metric, beta, normalize, tau, eps, channel_dim)
         ctx.masks = masks[0] if masks else None  # constants (no gradient)
+        ctx.has_masks_arg = bool(masks)  # the call passed the optional argument
         ctx.save_for_backward(*student, *maps_s, *maps_t)
 
     def _attention_backward(ctx, grad_d, _grad_maps_s, _grad_maps_t):
@@ -364,8 +365,8 @@ def _register_discrepancy_ops(ns: str) -> None:
             grads = [None] * K
         else:
             grads = lib.attention_discrepancy_backward(grad_d, student, maps_s, maps_t, *ctx.args, ctx.masks)
-        no_masks = None if ctx.masks is None else [None] * len(ctx.masks)
-        return list(grads), [None] * K, None, None, None, None, None, None, None, no_masks
+        rest = (None if ctx.masks is None else [None] * len(ctx.masks),) if ctx.has_masks_arg else ()
+        return (list(grads), [None] * K, None, None, None, None, None, None, None) + rest
 
     torch.library.register_autograd(
         f"{ns}::attention_discrepancy", _attention_backward, setup_context=_attention_setup
