@@ -299,10 +299,17 @@ def test_opcheck():
     s = [_rand(2, 3, 4, 5, seed=1).requires_grad_(), _rand(2, 4, 3, seed=2).requires_grad_()]
     t = [_rand(2, 2, 4, 5, seed=3), _rand(2, 5, 3, seed=4)]
     torch.library.opcheck(torch.ops.lwkd_triton.attention_discrepancy.default,
-                          (s, t, 1.5, "jsd", 0.4, "softmax", 0.8, 1e-12, 1))
-    d, ms, mt = torch.ops.lwkd_triton.attention_discrepancy(s, t, 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1)
+                          (s, t, 1.5, "jsd", 0.4, "softmax", 0.8, 1e-12, 1, [None, None]))
+    masks = [None, (torch.arange(6, device=DEVICE).reshape(2, 3) % 2 == 0)]
+    torch.library.opcheck(torch.ops.lwkd_triton.attention_discrepancy.default,
+                          (s, t, 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1, masks))
+    every = [torch.arange(40, device=DEVICE).reshape(2, 20) % 3 != 0, masks[1]]  # a list of tensors only
+    torch.library.opcheck(torch.ops.lwkd_triton.attention_discrepancy.default,
+                          (s, t, 1.0, "jsd", 0.5, "softmax", 1.0, 1e-12, 1, every))
+    d, ms, mt = torch.ops.lwkd_triton.attention_discrepancy(s, t, 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1, [None, None])
     torch.library.opcheck(torch.ops.lwkd_triton.attention_discrepancy_backward.default,
-                          (torch.ones_like(d), [x.detach() for x in s], ms, mt, 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1))
+                          (torch.ones_like(d), [x.detach() for x in s], ms, mt, 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1,
+                           [None, None]))
     assert not ms.requires_grad and not mt.requires_grad  # auxiliary outputs are not differentiable
     u = [_rand(2, 6, seed=5).requires_grad_(), _rand(2, 2, 3, seed=6).requires_grad_()]
     w = [_rand(2, 6, seed=7), _rand(2, 2, 3, seed=8)]
@@ -440,7 +447,8 @@ def test_empty_feature_maps_are_refused(shape, channel_dim, what):
     maps = torch.zeros(2 * 12, device=DEVICE)
     with pytest.raises(ValueError, match="lwkd_triton::attention_discrepancy_backward: pair 1: student tensor"):
         torch.ops.lwkd_triton.attention_discrepancy_backward(torch.ones(2, 2, device=DEVICE), [ok_s, bad], maps, maps,
-                                                             2.0, "at", 0.5, "sum", 1.0, 1e-12, channel_dim)
+                                                             2.0, "at", 0.5, "sum", 1.0, 1e-12, channel_dim,
+                                                             [None, None])
 
 
 @pytest.mark.parametrize("shape", [(2, 0), (2, 3, 0), (2, 0, 5, 5)])
@@ -459,10 +467,11 @@ def test_empty_derivative_maps_are_refused(shape):
 def test_backward_refuses_saved_tensors_that_do_not_fit():
     s = [_rand(2, 3, 4, 5, seed=1)]
     _, ms, mt = torch.ops.lwkd_triton.attention_discrepancy(s, [_rand(2, 2, 4, 5, seed=2)], 2.0, "at", 0.5, "sum",
-                                                             1.0, 1e-12, 1)
+                                                             1.0, 1e-12, 1, [None])
     g = torch.ones(1, 2, device=DEVICE)
     with pytest.raises(ValueError, match="maps_t must be a contiguous torch.float32 tensor of 40 elements"):
-        torch.ops.lwkd_triton.attention_discrepancy_backward(g, s, ms, mt[:20], 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1)
+        torch.ops.lwkd_triton.attention_discrepancy_backward(g, s, ms, mt[:20], 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1,
+                                                             [None])
     u, w = [_rand(2, 6, seed=3)], [_rand(2, 6, seed=4)]
     _, st = torch.ops.lwkd_triton.map_discrepancy(u, w, "cos", 0.5, 1e-12)
     with pytest.raises(ValueError, match="rowstats has dtype torch.float64 but the maps accumulate in torch.float32"):

@@ -1507,7 +1507,10 @@ def _attention_backward(ctx, grad_d, _grad_maps_s, _grad_maps_t):
     else:
         grads = torch.ops.lwkd_triton.attention_discrepancy_backward(
             grad_d, list(saved[:K]), saved[K], saved[K + 1], *ctx.args, ctx.masks)
-    return list(grads), [None] * K, None, None, None, None, None, None, None, [None] * K
+    # the masks slot mirrors how torch flattened the input: a list holding any None is one leaf,
+    # a list of tensors only is a list
+    no_masks = [None] * K if all(m is not None for m in ctx.masks) else None
+    return list(grads), [None] * K, None, None, None, None, None, None, None, no_masks
 
 
 attention_discrepancy_op.register_autograd(_attention_backward, setup_context=_attention_setup)
