@@ -24,13 +24,15 @@ TORCH_LIBRARY(lwkd, m) {
   // Attention-map discrepancy of K layer pairs in one call.  Returns the per-sample values
   // (K, B) plus the attention maps (B, N) of every student and teacher layer, which the backward
   // reuses instead of re-reading the teacher features.
+  // `masks` (optional, last): one entry per pair, None or a (B, N) 0/1 mask of the valid
+  // locations (SPEC section 2, "Masked locations"); the maps returned are never masked.
   m.def(
       "attention_discrepancy(Tensor[] student, Tensor[] teacher, float p, str metric, float beta, "
-      "str normalize, float tau, float eps, int channel_dim) -> (Tensor, Tensor[], Tensor[])");
+      "str normalize, float tau, float eps, int channel_dim, Tensor?[]? masks=None) -> (Tensor, Tensor[], Tensor[])");
   m.def(
       "attention_discrepancy_backward(Tensor grad, Tensor[] student, Tensor[] maps_s, "
       "Tensor[] maps_t, float p, str metric, float beta, str normalize, float tau, float eps, "
-      "int channel_dim) -> Tensor[]");
+      "int channel_dim, Tensor?[]? masks=None) -> Tensor[]");
   // Discrepancy of per-sample derivative maps (Jacobians, Hessian-vector products), (K, B).
   m.def("map_discrepancy(Tensor[] student, Tensor[] teacher, str metric, float beta, float eps) -> Tensor");
   m.def(

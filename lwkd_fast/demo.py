@@ -705,23 +705,15 @@ DEFAULT_SEEDS = 3
 FULL = dict(settings=tuple(SETTINGS), seeds=20)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import positive_int
+
     p.add_argument("--full", action="store_true",
                    help=f"the evidence run: settings {','.join(FULL['settings'])}, {FULL['seeds']} seeds")
-    p.add_argument("--seeds", type=_positive_int, default=None,
+    p.add_argument("--seeds", type=positive_int, default=None,
                    help=f"seeds per configuration, >= 1 (default {DEFAULT_SEEDS}; --full {FULL['seeds']}); "
                         "a verdict needs at least 2")
-    p.add_argument("--epochs", type=_positive_int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help="student epochs, >= 1, for every setting (default: the setting's own, "
                         + ", ".join(f"{k} {v['epochs']}" for k, v in SETTINGS.items()) + ")")
     p.add_argument("--settings", default=None,
@@ -729,7 +721,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         f"--full {','.join(FULL['settings'])})")
     p.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated subset of {','.join(LOSSES)}")
     p.add_argument("--out", default="lwkd_results", help="directory for demo.json and demo.png (default ./lwkd_results)")
-    p.add_argument("--jobs", type=_positive_int, default=min(2, os.cpu_count() or 1),
+    p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1),
                    help="worker processes, one thread each (default: min(2, cores))")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -743,14 +735,19 @@ def _subset(arg: str, allowed, what: str) -> List[str]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from .cli import UsageError
+
     try:
         losses = _subset(args.losses, LOSSES, "loss")
+    except ValueError as exc:
+        raise UsageError(f"--losses {args.losses!r}: {exc}; expected a comma-separated subset of "
+                         f"{','.join(LOSSES)}") from None
+    try:
         chosen = _subset(args.settings, SETTINGS, "setting") if args.settings else list(
             FULL["settings"] if args.full else DEFAULT_SETTINGS)
     except ValueError as exc:
-        print(f"lwkd-fast demo: {exc}; expected a subset of {', '.join(LOSSES)} (--losses) and of "
-              f"{', '.join(SETTINGS)} (--settings)", file=sys.stderr)
-        return 2
+        raise UsageError(f"--settings {args.settings!r}: {exc}; expected a comma-separated subset of "
+                         f"{','.join(SETTINGS)}") from None
     seeds = args.seeds if args.seeds is not None else (FULL["seeds"] if args.full else DEFAULT_SEEDS)
     settings = {st: dict(SETTINGS[st], **({"epochs": args.epochs} if args.epochs is not None else {}))
                 for st in chosen}

@@ -8,7 +8,11 @@ to that sample's input ``x_b``:
 * HVP map       ``H_j[b] = d/dx_b < grad_{x_b} phi_j(x)_b , v_b >``         (:func:`input_hvps`)
 
 Each map has the shape of x, ``(B, *x.shape[1:])``.  :func:`derivative_maps` computes the maps of
-a student and a teacher together on one x (and, for HVPs, one Rademacher v).
+a student and a teacher together on one x (and, for HVPs, one Rademacher v).  x may be a dict of
+keyword arguments (``model(**x)``, e.g. Hugging Face inputs) of which one floating-point entry is
+differentiated (``wrt``); :func:`sketched_derivative_maps` gives language models, whose only
+shared input is the one-hot tokens, maps projected on a shared random sketch of the vocabulary.
+A layer is a module name, or ``(name, index)`` for one element of a tuple/dict output.
 
 Probes (``probe=``): ``"energy"`` (default) ``sum_i a_j[b, i]``, the mass of the attention map
 ``a = (1/C) sum_c |A|^p`` (``p=2``, channels on ``channel_dim=1``; ``channel_dim=-1`` for token
@@ -31,15 +35,25 @@ and nothing is random:
   same function: the model in eval mode with each such BatchNorm's running statistics set to the
   batch's statistics.  (SyncBatchNorm is treated the same way, with the statistics of the local
   batch.)
-* dropout layers (``nn.Dropout*``, ``nn.AlphaDropout``, attention dropout of
-  ``nn.MultiheadAttention``) are off; train-mode InstanceNorm does not update running statistics.
-* after the session every patched forward, hook and training flag is restored, and any buffer
-  that a module nevertheless changed in place is copied back: computing maps leaves the model's
-  state (running statistics, ``num_batches_tracked``) exactly as it was.
+  The statistics reach each such layer as its running statistics (set by a forward pre-hook) while
+  the layer runs in eval mode, so BatchNorm subclasses with fused extras (timm's
+  ``BatchNormAct2d``) keep their own forward.
+* nothing is random: every module runs in eval mode, which turns off dropout, attention
+  dropout gated by the attention module's own flag (timm fused attention, Hugging Face eager and
+  sdpa attention), stochastic depth (timm ``DropPath``, torchvision ``StochasticDepth``) and any
+  other train-only behaviour; train-mode InstanceNorm keeps instance statistics and does not
+  update its running statistics.  (Randomness a forward draws regardless of ``training`` cannot
+  be turned off.)
+* after the session every hook, patched forward, training flag and swapped buffer is restored,
+  and any buffer that a module nevertheless changed in place is copied back: computing maps
+  leaves the model's state (running statistics, ``num_batches_tracked``) exactly as it was.
 
 The session patches module attributes, so one model must not be used by two threads at once
 while its maps are computed.  A layer that runs more than once in a forward contributes its last
-output.
+output; what a layer contributes is what it returned (a copy, so later in-place operations of
+the forward do not change it).  Second derivatives through an op torch differentiates only once
+(``nn.Hardsigmoid``) raise :class:`NotDifferentiableError` naming the modules, up front for
+Jacobian losses; :func:`replace_hardsigmoid` swaps in the exact ``relu6`` form.
 
 Strategies
 ----------
@@ -71,23 +85,30 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
+from collections.abc import Mapping
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import reference
+from . import ops, reference
 
 __all__ = [
     "PROBES",
     "STRATEGIES",
     "NotDifferentiableError",
+    "Relu6Hardsigmoid",
     "UnknownLayerError",
+    "count_sketch",
     "derivative_maps",
     "input_hvps",
     "input_jacobians",
     "rademacher",
+    "replace_hardsigmoid",
+    "select_output",
+    "sketched_derivative_maps",
 ]
 
 STRATEGIES = ("auto", "batched_backward", "vmap", "loop")
@@ -95,7 +116,12 @@ PROBES = ("energy", "max", "logit")
 
 ProbeFn = Callable[[object, Optional[torch.Tensor]], torch.Tensor]
 ProbeArg = Union[str, ProbeFn, Sequence[Union[str, ProbeFn]]]
-Layers = Union[str, Sequence[str]]
+# a layer: a module name, or (module name, index) for element `index` of a tuple/list output or
+# entry `index` of a dict/ModelOutput output
+Tap = Tuple[str, Optional[Union[int, str]]]
+Layer = Union[str, Tuple[str, Union[int, str]]]
+Layers = Union[Layer, Sequence[Layer]]
+ChannelDims = Union[int, Sequence[int]]
 
 
 class UnknownLayerError(KeyError, ValueError, AttributeError):
@@ -160,15 +186,57 @@ def _check_chunk(op: str, chunk_size) -> Optional[int]:
     return chunk_size
 
 
-def _layer_names(op: str, layers: Layers, arg: str = "layers") -> List[str]:
-    if isinstance(layers, str):
-        return [layers]
+def _as_tap(layer, keys: bool = True) -> Optional[Tap]:
+    """``(name, index)`` of a layer given as a name or a (name, index) tuple (index an int, None,
+    or -- with ``keys`` -- a dict key), else None."""
+    if isinstance(layer, str):
+        return (layer, None)
+    if isinstance(layer, tuple) and len(layer) == 2 and isinstance(layer[0], str):
+        index = layer[1]
+        if index is None or (isinstance(index, int) and not isinstance(index, bool)) or (keys and isinstance(index, str)):
+            return (layer[0], index)
+    return None
+
+
+def _layer_names(op: str, layers: Layers, arg: str = "layers") -> List[Tap]:
+    """The layers as (module name, output index or None) taps.  A lone (name, int) tuple is one
+    layer; a tuple of two names is two layers (string indices need the list form)."""
+    one = _as_tap(layers, keys=False)
+    if one is not None:
+        return [one]
     if not isinstance(layers, (list, tuple)):
         raise TypeError(f"{op}: {arg} must be a module name or a list of module names, got {type(layers).__name__}")
+    taps = []
     for n in layers:
-        if not isinstance(n, str):
-            raise TypeError(f"{op}: {arg} must contain module names (str), got {type(n).__name__} {n!r}")
-    return list(layers)
+        tap = _as_tap(n)
+        if tap is None:
+            raise TypeError(f"{op}: {arg} must contain module names (str) or (name, output index) pairs, got "
+                            f"{type(n).__name__} {n!r}")
+        taps.append(tap)
+    return taps
+
+
+def tap_name(name: str, index=None) -> str:
+    """How a layer is shown: ``"name"``, or ``"name[1]"`` for an output index."""
+    return name if index is None else f"{name}[{index!r}]"
+
+
+def select_output(out, index=None):
+    """The tensor of a module output that a layer means: with ``index`` None the output itself
+    when it is a tensor, else the first tensor of a tuple/list/dict (``ModelOutput``) output;
+    otherwise ``out[index]``.  Returns ``out`` unchanged when there is no tensor to take."""
+    if index is not None:
+        try:
+            return out[index]
+        except (IndexError, KeyError, TypeError):
+            return None
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    return out
 
 
 def _resolve_layers(op: str, model: nn.Module, names: List[str], arg: str = "layers") -> Dict[str, nn.Module]:
@@ -227,13 +295,86 @@ def rademacher(shape: Sequence[int], *, generator: Optional[torch.Generator] = N
 
 
 # ------------------------------------------------------------------------------------------------
+# Inputs: a tensor x (``model(x)``) or a dict of keyword arguments (``model(**x)``)
+# ------------------------------------------------------------------------------------------------
+
+
+class _Caller:
+    """Calls the model on the differentiated tensor: ``model(x)``, or ``model(**kwargs)`` with
+    ``kwargs[key] = x`` for a dict input.  The dict's other tensors with the batch dimension
+    travel in the per-sample extras (``aux["kw:" + name]``), so the per-sample strategies slice
+    them with x; everything else is passed as given (``static``)."""
+
+    def __init__(self, key: Optional[str] = None, static: Optional[Dict[str, object]] = None):
+        self.key, self.static = key, dict(static or {})
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, aux: Dict[str, torch.Tensor]):
+        if self.key is None:
+            return model(x)
+        kw = dict(self.static)
+        kw.update({k[3:]: t for k, t in aux.items() if k.startswith("kw:")})
+        kw[self.key] = x
+        return model(**kw)
+
+
+def _split_input(op: str, x, wrt: Optional[str]) -> Tuple[torch.Tensor, _Caller, Dict[str, torch.Tensor]]:
+    """(differentiated tensor, caller, batched keyword tensors) of a tensor or dict input."""
+    if isinstance(x, torch.Tensor):
+        if wrt is not None:
+            raise ValueError(f"{op}: wrt={wrt!r} names an entry of a dict input, but x is a tensor")
+        _check_input(op, x)
+        return x, _Caller(), {}
+    if not isinstance(x, Mapping):
+        raise TypeError(f"{op}: x must be a tensor (the model is called as model(x)) or a dict of keyword "
+                        f"arguments (model(**x)), got {type(x).__name__}")
+    floats = [k for k, t in x.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if wrt is None:
+        if len(floats) != 1:
+            entries = ", ".join(f"{k!r} {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+                                for k, t in x.items())
+            hint = ("pass wrt=<the entry to differentiate>" if floats else
+                    "derivative maps need a floating-point input; for token ids use "
+                    "lwkd_fast.derivatives.sketched_derivative_maps")
+            raise ValueError(f"{op}: x is a dict with {len(floats)} floating-point tensors ({entries}); {hint}")
+        wrt = floats[0]
+    if wrt not in x:
+        raise ValueError(f"{op}: wrt={wrt!r} is not an entry of x (entries: {', '.join(map(repr, x))})")
+    xt = x[wrt]
+    _check_input(op, xt, f"x[{wrt!r}]")
+    B = xt.shape[0]
+    batched = {f"kw:{k}": t for k, t in x.items()
+               if k != wrt and isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == B}
+    static = {k: t for k, t in x.items() if k != wrt and f"kw:{k}" not in batched}
+    return xt, _Caller(wrt, static), batched
+
+
+def _check_probe_masks(op: str, mask, K: int, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Per-layer (B, N) masks of valid activation locations as extras ``aux["mask<j>"]`` (bool)."""
+    if mask is None:
+        return {}
+    masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * K
+    if len(masks) != K:
+        raise ValueError(f"{op}: got {len(masks)} masks for {K} layers; pass one mask or one (or None) per layer")
+    out = {}
+    for j, m in enumerate(masks):
+        if m is None:
+            continue
+        m = ops.mask_as_bool(op, f"layer {j}: mask[{j}]", m)
+        if m.dim() < 2 or m.shape[0] != x.shape[0]:
+            raise ValueError(f"{op}: mask[{j}] has shape {_shape(m)} but x has shape {_shape(x)}; a mask is "
+                             "(B, N): one entry per location of that layer's activation")
+        out[f"mask{j}"] = m.to(x.device).reshape(m.shape[0], -1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # Probes
 # ------------------------------------------------------------------------------------------------
 
 
 def _first_tensor(op: str, layer: str, act, probe: str) -> torch.Tensor:
-    if isinstance(act, (tuple, list)) and act and isinstance(act[0], torch.Tensor):
-        act = act[0]  # e.g. nn.MultiheadAttention returns (output, weights)
+    """The activation (what :func:`select_output` took from the module's output) as a floating
+    tensor, else a clear error."""
     if not isinstance(act, torch.Tensor):
         raise TypeError(
             f"{op}: layer {layer!r} returned {type(act).__name__}; probe {probe!r} needs a tensor "
@@ -244,52 +385,78 @@ def _first_tensor(op: str, layer: str, act, probe: str) -> torch.Tensor:
     return act
 
 
-def _attention_mass(op: str, layer: str, act, probe: str, p: float, channel_dim: int) -> torch.Tensor:
+def _attention_mass(op: str, layer: str, act, probe: str, p: float, channel_dim: int,
+                    mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The attention map (n, N) of the activation, and the mask checked against its N."""
     a = _first_tensor(op, layer, act, probe)
     if a.dim() >= 2 and (not -a.dim() <= channel_dim < a.dim() or channel_dim % a.dim() == 0):
         raise ValueError(
             f"{op}: channel_dim={channel_dim} is not a channel dimension of layer {layer!r}'s activation "
             f"(shape {_shape(a)}); use channel_dim=1 for (B, C, *S) and channel_dim=-1 for (B, N, D)"
         )
-    return reference.attention_maps(a, p=p, channel_dim=channel_dim)
+    att = reference.attention_maps(a, p=p, channel_dim=channel_dim)
+    if mask is not None and _shape(mask) != _shape(att):
+        raise ValueError(f"{op}: the mask of layer {layer!r} has {mask.shape[-1]} locations but its activation "
+                         f"(shape {_shape(a)}, channel_dim={channel_dim}) has {att.shape[-1]}")
+    return att, mask
 
 
-def _make_probe(op: str, probe, p: float, channel_dim: int) -> Tuple[str, Callable]:
-    """(display name, fn(layer, activation, labels) -> (n,)) of one probe."""
+def _energy(att: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return att.sum(1) if mask is None else (att * mask.to(att.dtype)).sum(1)
+
+
+def _max(att: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return att.amax(1)
+    top = torch.where(mask, att, torch.full_like(att, float("-inf"))).amax(1)
+    return torch.where(mask.any(1), top, torch.zeros_like(top))  # no valid location: 0
+
+
+def _make_probe(op: str, probe, j: int, p: float, channel_dim: int) -> Tuple[str, Callable]:
+    """(display name, fn(layer, activation, aux) -> (n,)) of layer j's probe."""
     if callable(probe) and not isinstance(probe, str):
         name = getattr(probe, "__name__", type(probe).__name__)
-        return f"callable {name}", lambda layer, act, labels: probe(act, labels)
-    if probe == "energy":
-        return "energy", lambda layer, act, labels: _attention_mass(op, layer, act, "energy", p, channel_dim).sum(1)
-    if probe == "max":
-        return "max", lambda layer, act, labels: _attention_mass(op, layer, act, "max", p, channel_dim).amax(1)
+        return f"callable {name}", lambda layer, act, aux: probe(act, aux.get("labels"))
+    if probe in ("energy", "max"):
+        reduce = _energy if probe == "energy" else _max
+
+        def mass(layer, act, aux):
+            return reduce(*_attention_mass(op, layer, act, probe, p, channel_dim, aux.get(f"mask{j}")))
+
+        return probe, mass
     if probe == "logit":
-        def logit(layer, act, labels):
+        def logit(layer, act, aux):
             a = _first_tensor(op, layer, act, "logit")
             if a.dim() != 2:
                 raise ValueError(
                     f"{op}: probe 'logit' needs a (B, num_classes) activation, but layer {layer!r} returned "
                     f"shape {_shape(a)}; use it on the output layer (e.g. the classifier, or '' for the model)"
                 )
-            return a.gather(1, labels.reshape(-1, 1)).squeeze(1)
+            return a.gather(1, aux["labels"].reshape(-1, 1)).squeeze(1)
 
         return "logit", logit
     raise ValueError(f"{op}: unknown probe {probe!r}; expected one of {', '.join(map(repr, PROBES))} or a callable "
                      "(activation, labels) -> (B,)")
 
 
-def _make_probes(op: str, probe: ProbeArg, K: int, p: float, channel_dim: int):
-    if isinstance(probe, (list, tuple)):
-        if len(probe) != K:
-            raise ValueError(f"{op}: got {len(probe)} probes for {K} layers; pass one probe or one per layer")
-        probes = list(probe)
-    else:
-        probes = [probe] * K
+def _per_layer(op: str, arg: str, value, K: int) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != K:
+            raise ValueError(f"{op}: got {len(value)} {arg} for {K} layers; pass one or one per layer")
+        return list(value)
+    return [value] * K
+
+
+def _make_probes(op: str, probe: ProbeArg, K: int, p: float, channel_dim: ChannelDims):
+    probes = _per_layer(op, "probes", probe, K)
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
         raise ValueError(f"{op}: p must be a positive number, got {p!r}")
-    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-        raise TypeError(f"{op}: channel_dim must be an int, got {type(channel_dim).__name__}")
-    made = [_make_probe(op, pr, float(p), channel_dim) for pr in probes]
+    cds = _per_layer(op, "channel dims", channel_dim, K)
+    for cd in cds:
+        if isinstance(cd, bool) or not isinstance(cd, int):
+            raise TypeError(f"{op}: channel_dim must be an int or a list of ints (one per layer), got "
+                            f"{type(cd).__name__}")
+    made = [_make_probe(op, pr, j, float(p), cd) for j, (pr, cd) in enumerate(zip(probes, cds))]
     needs_labels = any(pr == "logit" for pr in probes if isinstance(pr, str))
     return made, needs_labels
 
@@ -320,7 +487,7 @@ def _batch_stats(inp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_input_dim(m: nn.Module, inp: torch.Tensor) -> None:
-    """The module's own input-rank check (BatchNorm2d wants 4-D input, ...), when it has one."""
+    """The module's own input-rank check (InstanceNorm2d wants 3-D or 4-D input, ...), when it has one."""
     try:
         m._check_input_dim(inp)
     except (AttributeError, NotImplementedError):  # a custom subclass without the check
@@ -329,18 +496,28 @@ def _check_input_dim(m: nn.Module, inp: torch.Tensor) -> None:
 
 class _Session:
     """Context manager that puts ``model`` in the per-sample state described in the module
-    docstring and captures the activations of ``names``.
+    docstring and captures the outputs of the tapped layers.
 
-    ``mode`` is ``"record"`` (batch-statistics BatchNorm layers compute the statistics of their
-    input and store them) or ``"replay"`` (they reuse the statistics recorded in call order).
+    Every module is in eval mode for the session (no dropout, attention dropout, drop-path or any
+    other train-only randomness); a BatchNorm layer that would use batch statistics gets, before
+    each call, the statistics of its input as its running statistics (a forward pre-hook), so its
+    own forward -- subclasses with fused activations included -- normalises with the batch's
+    mean and biased variance held constant.  ``mode`` is ``"record"`` (compute and store the
+    statistics of each call) or ``"replay"`` (reuse the recorded ones in call order).
     """
 
-    def __init__(self, op: str, model: nn.Module, names: List[str], modules: Dict[str, nn.Module]):
+    def __init__(self, op: str, model: nn.Module, taps: List[Tap], modules: Dict[str, nn.Module],
+                 caller: Optional[_Caller] = None, second_order: bool = False):
         self.op = op
+        # second derivatives will be taken: modules torch differentiates only once that run
+        # before the last tapped layer are an error (found now, not in a later backward)
+        self.second_order = second_order
+        self.once_differentiable: List[Tuple[str, str]] = []
         self.model = model
-        self.names = names
+        self.taps = taps
         self.modules = modules
-        self.acts: Dict[str, object] = {}
+        self.caller = caller or _Caller()
+        self.acts: Dict[int, object] = {}
         self.mode = "record"
         self.bn = [m for m in model.modules() if _uses_batch_stats(m)]
         self.recorded: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {id(m): [] for m in self.bn}
@@ -351,16 +528,14 @@ class _Session:
     def needs_stats(self) -> bool:
         return bool(self.bn)
 
-    # -- patched forwards -------------------------------------------------------------------------
+    # -- batch statistics as constants ------------------------------------------------------------
 
-    def _bn_forward(self, m: nn.modules.batchnorm._BatchNorm):
+    def _bn_pre_hook(self, m: nn.modules.batchnorm._BatchNorm, like: Optional[torch.Tensor]):
         key = id(m)
 
-        def forward(inp: torch.Tensor) -> torch.Tensor:
-            _check_input_dim(m, inp)
+        def pre(_mod, args):
             if self.mode == "record":
-                mean, var = _batch_stats(inp)
-                like = m.running_mean if m.running_mean is not None else m.weight
+                mean, var = _batch_stats(args[0])
                 if like is not None and like.dtype != mean.dtype:  # low-precision parameters
                     mean, var = mean.to(like.dtype), var.to(like.dtype)
                 self.recorded[key].append((mean, var))
@@ -374,9 +549,20 @@ class _Session:
                     )
                 self.cursor[key] = i + 1
                 mean, var = calls[i]
-            return F.batch_norm(inp, mean, var, m.weight, m.bias, False, 0.0, m.eps)
+            m._buffers["running_mean"], m._buffers["running_var"] = mean, var
 
-        return forward
+        return pre
+
+    def _freeze_bn(self, m: nn.modules.batchnorm._BatchNorm) -> None:
+        saved = (m._buffers["running_mean"], m._buffers["running_var"])
+
+        def undo():
+            m._buffers["running_mean"], m._buffers["running_var"] = saved
+
+        self._undo.append(undo)
+        like = saved[0] if saved[0] is not None else m.weight
+        h = m.register_forward_pre_hook(self._bn_pre_hook(m, like))
+        self._undo.append(h.remove)
 
     @staticmethod
     def _in_forward(m):
@@ -400,13 +586,21 @@ class _Session:
         self._undo.append(undo)
 
     def _hook(self, name: str):
+        wanted = [(j, index) for j, (n, index) in enumerate(self.taps) if n == name]
+
         def hook(_mod, _inp, out):
-            # a copy: later in-place ops of the model (ReLU(inplace=True)) must not touch it
-            if isinstance(out, torch.Tensor):
-                out = out.clone()
-            elif type(out) in (tuple, list):
-                out = type(out)(o.clone() if isinstance(o, torch.Tensor) else o for o in out)
-            self.acts[name] = out
+            for j, index in wanted:
+                t = select_output(out, index)
+                # a copy: later in-place ops of the model (ReLU(inplace=True), out += identity)
+                # must not change what the module returned
+                self.acts[j] = t.clone() if isinstance(t, torch.Tensor) else t
+
+        return hook
+
+    def _once_hook(self, name: str, aten: str):
+        def hook(mod, _inp, _out):
+            if len(self.acts) < len(self.taps):  # upstream of a tapped layer
+                self.once_differentiable.append((f"{name!r} ({type(mod).__name__})", aten))
 
         return hook
 
@@ -428,15 +622,21 @@ class _Session:
             bn_ids = {id(m) for m in self.bn}
             for m in self.model.modules():
                 if id(m) in bn_ids:
-                    self._patch_forward(m, self._bn_forward(m))
+                    self._freeze_bn(m)
                 elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.training and m.track_running_stats:
                     self._patch_forward(m, self._in_forward(m))
-                elif isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention)) and m.training:
+                if m.training:  # no train-only behaviour anywhere: dropout, drop-path, ...
                     m.training = False
                     self._undo.append(lambda m=m: setattr(m, "training", True))
-            for name in dict.fromkeys(self.names):
+            for name in dict.fromkeys(n for n, _ in self.taps):
                 h = self.modules[name].register_forward_hook(self._hook(name))
                 self._undo.append(h.remove)
+            if self.second_order:
+                for name, m in self.model.named_modules():
+                    aten = next((a for cls, a in _ONCE_DIFFERENTIABLE.items() if isinstance(m, cls)), None)
+                    if aten is not None:
+                        h = m.register_forward_hook(self._once_hook(name, aten))
+                        self._undo.append(h.remove)
         except BaseException:
             self._restore()
             raise
@@ -451,7 +651,7 @@ class _Session:
 
     # -- one forward ------------------------------------------------------------------------------
 
-    def record_stats(self, x: torch.Tensor) -> None:
+    def record_stats(self, x: torch.Tensor, aux: Dict[str, torch.Tensor]) -> None:
         """Run the whole batch once without a graph to record the batch statistics, then switch to
         replaying them (used by the per-sample strategies)."""
         self.mode = "record"
@@ -459,32 +659,36 @@ class _Session:
             lst.clear()
         if self.needs_stats:
             with torch.no_grad():
-                self.model(x)
+                self.caller(self.model, x, aux)
         self.acts.clear()
         self.mode = "replay"
 
-    def probes(self, x: torch.Tensor, labels: Optional[torch.Tensor], probe_fns) -> List[torch.Tensor]:
+    def probes(self, x: torch.Tensor, aux: Dict[str, torch.Tensor], probe_fns) -> List[torch.Tensor]:
         """Forward ``x`` (n samples) and return each layer's probe, a (n,) tensor."""
         self.acts.clear()
         self.cursor.clear()
         if self.mode == "record":
             for lst in self.recorded.values():
                 lst.clear()
-        self.model(x)
+        self.once_differentiable.clear()
+        self.caller(self.model, x, aux)
+        if self.once_differentiable:
+            users = list(dict.fromkeys(u for u, _ in self.once_differentiable))
+            raise _second_derivative_error(self.op, self.model, self.once_differentiable[0][1], users)
         n = x.shape[0]
         out = []
-        for name, (pname, fn) in zip(self.names, probe_fns):
-            if name not in self.acts:
-                raise RuntimeError(f"{self.op}: layer {name!r} did not run in the forward pass of "
-                                   f"{type(self.model).__name__}")
-            act = self.acts[name]
-            phi = fn(name, act, labels)
+        for j, ((name, index), (pname, fn)) in enumerate(zip(self.taps, probe_fns)):
+            if j not in self.acts:
+                raise RuntimeError(f"{self.op}: layer {tap_name(name, index)!r} did not run in the forward pass "
+                                   f"of {type(self.model).__name__} (its forward hook never fired)")
+            act = self.acts[j]
+            phi = fn(tap_name(name, index), act, aux)
             if not isinstance(phi, torch.Tensor) or _shape(phi) != (n,) or not phi.is_floating_point():
                 got = f"shape {_shape(phi)} dtype {phi.dtype}" if isinstance(phi, torch.Tensor) else type(phi).__name__
                 act_s = f"shape {_shape(act)}" if isinstance(act, torch.Tensor) else type(act).__name__
                 raise ValueError(
-                    f"{self.op}: probe {pname} returned {got} for layer {name!r} (activation {act_s}); "
-                    f"a probe must return one floating value per sample, shape ({n},)"
+                    f"{self.op}: probe {pname} returned {got} for layer {tap_name(name, index)!r} (activation "
+                    f"{act_s}); a probe must return one floating value per sample, shape ({n},)"
                 )
             out.append(phi)
         self.acts.clear()
@@ -542,100 +746,138 @@ def _maps_from_probes(phis: List[torch.Tensor], xin: torch.Tensor, v: Optional[t
     return maps
 
 
-def _run_batched(sess: _Session, x, labels, v, probe_fns, create_graph, keep_graph, chunk):
-    B = x.shape[0]
-    if chunk is None or chunk >= B:
-        sess.mode = "record"
-        with torch.enable_grad():
-            xin = _leaf(x, keep_graph)
-            phis = sess.probes(xin, labels, probe_fns)
-            return _maps_from_probes(phis, xin, v, create_graph)
-    sess.record_stats(x)
+def _rows(aux: Dict[str, torch.Tensor], s: int, e: int) -> Dict[str, torch.Tensor]:
+    return {k: t[s:e] for k, t in aux.items()}
+
+
+def _run_per_slice(sess: _Session, x, aux, v, probe_fns, create_graph, keep_graph, step):
+    """Slices of ``step`` samples (1 for the loop), each one forward and K reverse passes."""
+    sess.record_stats(x, aux)
     parts: List[List[torch.Tensor]] = []
     with torch.enable_grad():
-        for s in range(0, B, chunk):
-            xin = _leaf(x[s:s + chunk], keep_graph)
-            phis = sess.probes(xin, None if labels is None else labels[s:s + chunk], probe_fns)
-            parts.append(_maps_from_probes(phis, xin, None if v is None else v[s:s + chunk], create_graph))
+        for s in range(0, x.shape[0], step):
+            xin = _leaf(x[s:s + step], keep_graph)
+            phis = sess.probes(xin, _rows(aux, s, s + step), probe_fns)
+            parts.append(_maps_from_probes(phis, xin, None if v is None else v[s:s + step], create_graph))
     return [torch.cat([p[j] for p in parts]) for j in range(len(probe_fns))]
 
 
-def _run_loop(sess: _Session, x, labels, v, probe_fns, create_graph, keep_graph):
-    sess.record_stats(x)
-    rows: List[List[torch.Tensor]] = []
+def _run_batched(sess: _Session, x, aux, v, probe_fns, create_graph, keep_graph, chunk):
+    if chunk is not None and chunk < x.shape[0]:
+        return _run_per_slice(sess, x, aux, v, probe_fns, create_graph, keep_graph, chunk)
+    sess.mode = "record"
     with torch.enable_grad():
-        for b in range(x.shape[0]):
-            xb = _leaf(x[b:b + 1], keep_graph)
-            phis = sess.probes(xb, None if labels is None else labels[b:b + 1], probe_fns)
-            rows.append(_maps_from_probes(phis, xb, None if v is None else v[b:b + 1], create_graph))
-    return [torch.cat([r[j] for r in rows]) for j in range(len(probe_fns))]
+        xin = _leaf(x, keep_graph)
+        phis = sess.probes(xin, aux, probe_fns)
+        return _maps_from_probes(phis, xin, v, create_graph)
 
 
-def _run_vmap(sess: _Session, x, labels, v, probe_fns, create_graph, chunk):
+def _run_vmap(sess: _Session, x, aux, v, probe_fns, create_graph, chunk):
     from torch.func import grad, vjp, vmap
 
-    sess.record_stats(x)
+    sess.record_stats(x, aux)
     K = len(probe_fns)
 
-    def per_sample(xb, yb):
-        phis = sess.probes(xb.unsqueeze(0), None if yb is None else yb.unsqueeze(0), probe_fns)
+    def per_sample(xb, auxb):
+        phis = sess.probes(xb.unsqueeze(0), {k: t.unsqueeze(0) for k, t in auxb.items()}, probe_fns)
         return tuple(phi.reshape(()) for phi in phis)
 
-    def jacobian_rows(xb, yb):
+    def jacobian_rows(xb, auxb):
         # one forward, then one pullback per layer (a one-hot cotangent over the K probes)
-        out, pull = vjp(lambda z: per_sample(z, yb), xb)
+        out, pull = vjp(lambda z: per_sample(z, auxb), xb)
         rows = []
         for j in range(K):
             ct = tuple(torch.ones_like(o) if i == j else torch.zeros_like(o) for i, o in enumerate(out))
             rows.append(pull(ct)[0])
         return tuple(rows)
 
-    def hvp_rows(xb, vb, yb):
+    def hvp_rows(xb, vb, auxb):
         # reverse-over-reverse per layer: d/dz < grad phi_j(z), v >
         rows = []
         for j in range(K):
             def gv(z, j=j):
-                return (grad(lambda w: per_sample(w, yb)[j])(z) * vb).sum()
+                return (grad(lambda w: per_sample(w, auxb)[j])(z) * vb).sum()
 
             rows.append(grad(gv)(xb))
         return tuple(rows)
 
-    y_dim = None if labels is None else 0
     if v is None:
-        fn = vmap(jacobian_rows, in_dims=(0, y_dim), chunk_size=chunk, randomness="different")
-        args = (x, labels)
+        fn = vmap(jacobian_rows, in_dims=(0, 0), chunk_size=chunk, randomness="different")
+        args = (x, aux)
     else:
-        fn = vmap(hvp_rows, in_dims=(0, 0, y_dim), chunk_size=chunk, randomness="different")
-        args = (x, v, labels)
+        fn = vmap(hvp_rows, in_dims=(0, 0, 0), chunk_size=chunk, randomness="different")
+        args = (x, v, aux)
     ctx = contextlib.nullcontext() if create_graph else torch.no_grad()
     with ctx:
         return list(fn(*args))  # K tensors (B, *sample shape)
 
 
-def _compute(op: str, model: nn.Module, x: torch.Tensor, layers: Layers, *, v: Optional[torch.Tensor],
-             probe, labels, create_graph: bool, strategy: str, chunk_size, p: float, channel_dim: int,
-             layers_arg: str = "layers") -> List[torch.Tensor]:
+_NO_DOUBLE_BACKWARD = re.compile(r"derivative for (aten::(\w+?)_backward\w*) is not implemented")
+# modules whose op torch differentiates only once, with that op's backward
+_ONCE_DIFFERENTIABLE = {nn.Hardsigmoid: "aten::hardsigmoid_backward"}
+
+
+def _second_derivative_error(op: str, model: nn.Module, aten: str, users: List[str]) -> "NotDifferentiableError":
+    """The error for an op torch cannot differentiate twice: the op, the modules that use it, and
+    what to do."""
+    base = aten.split("::")[-1].replace("_backward", "")
+    shown = ", ".join(users[:6]) + (f" and {len(users) - 6} more" if len(users) > 6 else "")
+    where = (f"used by {shown} of {type(model).__name__}" if users else
+             f"called functionally (F.{base}) somewhere in {type(model).__name__}'s forward")
+    fix = ("replace those modules by the exact twice-differentiable form relu6(x + 3) / 6: "
+           "lwkd_fast.derivatives.replace_hardsigmoid(model) does it in place" if base == "hardsigmoid" else
+           f"replace {base} by a twice-differentiable formula of the same function")
+    return NotDifferentiableError(
+        f"{op}: torch has no derivative of {aten} (the backward of {base} cannot be differentiated again), "
+        f"{where}; Hessian-vector maps always need it, Jacobian maps when they are a training loss "
+        f"(create_graph=True, LayerwiseDistiller(use='rates+loss')). To compute these maps, {fix}")
+
+
+def _explain_missing_derivative(op: str, model: nn.Module, exc: RuntimeError):
+    """:func:`_second_derivative_error` for torch's "derivative for aten::X is not implemented",
+    None for any other error."""
+    found = _NO_DOUBLE_BACKWARD.search(str(exc))
+    if found is None:
+        return None
+    base = found.group(2).replace("_", "")
+    users = [f"{n!r} ({type(m).__name__})" for n, m in model.named_modules() if base in type(m).__name__.lower()]
+    return _second_derivative_error(op, model, found.group(1), users)
+
+
+def _compute(op: str, model: nn.Module, x, layers: Layers, *, v: Optional[torch.Tensor], probe, labels,
+             create_graph: bool, strategy: str, chunk_size, p: float, channel_dim: ChannelDims,
+             layers_arg: str = "layers", wrt: Optional[str] = None, mask=None) -> List[torch.Tensor]:
     _check_model(op, "model", model)
-    _check_input(op, x)
+    xt, caller, aux = _split_input(op, x, wrt)
     strat = _check_strategy(op, strategy)
     chunk = _check_chunk(op, chunk_size)
-    names = _layer_names(op, layers, layers_arg)
-    modules = _resolve_layers(op, model, names, layers_arg)
-    probe_fns, needs_labels = _make_probes(op, probe, len(names), p, channel_dim)
-    labels = _check_labels(op, labels, x, needs_labels)
-    if not names:
+    taps = _layer_names(op, layers, layers_arg)
+    modules = _resolve_layers(op, model, [n for n, _ in taps], layers_arg)
+    probe_fns, needs_labels = _make_probes(op, probe, len(taps), p, channel_dim)
+    labels = _check_labels(op, labels, xt, needs_labels)
+    if labels is not None:
+        aux["labels"] = labels
+    aux.update(_check_probe_masks(op, mask, len(taps), xt))
+    if not taps:
         return []
     create_graph = bool(create_graph)
-    keep_graph = create_graph and x.requires_grad
+    keep_graph = create_graph and xt.requires_grad
     # vmap: the math kernel also has batching rules (the fused CPU kernel falls back to a loop)
     math_attention = v is not None or create_graph or strat == "vmap"
-    with _Session(op, model, names, modules) as sess, _math_attention(math_attention):
-        if strat == "batched_backward":
-            maps = _run_batched(sess, x, labels, v, probe_fns, create_graph, keep_graph, chunk)
-        elif strat == "vmap":
-            maps = _run_vmap(sess, x, labels, v, probe_fns, create_graph, chunk)
-        else:
-            maps = _run_loop(sess, x, labels, v, probe_fns, create_graph, keep_graph)
+    try:
+        with _Session(op, model, taps, modules, caller, second_order=v is not None or create_graph) as sess, \
+                _math_attention(math_attention):
+            if strat == "batched_backward":
+                maps = _run_batched(sess, xt, aux, v, probe_fns, create_graph, keep_graph, chunk)
+            elif strat == "vmap":
+                maps = _run_vmap(sess, xt, aux, v, probe_fns, create_graph, chunk)
+            else:
+                maps = _run_per_slice(sess, xt, aux, v, probe_fns, create_graph, keep_graph, 1)
+    except RuntimeError as exc:
+        clear = _explain_missing_derivative(op, model, exc)
+        if clear is None:
+            raise
+        raise clear from exc
     if not create_graph:
         maps = [m.detach() for m in maps]
     return maps
@@ -645,10 +887,12 @@ def _compute(op: str, model: nn.Module, x: torch.Tensor, layers: Layers, *, v: O
 # Public functions
 # ------------------------------------------------------------------------------------------------
 
+Inputs = Union[torch.Tensor, Mapping]
+
 
 def input_jacobians(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     layers: Layers,
     *,
     probe: ProbeArg = "energy",
@@ -657,19 +901,26 @@ def input_jacobians(
     strategy: str = "auto",
     chunk_size: Optional[int] = None,
     p: float = 2.0,
-    channel_dim: int = 1,
+    channel_dim: ChannelDims = 1,
+    wrt: Optional[str] = None,
+    mask=None,
 ) -> List[torch.Tensor]:
     """Per-sample input Jacobian maps ``J_j[b] = d phi_j(x)_b / d x_b`` of the named layers.
 
     Args:
-        model: any ``nn.Module``, called as ``model(batch)``: once for ``batched_backward``; the
-            per-sample strategies (and ``chunk_size``) first run the whole batch once without a
-            graph when the model has batch-statistics BatchNorm layers (module docstring).
-        x: the batch (B, ...), floating point.  Gradients are taken with respect to a detached copy
-            of x unless ``create_graph=True`` and x requires grad (then the maps also depend on
-            whatever x depends on).
+        model: any ``nn.Module``, called as ``model(x)`` (or ``model(**x)`` for a dict x): once
+            for ``batched_backward``; the per-sample strategies (and ``chunk_size``) first run the
+            whole batch once without a graph when the model has batch-statistics BatchNorm layers
+            (module docstring).
+        x: the batch (B, ...), floating point; or a dict of keyword arguments of which one
+            floating-point entry (``wrt``; by default the only one) is differentiated and every
+            other tensor with the batch dimension is sliced along with it (e.g.
+            ``{"pixel_values": ..., "attention_mask": ...}``).  Gradients are taken with respect
+            to a detached copy unless ``create_graph=True`` and it requires grad (then the maps
+            also depend on whatever it depends on).
         layers: module names as ``model.named_modules()`` gives them ("" is the model itself), or
-            one name.
+            one name; ``(name, index)`` takes element ``index`` of a tuple/list output (entry of a
+            dict output) instead of its first tensor.
         probe: ``"energy"`` (default), ``"max"``, ``"logit"`` (needs ``labels``), a callable
             ``(activation, labels) -> (B,)``, or a list with one of those per layer.
         labels: (B,) class labels for ``"logit"``; handed to callable probes (None otherwise).
@@ -679,24 +930,39 @@ def input_jacobians(
             ``"loop"``; all compute the same numbers (module docstring).
         chunk_size: samples per chunk for ``"vmap"`` and ``"batched_backward"`` (bounds memory);
             None processes the whole batch at once.  Ignored by ``"loop"``.
-        p, channel_dim: attention-map power and channel dimension of the built-in probes.
+        p, channel_dim: attention-map power and channel dimension of the built-in probes (one
+            channel dimension, or a list with one per layer).
+        wrt: the entry of a dict x to differentiate.
+        mask: (B, N) valid locations of a layer's activation (e.g. an ``attention_mask`` for
+            token activations): the built-in ``"energy"`` / ``"max"`` probes ignore the masked
+            locations; one mask for every layer or a list with one (or None) per layer.  Callable
+            probes do not see it.
 
     Returns:
         A list of K tensors of shape (B, *x.shape[1:]) and x's dtype, one per layer, in order.
 
     Raises:
         UnknownLayerError: a name is not a module of ``model`` (the message lists the names).
-        NotDifferentiableError: x is not floating point, or inference mode is on.
+        NotDifferentiableError: x is not floating point, inference mode is on, or torch cannot
+            differentiate an op of the model as often as needed (the message names the modules).
         ValueError: a probe returned something other than one value per sample, bad options.
     """
     return _compute("input_jacobians", model, x, layers, v=None, probe=probe, labels=labels,
                     create_graph=create_graph, strategy=strategy, chunk_size=chunk_size, p=p,
-                    channel_dim=channel_dim)
+                    channel_dim=channel_dim, wrt=wrt, mask=mask)
+
+
+def _draw_v(op: str, v, generator, xt: torch.Tensor) -> torch.Tensor:
+    if v is not None:
+        return _check_v(op, v, xt)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: generator must be a torch.Generator, got {type(generator).__name__}")
+    return rademacher(xt.shape, generator=generator, dtype=xt.dtype, device=xt.device)
 
 
 def input_hvps(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     layers: Layers,
     *,
     v: Optional[torch.Tensor] = None,
@@ -707,7 +973,9 @@ def input_hvps(
     strategy: str = "auto",
     chunk_size: Optional[int] = None,
     p: float = 2.0,
-    channel_dim: int = 1,
+    channel_dim: ChannelDims = 1,
+    wrt: Optional[str] = None,
+    mask=None,
 ) -> List[torch.Tensor]:
     """Per-sample Hessian-vector maps ``H_j[b] = d/dx_b < grad_{x_b} phi_j(x)_b, v_b >``.
 
@@ -717,47 +985,45 @@ def input_hvps(
     :func:`input_jacobians`.  Returns K tensors of shape (B, *x.shape[1:]).
     """
     op = "input_hvps"
-    _check_input(op, x)
-    if v is None:
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"{op}: generator must be a torch.Generator, got {type(generator).__name__}")
-        v = rademacher(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    else:
-        v = _check_v(op, v, x)
-    return _compute(op, model, x, layers, v=v, probe=probe, labels=labels, create_graph=create_graph,
-                    strategy=strategy, chunk_size=chunk_size, p=p, channel_dim=channel_dim)
+    xt = _split_input(op, x, wrt)[0]
+    return _compute(op, model, x, layers, v=_draw_v(op, v, generator, xt), probe=probe, labels=labels,
+                    create_graph=create_graph, strategy=strategy, chunk_size=chunk_size, p=p,
+                    channel_dim=channel_dim, wrt=wrt, mask=mask)
 
 
-def _same_input(op: str, x: torch.Tensor, teacher_x) -> None:
+def _same_input(op: str, x, teacher_x) -> None:
     if teacher_x is None or teacher_x is x:
         return
-    if not isinstance(teacher_x, torch.Tensor):
-        raise TypeError(f"{op}: teacher_x must be a torch.Tensor or None, got {type(teacher_x).__name__}")
-    same = (
-        teacher_x.shape == x.shape
-        and teacher_x.dtype == x.dtype
-        and teacher_x.device == x.device
-        and torch.equal(teacher_x.detach(), x.detach())
-    )
-    if not same:
-        raise ValueError(
-            f"{op}: student and teacher must be fed the same x (derivative maps are compared sample by "
-            f"sample as derivatives with respect to one input); got x of shape {_shape(x)} {x.dtype} on "
-            f"{x.device} and teacher_x of shape {_shape(teacher_x)} {teacher_x.dtype} on {teacher_x.device}"
-            + ("" if teacher_x.shape != x.shape or teacher_x.dtype != x.dtype or teacher_x.device != x.device
-               else " with different values")
-        )
+    xs = dict(x) if isinstance(x, Mapping) else {"x": x}
+    ts = dict(teacher_x) if isinstance(teacher_x, Mapping) else {"x": teacher_x}
+    if not isinstance(teacher_x, (torch.Tensor, Mapping)):
+        raise TypeError(f"{op}: teacher_x must be a torch.Tensor, a dict or None, got {type(teacher_x).__name__}")
+    for key in dict.fromkeys([*xs, *ts]):
+        a, b = xs.get(key), ts.get(key)
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            if a is b:
+                continue
+            raise ValueError(f"{op}: student and teacher must be fed the same x; entry {key!r} differs")
+        same = a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a.detach(), b.detach())
+        if not same:
+            what = "x" if key == "x" and not isinstance(x, Mapping) else f"x[{key!r}]"
+            raise ValueError(
+                f"{op}: student and teacher must be fed the same x (derivative maps are compared sample by "
+                f"sample as derivatives with respect to one input); got {what} of shape {_shape(a)} {a.dtype} on "
+                f"{a.device} and teacher's of shape {_shape(b)} {b.dtype} on {b.device}"
+                + ("" if b.shape != a.shape or b.dtype != a.dtype or b.device != a.device else " with different values")
+            )
 
 
 def derivative_maps(
     student: nn.Module,
     teacher: nn.Module,
-    x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+    x: Union[Inputs, Tuple[Inputs, Inputs]],
     student_layers: Layers,
     teacher_layers: Layers,
     *,
     kind: str = "jacobian",
-    teacher_x: Optional[torch.Tensor] = None,
+    teacher_x: Optional[Inputs] = None,
     v: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
     probe: ProbeArg = "energy",
@@ -766,18 +1032,22 @@ def derivative_maps(
     strategy: str = "auto",
     chunk_size: Optional[int] = None,
     p: float = 2.0,
-    channel_dim: int = 1,
-    teacher_channel_dim: Optional[int] = None,
+    channel_dim: ChannelDims = 1,
+    teacher_channel_dim: Optional[ChannelDims] = None,
+    wrt: Optional[str] = None,
+    mask=None,
+    teacher_mask=None,
 ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """Student and teacher derivative maps of K matched layer pairs on one x: ``(student_maps,
     teacher_maps)``, each a list of K tensors of shape (B, *x.shape[1:]).
 
     ``kind`` is ``"jacobian"`` or ``"hvp"``.  For HVPs one v is used for both models: ``v`` as
     given, else one Rademacher draw from ``generator``.  Teacher maps never build a graph; student
-    maps build one only with ``create_graph=True``.  ``x`` may be one tensor, or a pair
-    ``(student_x, teacher_x)`` / the ``teacher_x`` argument, which must then equal x (else
+    maps build one only with ``create_graph=True``.  ``x`` may be one tensor (or dict input), or a
+    pair ``(student_x, teacher_x)`` / the ``teacher_x`` argument, which must then equal x (else
     ValueError: derivative maps of different inputs are not comparable).  ``teacher_channel_dim``
-    defaults to ``channel_dim``.  Other arguments as in :func:`input_jacobians`.
+    defaults to ``channel_dim`` and ``teacher_mask`` to ``mask``.  Other arguments as in
+    :func:`input_jacobians`.
     """
     op = "derivative_maps"
     if isinstance(x, (tuple, list)):
@@ -786,30 +1056,177 @@ def derivative_maps(
         x, teacher_x = x
     _check_model(op, "student", student)
     _check_model(op, "teacher", teacher)
-    _check_input(op, x)
+    xt = _split_input(op, x, wrt)[0]
     _same_input(op, x, teacher_x)
     if kind not in ("jacobian", "hvp"):
         raise ValueError(f"{op}: unknown kind {kind!r}; expected 'jacobian' or 'hvp'")
-    s_names = _layer_names(op, student_layers, "student_layers")
-    t_names = _layer_names(op, teacher_layers, "teacher_layers")
-    if len(s_names) != len(t_names):
-        raise ValueError(f"{op}: got {len(s_names)} student_layers but {len(t_names)} teacher_layers; "
+    s_taps = _layer_names(op, student_layers, "student_layers")
+    t_taps = _layer_names(op, teacher_layers, "teacher_layers")
+    if len(s_taps) != len(t_taps):
+        raise ValueError(f"{op}: got {len(s_taps)} student_layers but {len(t_taps)} teacher_layers; "
                          "pass one teacher layer per student layer")
     # resolve both up front so a bad teacher name fails before any student work
-    _resolve_layers(op, student, s_names, "student_layers")
-    _resolve_layers(op, teacher, t_names, "teacher_layers")
+    _resolve_layers(op, student, [n for n, _ in s_taps], "student_layers")
+    _resolve_layers(op, teacher, [n for n, _ in t_taps], "teacher_layers")
     t_cd = channel_dim if teacher_channel_dim is None else teacher_channel_dim
     if kind == "hvp":
-        if v is None:
-            v = rademacher(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        else:
-            v = _check_v(op, v, x)
-    common = dict(v=v, probe=probe, labels=labels, strategy=strategy, chunk_size=chunk_size, p=p)
-    s_maps = _compute(op, student, x, s_names, create_graph=create_graph, channel_dim=channel_dim,
-                      layers_arg="student_layers", **common)
-    t_maps = _compute(op, teacher, x, t_names, create_graph=False, channel_dim=t_cd,
-                      layers_arg="teacher_layers", **common)
+        v = _draw_v(op, v, generator, xt)
+    common = dict(v=v, probe=probe, labels=labels, strategy=strategy, chunk_size=chunk_size, p=p, wrt=wrt)
+    s_maps = _compute(op, student, x, s_taps, create_graph=create_graph, channel_dim=channel_dim,
+                      layers_arg="student_layers", mask=mask, **common)
+    t_maps = _compute(op, teacher, x, t_taps, create_graph=False, channel_dim=t_cd,
+                      layers_arg="teacher_layers", mask=mask if teacher_mask is None else teacher_mask, **common)
     return s_maps, t_maps
+
+
+# ------------------------------------------------------------------------------------------------
+# Sketched derivative maps of token inputs (language models)
+# ------------------------------------------------------------------------------------------------
+
+
+def _input_embedding(op: str, who: str, model: nn.Module, name: Optional[str]) -> nn.Embedding:
+    if name is not None:
+        emb = _resolve_layers(op, model, [name], f"{who}_embedding")[name]
+    else:
+        get = getattr(model, "get_input_embeddings", None)
+        emb = get() if callable(get) else None
+        if emb is None:
+            raise ValueError(f"{op}: {type(model).__name__} has no get_input_embeddings(); pass "
+                             f"{who}_embedding=<the name of its token-embedding module>")
+    if not isinstance(emb, nn.Embedding):
+        raise TypeError(f"{op}: the {who}'s input embedding is {type(emb).__name__}; expected an nn.Embedding")
+    return emb
+
+
+def count_sketch(vocab: int, rank: int, *, generator: Optional[torch.Generator] = None,
+                 device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A CountSketch of the one-hot token space: ``(bucket, sign)``, each (V,), with
+    ``R[t, bucket[t]] = sign[t]`` (every other entry 0) the (V, rank) projection.  ``R R^T`` equals
+    the identity in expectation, so inner products and norms of projected maps are unbiased
+    estimates of those of the maps themselves.  Drawn from ``generator`` (same state, same R)."""
+    gen_device = generator.device if generator is not None else torch.device(device or "cpu")
+    bucket = torch.randint(0, rank, (vocab,), generator=generator, device=gen_device)
+    sign = rademacher((vocab,), generator=generator, device=gen_device)
+    return bucket.to(device or gen_device), sign.to(device or gen_device)
+
+
+def _sketched_embedding(weight: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, rank: int) -> torch.Tensor:
+    """``P = E^T R`` as a (D, rank) tensor, in O(V D) without forming R (differentiable in E)."""
+    src = weight * sign.to(weight.dtype).unsqueeze(1)
+    return weight.new_zeros(rank, weight.shape[1]).index_add(0, bucket.to(weight.device), src).t()
+
+
+def sketched_derivative_maps(
+    student: nn.Module,
+    teacher: nn.Module,
+    inputs: Mapping,
+    student_layers: Layers,
+    teacher_layers: Layers,
+    *,
+    kind: str = "jacobian",
+    rank: int = 256,
+    generator: Optional[torch.Generator] = None,
+    probe: ProbeArg = "energy",
+    labels: Optional[torch.Tensor] = None,
+    create_graph: bool = False,
+    strategy: str = "auto",
+    chunk_size: Optional[int] = None,
+    p: float = 2.0,
+    channel_dim: ChannelDims = -1,
+    teacher_channel_dim: Optional[ChannelDims] = None,
+    mask=None,
+    teacher_mask=None,
+    ids_key: str = "input_ids",
+    embeds_key: str = "inputs_embeds",
+    student_embedding: Optional[str] = None,
+    teacher_embedding: Optional[str] = None,
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Derivative maps of two language models with respect to their token input, sketched:
+    ``(student_maps, teacher_maps)``, K tensors of shape (B, T, rank) each (SPEC section 3).
+
+    Teacher and student share no float input (their embedding widths differ); the shared space is
+    the one-hot tokens (B, T, V), where one map costs B*T*V numbers (2 GiB at B*T = 4096 and a
+    128k vocabulary in float32).  The sketch projects the one-hot Jacobian ``J E^T`` (J with
+    respect to the token embeddings, E the (V, D) embedding matrix) on a random (V, rank)
+    CountSketch R shared by both models (:func:`count_sketch`, drawn from ``generator``), computed
+    as ``J (E^T R)`` without forming the one-hot input or R: per map B*T*rank numbers, plus one
+    (D, rank) matrix per model.  For ``kind="hvp"`` the direction is ``v = z R^T`` in the one-hot
+    space, z a shared (B, T, rank) Rademacher draw: the sketch of ``H v`` is ``H_E (z P^T) P``
+    with ``P = E^T R``.  Inner products of sketched maps estimate those of the exact one-hot maps
+    without bias; ``python -m lwkd_fast.zoo --sketch`` measures the accuracy and the memory.
+
+    ``inputs`` holds the token ids (``ids_key``, (B, T) integers) and the other keyword arguments
+    of both models (e.g. ``attention_mask``); the models are called with ``embeds_key`` (the
+    Hugging Face ``inputs_embeds``) instead of the ids.  The embeddings come from
+    ``get_input_embeddings()`` or the named modules; both vocabularies must have the same size.
+    The maps are differentiable with respect to the student (through its forward and its
+    embedding matrix) with ``create_graph=True``.  Other arguments as in :func:`derivative_maps`;
+    ``mask`` / ``teacher_mask`` are the probes' (B, N) valid locations (e.g. the attention mask).
+    """
+    op = "sketched_derivative_maps"
+    _check_model(op, "student", student)
+    _check_model(op, "teacher", teacher)
+    if not isinstance(inputs, Mapping) or ids_key not in inputs:
+        raise ValueError(f"{op}: inputs must be a dict with the token ids under {ids_key!r}")
+    ids = inputs[ids_key]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"{op}: inputs[{ids_key!r}] must be a (B, T) integer tensor of token ids, got "
+                         f"{type(ids).__name__ if not isinstance(ids, torch.Tensor) else (ids.dtype, _shape(ids))}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{op}: rank must be a positive int, got {rank!r}")
+    if kind not in ("jacobian", "hvp"):
+        raise ValueError(f"{op}: unknown kind {kind!r}; expected 'jacobian' or 'hvp'")
+    e_s = _input_embedding(op, "student", student, student_embedding)
+    e_t = _input_embedding(op, "teacher", teacher, teacher_embedding)
+    if e_s.num_embeddings != e_t.num_embeddings:
+        raise ValueError(f"{op}: the vocabularies differ (student {e_s.num_embeddings} tokens, teacher "
+                         f"{e_t.num_embeddings}); sketched maps compare derivatives with respect to shared tokens")
+    bucket, sign = count_sketch(e_s.num_embeddings, rank, generator=generator, device=ids.device)
+    z = None
+    if kind == "hvp":
+        z = rademacher((*ids.shape, rank), generator=generator, dtype=e_s.weight.dtype, device=ids.device)
+    rest = {k: t for k, t in inputs.items() if k != ids_key}
+    t_cd = channel_dim if teacher_channel_dim is None else teacher_channel_dim
+    common = dict(probe=probe, labels=labels, strategy=strategy, chunk_size=chunk_size, p=p, wrt=embeds_key)
+    out = []
+    for who, model, emb, layers, cd, m, graph in (
+            ("student", student, e_s, student_layers, channel_dim, mask, bool(create_graph)),
+            ("teacher", teacher, e_t, teacher_layers, t_cd, mask if teacher_mask is None else teacher_mask, False)):
+        with torch.set_grad_enabled(graph):
+            P = _sketched_embedding(emb.weight, bucket, sign, rank)  # (D, rank)
+            embeds = F.embedding(ids, emb.weight)
+        if not graph:
+            P, embeds = P.detach(), embeds.detach()
+        v = None if z is None else (z.to(P.dtype) @ P.t())  # z R^T E, in embedding space
+        maps = _compute(op, model, {**rest, embeds_key: embeds}, layers, v=v, create_graph=graph,
+                        channel_dim=cd, layers_arg=f"{who}_layers", mask=m, **common)
+        with torch.set_grad_enabled(graph):
+            out.append([mp @ P.to(mp.dtype) for mp in maps])
+    return out[0], out[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Making a model twice differentiable
+# ------------------------------------------------------------------------------------------------
+
+
+class Relu6Hardsigmoid(nn.Module):
+    """``relu6(x + 3) / 6``: the function of ``nn.Hardsigmoid`` in a form torch differentiates
+    twice (``aten::hardsigmoid_backward`` has no derivative)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(x + 3.0) / 6.0
+
+
+def replace_hardsigmoid(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.Hardsigmoid`` sub-module of ``model`` (in place) by
+    :class:`Relu6Hardsigmoid`, the same function with a second derivative, so Hessian-vector
+    maps and Jacobian losses work on e.g. torchvision's MobileNetV3.  Returns the model."""
+    for name, m in list(model.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, nn.Hardsigmoid):
+                setattr(m, child_name, Relu6Hardsigmoid())
+    return model
 
 
 # ------------------------------------------------------------------------------------------------

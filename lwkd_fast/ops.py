@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import importlib.util
 import logging
 import math
 import os
+import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -31,32 +33,77 @@ from . import reference
 
 log = logging.getLogger("lwkd_fast")
 
-BACKENDS = ("reference", "native", "triton")
-_REQUESTS = ("auto",) + BACKENDS
+# Every backend name; register_native_backend() appends the CUDA execution layer's "cuda_emu".
+BACKENDS = ["reference", "native", "triton"]
 
 # ------------------------------------------------------------------------------------------------
 # Soft loading of the native library
 # ------------------------------------------------------------------------------------------------
-
-_C = None
-_C_ERROR: Optional[str] = None
+#
+# _C_STATE is one of
+#   "loaded"    the extension is imported and registered torch.ops.lwkd.*;
+#   "disabled"  LWKD_DISABLE_NATIVE=1 (the user's choice: no warning);
+#   "absent"    it was never built (LWKD_NO_EXT=1): the pure-Python package, as installed;
+#   "broken"    it exists but cannot serve this torch (built against another torch, or the import
+#               failed): ONE RuntimeWarning with the reason and the fix, then the reference backend.
+# _C_ERROR says why it is not loaded; _C_BUILD is what setup.py recorded beside it.
 
 
 def _truthy(value: Optional[str]) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-if _truthy(os.environ.get("LWKD_DISABLE_NATIVE")):
-    _C_ERROR = "disabled by LWKD_DISABLE_NATIVE=1"
-else:
+def _build_record() -> Dict[str, object]:
     try:
-        _C = importlib.import_module("lwkd_fast._C")  # registers torch.ops.lwkd.*
-    except ImportError as exc:  # not built (LWKD_NO_EXT=1), or built against another torch
-        _C = None
-        if isinstance(exc, ModuleNotFoundError) and exc.name == "lwkd_fast._C":
-            _C_ERROR = "lwkd_fast._C is not built (installed with LWKD_NO_EXT=1, or the build was skipped)"
-        else:
-            _C_ERROR = f"lwkd_fast._C did not load ({type(exc).__name__}: {exc})"
+        from ._build_info import BUILD
+    except ImportError:  # built by an older setup.py, or never built
+        return {}
+    return dict(BUILD)
+
+
+_C_BUILD = _build_record()
+
+
+def _rebuild_hint() -> str:
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    where = src if os.path.exists(os.path.join(src, "setup.py")) else "<the lwkd_fast source tree>"
+    return f"pip install --no-build-isolation -e {where}"
+
+
+def _load_native():
+    """(module or None, state, reason)."""
+    if _truthy(os.environ.get("LWKD_DISABLE_NATIVE")):
+        return None, "disabled", "disabled by LWKD_DISABLE_NATIVE=1"
+    if importlib.util.find_spec("lwkd_fast._C") is None:
+        return None, "absent", "lwkd_fast._C is not built (installed with LWKD_NO_EXT=1, or the build was skipped)"
+    built = _C_BUILD.get("torch")
+    if built and built != torch.__version__:  # loading it could fail obscurely, or crash
+        return None, "broken", f"it was built against torch {built}, and this is torch {torch.__version__}"
+    try:
+        return importlib.import_module("lwkd_fast._C"), "loaded", None  # registers torch.ops.lwkd.*
+    except Exception as exc:  # noqa: BLE001 - an unloadable library (ImportError, OSError), a failed registration
+        return None, "broken", f"{type(exc).__name__}: {exc}"
+
+
+_C, _C_STATE, _why = _load_native()
+_C_ERROR = f"lwkd_fast._C exists but cannot be used: {_why}" if _C_STATE == "broken" else _why
+if _C_STATE == "broken":
+    warnings.warn(
+        f"lwkd_fast: the native extension lwkd_fast._C is not used: {_why}. Every op runs on the slower "
+        f"pure-torch reference backend. Fix: rebuild it against this torch with `{_rebuild_hint()}` "
+        "(or set LWKD_DISABLE_NATIVE=1 to use the reference backend without this warning).",
+        RuntimeWarning,
+    )
+
+
+def _no_cuda_reason() -> str:
+    """Why the extension has no CUDA kernels, as far as it is known."""
+    if _C_BUILD.get("cuda_skipped"):
+        return str(_C_BUILD["cuda_skipped"])
+    if not torch.version.cuda:
+        return f"torch {torch.__version__} is a CPU-only build"
+    return "built without CUDA kernels"
+
 
 NATIVE_OPS = (
     "attention_discrepancy",
@@ -66,11 +113,22 @@ NATIVE_OPS = (
 )
 
 
-def _has_native_kernel(op: str, dispatch_key: str) -> bool:
-    if _C is None:
+# Backends served by a build of the csrc kernels: backend -> (torch.ops namespace, device types).
+# "native" is lwkd_fast._C; the CUDA execution layer (lwkd_fast.cuda_emu) adds "cuda_emu", the
+# csrc/cuda kernels compiled for the CPU (torch.ops.lwkd_emu, CPU tensors).
+NATIVE_NAMESPACES: Dict[str, Tuple[str, Tuple[str, ...]]] = {"native": ("lwkd", ("cpu", "cuda"))}
+
+
+def native_ops(backend: str = "native"):
+    """The ``torch.ops`` namespace of a native backend (``torch.ops.lwkd`` for ``"native"``)."""
+    return getattr(torch.ops, NATIVE_NAMESPACES[backend][0])
+
+
+def _has_native_kernel(op: str, dispatch_key: str, namespace: str = "lwkd") -> bool:
+    if namespace == "lwkd" and _C is None:
         return False
     try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"lwkd::{op}", dispatch_key))
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{op}", dispatch_key))
     except RuntimeError:  # schema not defined
         return False
 
@@ -100,8 +158,9 @@ _forced_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
 
 def _check_backend_name(name: str, source: str) -> str:
     name = (name or "auto").strip().lower()
-    if name not in _REQUESTS:
-        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {', '.join(_REQUESTS)}")
+    requests = ["auto"] + BACKENDS
+    if name not in requests:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {', '.join(requests)}")
     return name
 
 
@@ -124,16 +183,17 @@ def requested_backend() -> str:
     return _check_backend_name(os.environ.get("LWKD_BACKEND", "auto"), "LWKD_BACKEND")
 
 
-def _native_status(op: str, device_type: str) -> Tuple[bool, str]:
-    if _C is None:
+def _native_status(op: str, device_type: str, backend: str = "native") -> Tuple[bool, str]:
+    namespace, devices = NATIVE_NAMESPACES[backend]
+    if backend == "native" and _C is None:
         return False, _C_ERROR or "lwkd_fast._C is not loaded"
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return False, f"no native kernels for device type {device_type!r}"
-    if not _has_native_kernel(op, key):
+    if key is None or device_type not in devices:
+        return False, f"no {backend} kernels for device type {device_type!r}"
+    if not _has_native_kernel(op, key, namespace):
         if key == "CUDA":
-            return False, f"the extension has no CUDA kernel for lwkd::{op} (built without CUDA?)"
-        return False, f"the extension has no {key} kernel for lwkd::{op}"
+            return False, f"the extension has no CUDA kernel for lwkd::{op} ({_no_cuda_reason()})"
+        return False, f"the {backend} library has no {key} kernel for {namespace}::{op}"
     return True, ""
 
 
@@ -154,8 +214,8 @@ def backend_status(backend: str, op: str, device_type: str) -> Tuple[bool, str]:
     """``(available, reason)`` of one backend for one op on one device type."""
     if backend == "reference":
         return True, ""
-    if backend == "native":
-        return _native_status(op, device_type)
+    if backend in NATIVE_NAMESPACES:
+        return _native_status(op, device_type, backend)
     if backend == "triton":
         return _triton_status(op, device_type)
     raise ValueError(f"unknown backend {backend!r}")
@@ -190,6 +250,9 @@ def _auto_choice(op: str, device_type: str) -> str:
 # `import lwkd_fast`, and triton imported before `lwkd-fast check --interpret` can select the
 # interpreter.  tests/test_discrepancy.py::test_compiles_fullgraph guards the mechanism.
 _auto_choice._dynamo_marked_constant = True  # type: ignore[attr-defined]
+# likewise the request itself (use_backend's ContextVar, LWKD_BACKEND): torch 2.13's dynamo cannot
+# trace ContextVar.get, and the request is a constant of the traced region anyway
+requested_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def select_backend(op: str, device: torch.device) -> str:
@@ -233,10 +296,37 @@ def backends() -> Dict[str, Dict[str, object]]:
 # ------------------------------------------------------------------------------------------------
 
 
-if _C is not None:
+_NAMESPACE_HOOKS: List = []
 
-    @torch.library.register_fake("lwkd::attention_discrepancy")
-    def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim):
+
+def on_native_namespace(register) -> None:
+    """Run ``register(namespace)`` for every native operator library: now for ``lwkd`` (when the
+    extension loaded) and later for each one :func:`register_native_backend` adds.  The fake
+    kernels and autograd formulas of each op module are registered this way, once per library."""
+    _NAMESPACE_HOOKS.append(register)
+    for backend, (ns, _devices) in NATIVE_NAMESPACES.items():
+        if backend != "native" or _C is not None:
+            register(ns)
+
+
+def register_native_backend(name: str, namespace: str, device_types: Sequence[str]) -> None:
+    """Add a backend served by another build of the csrc kernels whose schemas live in
+    ``torch.ops.<namespace>`` (used by :mod:`lwkd_fast.cuda_emu`).  It is never chosen by
+    ``auto``; :func:`use_backend` selects it."""
+    if name in NATIVE_NAMESPACES:
+        return
+    NATIVE_NAMESPACES[name] = (namespace, tuple(device_types))
+    BACKENDS.append(name)
+    for register in _NAMESPACE_HOOKS:
+        register(namespace)
+
+
+def _register_discrepancy_ops(ns: str) -> None:
+    """Fake kernels and autograd of the discrepancy ops of one native library."""
+    lib = getattr(torch.ops, ns)
+
+    @torch.library.register_fake(f"{ns}::attention_discrepancy")
+    def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks=None):
         dt = reference.acc_dtype(*student, *teacher)
         B = student[0].shape[0]
         d = student[0].new_empty((len(student), B), dtype=dt)
@@ -244,24 +334,27 @@ if _C is not None:
         maps_t = [x.new_empty((B, reference.bcn_locations(x, channel_dim)), dtype=dt) for x in teacher]
         return d, maps_s, maps_t
 
-    @torch.library.register_fake("lwkd::attention_discrepancy_backward")
-    def _attention_bwd_fake(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau, eps, channel_dim):
+    @torch.library.register_fake(f"{ns}::attention_discrepancy_backward")
+    def _attention_bwd_fake(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau, eps, channel_dim,
+                            masks=None):
         return [torch.empty_like(x) for x in student]
 
-    @torch.library.register_fake("lwkd::map_discrepancy")
+    @torch.library.register_fake(f"{ns}::map_discrepancy")
     def _map_fake(student, teacher, metric, beta, eps):
         dt = reference.acc_dtype(*student, *teacher)
         return student[0].new_empty((len(student), student[0].shape[0]), dtype=dt)
 
-    @torch.library.register_fake("lwkd::map_discrepancy_backward")
+    @torch.library.register_fake(f"{ns}::map_discrepancy_backward")
     def _map_bwd_fake(grad, student, teacher, metric, beta, eps):
         return [torch.empty_like(x) for x in student]
 
     def _attention_setup(ctx, inputs, output):
-        student, _teacher, p, metric, beta, normalize, tau, eps, channel_dim = inputs
+        student, _teacher, p, metric, beta, normalize, tau, eps, channel_dim, *masks = inputs
         _d, maps_s, maps_t = output
         ctx.K = len(student)
         ctx.args = (p, metric, beta, normalize, tau, eps, channel_dim)
+        ctx.masks = masks[0] if masks else None  # constants (no gradient)
+        ctx.has_masks_arg = bool(masks)  # the call passed the optional argument
         ctx.save_for_backward(*student, *maps_s, *maps_t)
 
     def _attention_backward(ctx, grad_d, _grad_maps_s, _grad_maps_t):
@@ -271,11 +364,12 @@ if _C is not None:
         if grad_d is None:
             grads = [None] * K
         else:
-            grads = torch.ops.lwkd.attention_discrepancy_backward(grad_d, student, maps_s, maps_t, *ctx.args)
-        return list(grads), [None] * K, None, None, None, None, None, None, None
+            grads = lib.attention_discrepancy_backward(grad_d, student, maps_s, maps_t, *ctx.args, ctx.masks)
+        rest = (None if ctx.masks is None else [None] * len(ctx.masks),) if ctx.has_masks_arg else ()
+        return (list(grads), [None] * K, None, None, None, None, None, None, None) + rest
 
     torch.library.register_autograd(
-        "lwkd::attention_discrepancy", _attention_backward, setup_context=_attention_setup
+        f"{ns}::attention_discrepancy", _attention_backward, setup_context=_attention_setup
     )
 
     def _map_setup(ctx, inputs, output):
@@ -287,10 +381,10 @@ if _C is not None:
     def _map_backward(ctx, grad_d):
         K = ctx.K
         saved = ctx.saved_tensors
-        grads = torch.ops.lwkd.map_discrepancy_backward(grad_d, saved[:K], saved[K:], *ctx.args)
+        grads = lib.map_discrepancy_backward(grad_d, saved[:K], saved[K:], *ctx.args)
         return list(grads), [None] * K, None, None, None
 
-    torch.library.register_autograd("lwkd::map_discrepancy", _map_backward, setup_context=_map_setup)
+    torch.library.register_autograd(f"{ns}::map_discrepancy", _map_backward, setup_context=_map_setup)
 
     def _no_double_backward(op):
         def setup(ctx, inputs, output):
@@ -298,14 +392,17 @@ if _C is not None:
 
         def backward(ctx, *grads):
             raise RuntimeError(
-                f"lwkd_fast: differentiating lwkd::{op} (double backward through a native discrepancy) "
+                f"lwkd_fast: differentiating {ns}::{op} (double backward through a native discrepancy) "
                 "is not supported; run that computation under lwkd_fast.use_backend('reference')"
             )
 
-        torch.library.register_autograd(f"lwkd::{op}", backward, setup_context=setup)
+        torch.library.register_autograd(f"{ns}::{op}", backward, setup_context=setup)
 
     _no_double_backward("attention_discrepancy_backward")
     _no_double_backward("map_discrepancy_backward")
+
+
+on_native_namespace(_register_discrepancy_ops)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,6 +500,21 @@ def _spatial(x: torch.Tensor, cd: int) -> Tuple[int, ...]:
     return tuple(s for d, s in enumerate(x.shape) if d not in (0, cd))
 
 
+def _check_extent(op: str, name: str, x: torch.Tensor, cd: Optional[int], k: Optional[int] = None) -> None:
+    """A non-empty extent (SPEC section 6): a feature tensor needs at least one channel and one
+    location (``cd`` its channel dimension), a derivative map at least one element per sample."""
+    where = f"pair {k}: " if k is not None else ""
+    if cd is None:
+        if x[0].numel() == 0:
+            raise ValueError(f"{op}: {where}{name} has shape {_shape(x)}, 0 elements per sample; every "
+                             "derivative map needs at least one element")
+        return
+    n = math.prod(_spatial(x, cd))
+    if x.shape[cd] == 0 or n == 0:
+        raise ValueError(f"{op}: {where}{name} has shape {_shape(x)} ({x.shape[cd]} channels, {n} locations); "
+                         "every pair needs at least one channel and one location")
+
+
 def _pool_to(x: torch.Tensor, cd: int, target: Tuple[int, ...]) -> torch.Tensor:
     if _spatial(x, cd) == target:
         return x
@@ -429,6 +541,8 @@ def _check_features(op: str, s: List[torch.Tensor], t: List[torch.Tensor], chann
                 f"{op}: channel_dim={channel_dim} is not a channel dimension of pair {k} (shape {_shape(a)})"
             )
         cd = channel_dim % a.dim()
+        _check_extent(op, f"student_feats[{k}]", a, cd, k)
+        _check_extent(op, f"teacher_feats[{k}]", b, cd, k)
         Ss, St = _spatial(a, cd), _spatial(b, cd)
         if Ss != St:
             if resize != "pool":
@@ -457,6 +571,90 @@ def _check_options(op: str, *, metric: str, metrics: Sequence[str], beta, reduct
         _check_float(op, "p", p, lo=0.0)
 
 
+# ------------------------------------------------------------------------------------------------
+# Masks of valid locations (SPEC section 2, "Masked locations")
+# ------------------------------------------------------------------------------------------------
+
+MaskArg = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]]]
+
+def _mask_list(op: str, mask: MaskArg, K: int) -> List[Optional[torch.Tensor]]:
+    if isinstance(mask, torch.Tensor):
+        return [mask] * K
+    if isinstance(mask, (list, tuple)):
+        if len(mask) != K:
+            raise ValueError(f"{op}: got {len(mask)} masks for {K} layer pairs; pass one mask (applied to "
+                             "every pair), or a list with one mask (or None) per pair")
+        return list(mask)
+    raise TypeError(f"{op}: mask must be None, a tensor or a list of tensors/None (one per pair), "
+                    f"got {type(mask).__name__}")
+
+
+def mask_as_bool(op: str, where: str, m) -> torch.Tensor:
+    """A mask of valid locations as a bool tensor: ``m`` must be a tensor that is bool or holds
+    only 0 and 1 (checked on the values: a device sync for non-bool masks).  ``where`` names it in
+    errors (e.g. ``"pair 0: mask[0]"``)."""
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"{op}: {where.split(': ')[-1]} must be a torch.Tensor or None, got {type(m).__name__}")
+    if m.is_complex():
+        raise TypeError(f"{op}: {where.split(': ')[-1]} has dtype {m.dtype}; expected bool (or 0/1 integers or floats)")
+    if m.dtype == torch.bool:
+        return m
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError(f"{op}: {where} (dtype {m.dtype}, shape {_shape(m)}) must hold only 0 and 1 (or be a "
+                         "bool tensor): 1 or True marks a valid location")
+    return m != 0
+
+
+def _check_mask(op: str, k: int, m, ref: torch.Tensor, ref_name: str, shapes: Sequence[Tuple[int, ...]],
+                expected: str) -> torch.Tensor:
+    """One pair's mask: :func:`mask_as_bool`, on ``ref``'s device, with one of ``shapes``."""
+    name = f"mask[{k}]"
+    if isinstance(m, torch.Tensor) and not m.is_complex():
+        if m.device != ref.device:
+            raise ValueError(f"{op}: pair {k}: {name} is on {m.device} but {ref_name}[{k}] is on {ref.device} "
+                             f"(shape {_shape(ref)}); move the mask to that device")
+        if _shape(m) not in shapes:
+            raise ValueError(f"{op}: pair {k}: {name} has shape {_shape(m)} but {ref_name}[{k}] has shape "
+                             f"{_shape(ref)}; expected {expected}")
+    return mask_as_bool(op, f"pair {k}: {name}", m)
+
+
+def _feature_masks(op: str, mask: MaskArg, s: List[torch.Tensor], channel_dim: int) -> Optional[List[Optional[torch.Tensor]]]:
+    """(B, N) bool masks of the K pairs' locations (after any resize), or None without masks."""
+    if mask is None:
+        return None
+    out: List[Optional[torch.Tensor]] = []
+    for k, (m, a) in enumerate(zip(_mask_list(op, mask, len(s)), s)):
+        if m is None:
+            out.append(None)
+            continue
+        cd = channel_dim % a.dim()
+        B, S = a.shape[0], _spatial(a, cd)
+        N = reference.bcn_locations(a, channel_dim)
+        shapes = {(B, N), (B, *S)}
+        expected = f"(B, N) = ({B}, {N}) or (B, *S) = {(B, *S)} (one entry per location, True = valid)"
+        out.append(_check_mask(op, k, m, a, "student_feats", shapes, expected).reshape(B, N))
+    return out if any(m is not None for m in out) else None
+
+
+def _map_masks(op: str, mask: MaskArg, s: List[torch.Tensor]) -> Optional[List[Optional[torch.Tensor]]]:
+    """Masks of the K pairs' map entries, each broadcastable to its map: (B, *P) with P a leading
+    part of the map's per-sample shape (e.g. (B, T) for (B, T, r) token maps)."""
+    if mask is None:
+        return None
+    out: List[Optional[torch.Tensor]] = []
+    for k, (m, a) in enumerate(zip(_mask_list(op, mask, len(s)), s)):
+        if m is None:
+            out.append(None)
+            continue
+        shapes = [tuple(a.shape[:d]) for d in range(min(2, a.dim()), a.dim() + 1)]
+        expected = (f"(B, *P) with P a leading part of the map's per-sample shape {tuple(a.shape[1:])}, "
+                    f"e.g. {shapes[0]} (True = valid)")
+        m = _check_mask(op, k, m, a, "student_maps", shapes, expected)
+        out.append(m.reshape(*m.shape, *([1] * (a.dim() - m.dim()))))
+    return out if any(m is not None for m in out) else None
+
+
 def _reduce(d: torch.Tensor, reduction: str) -> torch.Tensor:
     return d.mean(dim=1) if reduction == "mean" else d
 
@@ -482,6 +680,7 @@ def attention_maps(feat: torch.Tensor, *, p: float = 2.0, channel_dim: int = 1) 
         raise ValueError(f"{op}: channel_dim={channel_dim} is not a channel dimension of shape {_shape(feat)}")
     if feat.shape[0] == 0:
         raise ValueError(f"{op}: batch size is 0 (feat has shape {_shape(feat)})")
+    _check_extent(op, "feat", feat, channel_dim % feat.dim())
     return reference.attention_maps(feat, p=p, channel_dim=channel_dim)
 
 
@@ -498,6 +697,7 @@ def attention_discrepancy(
     resize: Optional[str] = None,
     reduction: str = "mean",
     eps: float = 1e-12,
+    mask: MaskArg = None,
 ) -> torch.Tensor:
     """Per-layer attention-map discrepancy of K student/teacher layer pairs (SPEC sections 1-2).
 
@@ -507,6 +707,14 @@ def attention_discrepancy(
     (``reduction="none"``), float32 (float64 for float64 inputs).  Differentiable with respect to
     the student features; the teacher features are constants and never receive a gradient.
     Non-finite inputs propagate to D (the layer-wise rate rule skips such layers).
+
+    ``mask`` marks the valid locations (e.g. a token map's ``attention_mask``: padded tokens do
+    not count): one (B, N) or (B, *S) tensor for every pair, or a list with one tensor (or None)
+    per pair; bool, or 0/1 integers/floats (their values are checked, a device sync: pass bool to
+    avoid it).  SPEC section 2 defines the masked metrics: "at" averages over the valid locations
+    of each sample, "jsd" normalises over them, a sample without valid locations gives 0.  The
+    mask refers to the locations after ``resize``.  Every backend's kernels take the mask (one
+    pass over the features, as without it).
     """
     op = "attention_discrepancy"
     s = _as_list(student_feats, "student_feats", op)
@@ -518,17 +726,20 @@ def attention_discrepancy(
     if not s and not t:
         return _empty_result(reduction)
     s, t = _check_features(op, s, t, channel_dim, resize)
+    masks = _feature_masks(op, mask, s, channel_dim)
     p, beta, tau, eps = float(p), float(beta), float(tau), float(eps)
     backend = select_backend(op, s[0].device)
-    if backend == "native":
-        d = torch.ops.lwkd.attention_discrepancy(s, t, p, metric, beta, normalize, tau, eps, channel_dim)[0]
+    if backend in NATIVE_NAMESPACES:
+        d = native_ops(backend).attention_discrepancy(s, t, p, metric, beta, normalize, tau, eps, channel_dim,
+                                                      masks)[0]
     elif backend == "triton":
         d = importlib.import_module("lwkd_fast.triton").attention_discrepancy(
-            s, t, p, metric, beta, normalize, tau, eps, channel_dim
+            s, t, p, metric, beta, normalize, tau, eps, channel_dim, masks
         )
     else:
         d = reference.attention_discrepancy(
-            s, t, p=p, metric=metric, beta=beta, normalize=normalize, tau=tau, channel_dim=channel_dim, eps=eps
+            s, t, p=p, metric=metric, beta=beta, normalize=normalize, tau=tau, channel_dim=channel_dim, eps=eps,
+            masks=masks,
         )
     return _reduce(d, reduction)
 
@@ -541,6 +752,7 @@ def map_discrepancy(
     beta: float = 0.5,
     reduction: str = "mean",
     eps: float = 1e-12,
+    mask: MaskArg = None,
 ) -> torch.Tensor:
     """Per-layer discrepancy of per-sample derivative maps (input Jacobians, Hessian-vector
     products), SPEC section 2.
@@ -549,6 +761,12 @@ def map_discrepancy(
     flattened.  ``metric="cos"`` is ``||u/|u| - w/|w| ||^2`` (``2 - 2 cos``), ``"jsd"`` the
     Jensen-Shannon divergence of ``|u| / sum |u|``.  Returns (K,) or (K, B); differentiable with
     respect to the student maps only.
+
+    ``mask`` drops map entries (e.g. the padded tokens of (B, T, r) token maps): one tensor for
+    every pair or a list with one (or None) per pair, of shape (B, *P) with P a leading part of
+    the map's per-sample shape ((B, T) for (B, T, r)), broadcast over the rest; bool or 0/1.
+    Dropping entries is the same as zeroing them in both maps (SPEC section 2), which is how every
+    backend computes it.
     """
     op = "map_discrepancy"
     s = _as_list(student_maps, "student_maps", op)
@@ -563,10 +781,15 @@ def map_discrepancy(
                 f"{op}: pair {k}: student_maps[{k}] has shape {_shape(a)} but teacher_maps[{k}] has shape "
                 f"{_shape(b)}; derivative maps of one pair must have the same shape"
             )
+        _check_extent(op, f"student_maps[{k}]", a, None, k)
+    masks = _map_masks(op, mask, s)
+    if masks is not None:  # dropping entries == zeroing them in both maps, on every backend
+        s = [a if m is None else a * m.to(a.dtype) for a, m in zip(s, masks)]
+        t = [b if m is None else b.detach() * m.to(b.dtype) for b, m in zip(t, masks)]
     beta, eps = float(beta), float(eps)
     backend = select_backend(op, s[0].device)
-    if backend == "native":
-        d = torch.ops.lwkd.map_discrepancy(s, t, metric, beta, eps)
+    if backend in NATIVE_NAMESPACES:
+        d = native_ops(backend).map_discrepancy(s, t, metric, beta, eps)
     elif backend == "triton":
         d = importlib.import_module("lwkd_fast.triton").map_discrepancy(s, t, metric, beta, eps)
     else:

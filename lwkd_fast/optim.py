@@ -47,7 +47,8 @@ Skipping a step (non-finite loss, fp16 overflow) without a host synchronisation
     ``buf = g`` in torch) is tracked until the host learns the flag without waiting, and dropped
     if it never got initialised, so even a skipped *first* step is exact.  With
     ``sync="all_reduce"`` the flag is all-reduced with the discrepancies (one collective), so a
-    non-finite loss on any rank skips the step on every rank.
+    non-finite loss on any rank skips the step on every rank; every rank all-reduces the same K + 1
+    values whether or not it passes a flag, so ranks that differ in passing one cannot diverge.
 
 Discrepancy sources (KD frameworks call ``optimizer.step()`` with no arguments)
     ``opt.attach(source)``: ``source`` is any object with ``latest_discrepancies`` ((K,) tensor
@@ -56,6 +57,22 @@ Discrepancy sources (KD frameworks call ``optimizer.step()`` with no arguments)
     ``source.latest_discrepancies``, and ``source.found_inf`` whenever no ``found_inf`` is
     passed; ``opt.detach_source()`` undoes it.  Without a source, ``step()`` needs its
     ``discrepancies``.
+
+Parameters as torch.optim takes them (SPEC section 5)
+    * Every state tensor is checked against its parameter (shape, dtype, DTensor placements)
+      when the work list is built and by ``load_state_dict`` before anything is loaded; a
+      mismatch (another model's checkpoint, ``p.data`` resized or re-typed between steps) raises
+      naming ``param_groups[g]['params'][i]``, the state key and both shapes.  Device and memory
+      layout follow the parameter.
+    * The rate state follows the parameters' device: built before ``model.cuda()``, it moves at
+      the next step (asynchronously); ``load_state_dict`` places state like torch.optim.
+    * Non-dense parameters (strided slices used as leaves) are updated through a dense working
+      copy inside the step.
+    * DTensor parameters (FSDP2): the step runs on the local shards, one fused call, the rates
+      replicated; sharded parameters need ``sync="all_reduce"``.  ``state_dict()`` also puts the
+      ``"layerwise"`` record into ``param_groups[0]`` for torch.distributed.checkpoint's
+      ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, and a step whose every base
+      rate is 0 needs no discrepancies (how those helpers create a fresh optimizer's state).
 
 No host synchronisation: ``step()`` reads no device value on the host (``.item()``,
 ``.cpu()``, ``.tolist()``, ``bool(tensor)``); all decisions use host metadata (shapes, dtypes,
@@ -214,17 +231,19 @@ def _reference_step(algorithm, params, grads, state1, state2, state3, steps, fac
             torch._foreach_sub_(ps, upd)
 
 
-if ops._C is not None:
-
-    @torch.library.register_fake("lwkd::layerwise_step")
+def _register_fake(ns: str) -> None:
+    @torch.library.register_fake(f"{ns}::layerwise_step")
     def _step_fake(algorithm, params, grads, state1, state2, state3, steps, factors, tensor_group, fresh,
                    group_layer, group_lr, group_lr_tensor, group_hyper, found_inf=None):
         return None
 
 
+ops.on_native_namespace(_register_fake)
+
+
 def _run_step(backend: str, *args) -> None:
-    if backend == "native":
-        torch.ops.lwkd.layerwise_step(*args)
+    if backend in ops.NATIVE_NAMESPACES:
+        ops.native_ops(backend).layerwise_step(*args)
     elif backend == "triton":
         importlib.import_module("lwkd_fast.triton.optim").layerwise_step(*args)
     else:
@@ -238,6 +257,62 @@ def _run_step(backend: str, *args) -> None:
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# ---- parameters as the kernels see them: DTensor shards, non-dense parameters ------------------
+
+_DTENSOR: Any = False  # torch.distributed.tensor.DTensor once looked up (None: not available)
+
+
+def _dtensor_type():
+    global _DTENSOR
+    if _DTENSOR is False:
+        try:
+            from torch.distributed.tensor import DTensor
+        except Exception:  # (torch built without distributed support)
+            DTensor = None
+        _DTENSOR = DTensor
+    return _DTENSOR
+
+
+def _is_dtensor(t) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """What a kernel updates: a DTensor's local shard (a view of its storage), else ``t``."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one block of memory (any dimension order)."""
+    if t.is_contiguous():
+        return True
+    expect = 1
+    for stride, n in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride != expect:
+            return False
+        expect *= n
+    return True
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same sizes and the same memory order (strides of dimensions of size 1 do not matter)."""
+    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def _work_layout(p: torch.Tensor) -> torch.Tensor:
+    """A tensor with the memory layout the kernels use for parameter ``p`` (local shard): ``p``
+    itself when it is dense, else the layout ``torch.empty_like(p)`` gives (a meta tensor, no
+    storage) -- the layout of the dense working copy a non-dense parameter is updated through,
+    and of the state created for it (``torch.zeros_like``)."""
+    return p if _is_dense(p) else torch.empty_like(p, device="meta")
+
+
+def _describe(t) -> str:
+    kind = "DTensor " if _is_dtensor(t) else ""
+    return f"{kind}shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
 class _LayerwiseOptimizer(torch.optim.Optimizer):
@@ -293,16 +368,20 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         self._flat_params: List[torch.Tensor] = []
         self._work: Optional[_WorkList] = None
         super().__init__(groups, defaults)
-        dev = self._device or torch.device("cpu")
-        K = self._num_layers
-        self._factors = torch.ones(K, dtype=torch.float32, device=dev)
-        self._rate_ref = rule.new_reference_state(K, torch.float32, dev)  # used by rate_normalize="running"
-        self._nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
-        self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
         self._source = None
         # state entries created on a step that may have been skipped (see _Unsettled)
         self._unsettled: Dict[torch.Tensor, _Unsettled] = {}
         self._zero_fresh = False
+        self._init_rate_state(self._device or torch.device("cpu"))
+
+    def _init_rate_state(self, dev: torch.device) -> None:
+        """The rule's state on ``dev``: factors m = 1, counters 0, rates = the base rates."""
+        K = self._num_layers
+        self._device = dev
+        self._factors = torch.ones(K, dtype=torch.float32, device=dev)
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
+        self._rate_ref = rule.new_reference_state(K, torch.float32, dev)  # used by rate_normalize="running"
         lrs, lr_t = self._layer_base_lrs()
         if lr_t is not None:
             self._rates = lr_t.to(torch.float32).clone()
@@ -393,16 +472,24 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{name}: group {i} has no 'layer' key (j in 0..K-1, or None for the head)")
         layer = self._check_layer(i, param_group["layer"], self._num_layers)
         param_group["layer"] = layer  # a plain int (or None): checkpoints stay weights_only-loadable
+        ref = self._params_device()  # where the parameters are now (they may have moved since construction)
         super().add_param_group(param_group)
         self._version += 1
         group = self.param_groups[-1]
         for p in group["params"]:
-            if self._device is None:
-                self._device = p.device
-            elif p.device != self._device:
+            if ref is None:
+                ref = self._device = p.device
+            elif p.device != ref:
                 raise ValueError(
-                    f"{name}: group {i} has a parameter on {p.device} but others are on {self._device}; "
+                    f"{name}: group {i} has a parameter on {p.device} but others are on {ref}; "
                     "the fused step runs on one device"
+                )
+            if _is_dtensor(p) and self.sync is None and p.device_mesh.size() > 1:
+                raise ValueError(
+                    f"{name}: group {i} has a parameter sharded over {p.device_mesh.size()} ranks (a DTensor, e.g. "
+                    "from fully_shard) but sync=None: every rank computes the discrepancies of its own batch, so "
+                    "the shards of one layer would step with different rates. Pass sync='all_reduce' (D is "
+                    "averaged over the process group before the rule, so every rank applies the same rates)"
                 )
             if p.is_complex():
                 raise TypeError(f"{name}: group {i}: complex parameters are not supported")
@@ -434,8 +521,11 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         lrs = [default if x is None else x for x in first]
         if any(isinstance(x, torch.Tensor) for x in lrs):
             dev = self._device or torch.device("cpu")
-            vals = [x.detach().reshape(()).to(device=dev, dtype=torch.float64) if isinstance(x, torch.Tensor)
-                    else torch.full((), float(x), dtype=torch.float64, device=dev) for x in lrs]
+            # rates that all live in host memory stay there: every rule backend reads a CPU
+            # base-rate tensor on the host, so no blocking host-to-device copy happens per step
+            if all(x.device.type == "cpu" for x in lrs if isinstance(x, torch.Tensor)):
+                dev = torch.device("cpu")
+            vals = [_scalar_on(x, dev) for x in lrs]
             return [], torch.stack(vals) if vals else torch.empty(0, dtype=torch.float64, device=dev)
         lrs_f = [float(x) for x in lrs]
         if all(x == lrs_f[0] for x in lrs_f):
@@ -474,7 +564,7 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in self._flat_params]
         present = [g is not None for g in grads]
         work = self._work
-        if work is None or work.present != present:
+        if work is None or work.present != present or not work.same_params():
             work = self._gather(self._flat, grads)
             work.present = present
             self._work = work
@@ -482,9 +572,13 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         return work, list(itertools.compress(grads, present))
 
     def _sync_discrepancies(self, d: torch.Tensor, found_inf: Optional[torch.Tensor] = None):
-        """All-reduce ``d`` (mean over the group) and, when given, the skip flag (nonzero on
-        every rank as soon as it is nonzero on one: after a gradient all-reduce a non-finite
-        loss on one rank reaches every rank's gradients).  One collective; returns both."""
+        """All-reduce ``d`` (mean over the group) and the skip flag (nonzero on every rank as
+        soon as it is nonzero on one: after a gradient all-reduce a non-finite loss on one rank
+        reaches every rank's gradients).  ONE collective of K + 1 values on every rank, whether
+        or not this rank has a flag (a rank without one contributes 0), so ranks that differ in
+        passing ``found_inf`` still run the same collective and skip together.  Returns the
+        averaged D and the reduced flag (the number of ranks that skip; None only in a world of
+        one without a flag)."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -496,12 +590,9 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         if world == 1:
             return d, found_inf
         dt = torch.float64 if d.dtype == torch.float64 else torch.float32
-        if found_inf is None:
-            d = d.to(dt, copy=True)
-            dist.all_reduce(d, op=dist.ReduceOp.SUM, group=self.process_group)
-            return d.div_(world), None
-        # the number of ranks that skip, summed alongside D
-        buf = torch.cat([d.to(dt), (found_inf != 0).to(dt).reshape(1)])
+        flag = (torch.zeros(1, dtype=dt, device=d.device) if found_inf is None
+                else (found_inf != 0).to(dt).reshape(1))
+        buf = torch.cat([d.to(dt), flag])
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_group)
         return buf[:-1].div_(world), buf[-1].to(torch.float32)
 
@@ -530,35 +621,42 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         as if ``step()`` had not been called -- and :attr:`skipped_steps` counts it; no host
         synchronisation either way.  ``closure`` (optional) is re-evaluated with gradients
         enabled first, as in torch.optim, and its loss is returned (the source is read after
-        it).  ``step(closure)`` with a callable as the only argument is ``step(closure=closure)``."""
+        it).  ``step(closure)`` with a callable as the only argument is ``step(closure=closure)``.
+
+        A step whose every base rate ``group["lr"]`` is 0 needs no discrepancies (that is how
+        ``torch.distributed.checkpoint.state_dict`` creates an optimizer's state): without them
+        the rule is not applied and only the state is created, as by ``torch.optim``."""
         name = f"{self._name}.step"
         if closure is None and callable(discrepancies) and not isinstance(discrepancies, torch.Tensor):
             discrepancies, closure = None, discrepancies
         src = self._source
-        if discrepancies is None and src is None:
-            raise RuntimeError(f"{name}: no discrepancies given and no source attached; call "
-                               "opt.step(discrepancies) with the (K,) tensor, or opt.attach(distiller) once")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if discrepancies is None:
+        if discrepancies is None and src is not None:
             discrepancies = src.latest_discrepancies
-            if discrepancies is None:
-                raise RuntimeError(f"{name}: the attached source ({type(src).__name__}) has latest_discrepancies=None; "
-                                   "run its forward pass before the step")
+        if discrepancies is None and not self._all_base_rates_zero():
+            if src is None:
+                raise RuntimeError(f"{name}: no discrepancies given and no source attached; call "
+                                   "opt.step(discrepancies) with the (K,) tensor, or opt.attach(distiller) once")
+            raise RuntimeError(f"{name}: the attached source ({type(src).__name__}) has latest_discrepancies=None; "
+                               "run its forward pass before the step")
         if found_inf is None and src is not None:
             found_inf = getattr(src, "found_inf", None)
         with torch.no_grad():
+            self._follow_params()
             dev = self._factors.device
-            d = rule.check_discrepancies(name, discrepancies, self._num_layers, dev)
+            d = None if discrepancies is None else rule.check_discrepancies(name, discrepancies, self._num_layers,
+                                                                            dev)
             fi = rule.check_found_inf(name, found_inf, dev)
-            if self.sync == "all_reduce":
+            if self.sync == "all_reduce" and d is not None:
                 d, fi = self._sync_discrepancies(d, fi)
             skip = None if fi is None else fi != 0
             if self._unsettled:
                 self._settle()
-            self._update_rates(d, fi, skip)
+            if d is not None:
+                self._update_rates(d, fi, skip)
             group_layer, group_lr, group_lr_tensor, hyper = [], [], [], []
             for group in self.param_groups:
                 group_layer.append(-1 if group["layer"] is None else int(group["layer"]))
@@ -573,19 +671,111 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
             self._zero_fresh = fi is not None
             work, grads = self._work_list()
             if work.params:
+                params, grads, copies = work.kernel_inputs(grads)
                 backend = ops.select_backend(OP, dev)
                 groups_args = (group_layer, group_lr, group_lr_tensor, hyper)
                 if self._unsettled and self._algorithm == "sgd" and work.s1:
-                    self._split_step(backend, work, grads, groups_args, fi, skip)
+                    self._split_step(backend, work, params, grads, groups_args, fi, skip)
                 else:
-                    _run_step(backend, self._algorithm, work.params, grads, work.s1, work.s2, work.s3, work.steps,
+                    _run_step(backend, self._algorithm, params, grads, work.s1, work.s2, work.s3, work.steps,
                               self._factors, work.tgroup, work.fresh, *groups_args, *([fi] if fi is not None else []))
+                for param, dense in copies:  # copy-out of the non-dense parameters' working copies
+                    param.copy_(dense)
             created = work.commit(self.state)
             if skip is not None:
                 self._skipped.add_(skip)
             if self._unsettled or (created and skip is not None):
                 self._track(work, created, skip)
         return loss
+
+    def _all_base_rates_zero(self) -> bool:
+        """Whether every group's base rate is 0 (a tensor rate is read only from host memory)."""
+        for g in self.param_groups:
+            lr = g["lr"]
+            if isinstance(lr, torch.Tensor):
+                if lr.device.type != "cpu" or lr.numel() != 1 or lr.detach().reshape(()).item() != 0.0:
+                    return False
+            elif lr != 0:
+                return False
+        return True
+
+    # ---- placement: the rate state follows the parameters ----------------------------------------
+    def _params_device(self) -> Optional[torch.device]:
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        return None if first is None else first.device
+
+    def _follow_params(self) -> None:
+        """Move the rate state (factors, rates, counters) to the parameters' device when they
+        moved after construction (``model.cuda()`` after building the optimizer, as RepDistiller
+        does).  A copy of K + 3 numbers, queued without waiting (non-blocking) when it goes to
+        an accelerator; per-parameter state follows when its parameter is next stepped."""
+        dev = self._params_device()
+        if dev is None or dev == self._factors.device:
+            return
+        if self._factors.device.type == "meta":  # built on a meta model: there are no values to keep
+            self._unsettled = {}
+            self._init_rate_state(dev)
+        else:
+            if self._unsettled:
+                self._settle(block=True)  # (their flags live on the old device)
+            for attr in ("_factors", "_nonfinite", "_skipped", "_rates", "_rate_ref"):
+                setattr(self, attr, getattr(self, attr).to(dev, non_blocking=True))
+            self._placeholder = torch.empty(0, dtype=torch.float32, device=dev)
+            self._device = dev
+        self._version += 1
+
+    # ---- every state tensor against its parameter ------------------------------------------------
+    def _param_name(self, gi: int, p: torch.Tensor) -> str:
+        k = next((i for i, q in enumerate(self.param_groups[gi]["params"]) if q is p), "?")
+        return f"param_groups[{gi}]['params'][{k}] ({_describe(p)})"
+
+    def _check_grad(self, op: str, gi: int, p: torch.Tensor, g: torch.Tensor) -> None:
+        if g.is_sparse:
+            raise RuntimeError(f"{op}: {self._param_name(gi, p)} has a sparse gradient; the fused step needs dense "
+                               "gradients")
+        if _is_dtensor(p) != _is_dtensor(g) or (_is_dtensor(p) and (g.placements != p.placements
+                                                                     or g.device_mesh != p.device_mesh)):
+            what = f"placements {g.placements}" if _is_dtensor(g) else "a plain tensor"
+            raise ValueError(f"{op}: the gradient of {self._param_name(gi, p)} is {what} but the parameter is "
+                             f"{'sharded as ' + str(p.placements) if _is_dtensor(p) else 'a plain tensor'}; the "
+                             "fused step updates each rank's local shard and needs the gradient laid out like "
+                             "its parameter")
+
+    def _placed_state(self, op: str, gi: int, p: torch.Tensor, key: str, v) -> torch.Tensor:
+        """``state[p][key]`` checked against its parameter -- shape, dtype, DTensor placements --
+        and returned on the parameter's device in the kernels' memory layout (moved or re-laid
+        out when the parameter moved or changed layout).  A mismatch raises naming the
+        parameter, the key and both shapes: such state was not made for this parameter."""
+        lp = _local(p)
+        if key == "step":
+            if not isinstance(v, torch.Tensor) or v.numel() != 1 or _is_dtensor(v):
+                got = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"{op}: state['step'] of {self._param_name(gi, p)} must be a one-element tensor "
+                                 f"(the parameter's step count), got {got}")
+            if v.dtype != torch.float32 or v.device != lp.device or v.dim() != 0:
+                v = v.detach().to(device=lp.device, dtype=torch.float32).reshape(())
+            return v
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{op}: state[{key!r}] of {self._param_name(gi, p)} is a {type(v).__name__}, "
+                            "expected a tensor like the parameter")
+        fits = _is_dtensor(v) == _is_dtensor(p) and v.shape == p.shape and v.dtype == p.dtype
+        if fits and _is_dtensor(p):
+            fits = v.placements == p.placements and v.device_mesh == p.device_mesh and _local(v).shape == lp.shape
+        if not fits:
+            raise ValueError(
+                f"{op}: state[{key!r}] of {self._param_name(gi, p)} has {_describe(v)}"
+                f"{' placements ' + str(v.placements) if _is_dtensor(v) else ''} but the parameter has shape "
+                f"{tuple(p.shape)}, dtype {p.dtype}{' placements ' + str(p.placements) if _is_dtensor(p) else ''}: "
+                "this state was not made for this parameter (an optimizer checkpoint of another model, or a "
+                "parameter resized or re-typed after the optimizer stepped)")
+        lv = _local(v)
+        if lv.device == lp.device and _is_dense(lv) and _same_layout(lv, _work_layout(lp)):
+            return v
+        if _is_dtensor(p):
+            raise ValueError(f"{op}: state[{key!r}] of {self._param_name(gi, p)}: its local shard (strides "
+                             f"{lv.stride()}, {lv.device}) is not laid out like the parameter's (strides "
+                             f"{lp.stride()}, {lp.device})")
+        return torch.empty_like(p).copy_(v, non_blocking=True)
 
     # ---- state created on a step that may have been skipped --------------------------------------
     # The device decides whether a step with `found_inf` ran; the host, which must not wait for
@@ -630,7 +820,7 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         unsettled = self._unsettled
         if unsettled:
             sgd = self._algorithm == "sgd"
-            for i, p in enumerate(work.params):
+            for i, p in enumerate(work.owners):
                 u = unsettled.get(p)
                 if u is None or (sgd and (not work.s1 or work.s1[i] is self._placeholder)):
                     continue  # (an SGD tensor whose group has no momentum now leaves its buffer alone)
@@ -647,13 +837,13 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         if unsettled and _EAGER_HOST_READ:
             self._settle()
 
-    def _split_step(self, backend, work: "_WorkList", grads, groups_args, fi, skip) -> None:
+    def _split_step(self, backend, work: "_WorkList", params, grads, groups_args, fi, skip) -> None:
         """SGD step while some momentum buffers are unsettled: those tensors run in two calls,
         as fresh (``buf = g``) and as continuing, and the device skips the wrong one."""
         rest: List[int] = []
         cohorts: Dict[int, Tuple[_Unsettled, List[int]]] = {}
         fresh_set = set(work.fresh)
-        for i, p in enumerate(work.params):
+        for i, p in enumerate(work.owners):
             u = self._unsettled.get(p)
             if u is None or i in fresh_set or work.s1[i] is self._placeholder:
                 rest.append(i)
@@ -662,7 +852,7 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
 
         def call(idx, fresh, flag):
             pos = {i: k for k, i in enumerate(idx)}
-            _run_step(backend, "sgd", [work.params[i] for i in idx], [grads[i] for i in idx],
+            _run_step(backend, "sgd", [params[i] for i in idx], [grads[i] for i in idx],
                       [work.s1[i] for i in idx], [], [], [], self._factors, [work.tgroup[i] for i in idx],
                       [pos[i] for i in fresh], *groups_args, *([flag] if flag is not None else []))
 
@@ -697,79 +887,128 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """torch.optim's state dict plus ``"layerwise"``: factors, rates, the non-finite and
         skipped-step counters and the rule's hyper-parameters (references to the live tensors,
-        as torch does).  If state was created on steps whose skip flag the host has not seen
-        yet, this waits for the flag once (so the dict holds no never-initialised entries)."""
+        as torch does).  The same record is also ``param_groups[0]["layerwise"]``, because
+        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` keeps only
+        ``state`` and ``param_groups``.  If state was created on steps whose skip flag the host
+        has not seen yet, this waits for the flag once (so the dict holds no never-initialised
+        entries)."""
         if self._unsettled:
             self._settle(block=True)
         sd = super().state_dict()
-        sd["layerwise"] = self._layerwise_state()
+        record = self._layerwise_state()
+        sd["layerwise"] = record
+        if sd["param_groups"]:
+            sd["param_groups"][0]["layerwise"] = record
         return sd
 
+    _STATE_KEYS: Tuple[str, ...] = ()  # the per-parameter state keys the step uses
+
+    @staticmethod
+    def _find_layerwise(op: str, state_dict) -> Dict[str, Any]:
+        lw = state_dict.get("layerwise") if isinstance(state_dict, dict) else None
+        if lw is None and isinstance(state_dict, dict):
+            groups = state_dict.get("param_groups") or []
+            lw = next((g["layerwise"] for g in groups if isinstance(g, dict) and "layerwise" in g), None)
+        if not isinstance(lw, dict):
+            raise ValueError(f"{op}: the state dict has no 'layerwise' entry (it was not saved by a LayerwiseSGD / "
+                             "LayerwiseAdamW)")
+        return lw
+
+    def _check_loaded_shapes(self, op: str, sd: Dict[str, Any]) -> None:
+        """Before anything is loaded: every state tensor has its parameter's shape (torch.optim
+        would load another model's state whenever the group sizes agree)."""
+        saved = sd.get("param_groups") or []
+        if len(saved) != len(self.param_groups):
+            return  # torch's load_state_dict raises for this
+        ids = itertools.chain.from_iterable(g.get("params", ()) for g in saved)
+        mine = ((gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"])
+        where = dict(zip(ids, mine))
+        for k, st in (sd.get("state") or {}).items():
+            if k not in where or not isinstance(st, dict):
+                continue
+            gi, p = where[k]
+            for key, v in st.items():
+                if key not in self._STATE_KEYS or v is None:
+                    continue
+                if key == "step":
+                    ok = isinstance(v, numbers.Number) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+                else:
+                    ok = isinstance(v, torch.Tensor) and v.shape == p.shape
+                if not ok:
+                    got = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                    raise ValueError(
+                        f"{op}: state[{key!r}] of {self._param_name(gi, p)} in the checkpoint has {got} but the "
+                        f"parameter has shape {tuple(p.shape)}: the checkpoint was saved for another model (or "
+                        "with other parameter groups)")
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`.  State tensors are copied (the optimizer never shares
-        storage with the dict it loaded from) and AdamW step counts are placed on the device."""
+        """Load a :meth:`state_dict` (also one that went through torch.distributed.checkpoint,
+        which carries the layer-wise record in ``param_groups[0]``).  Every state tensor is
+        checked against its parameter first (shape; then dtype, placements) and placed like
+        torch.optim places it -- on the parameter's device, floating state in its dtype -- and
+        in the kernels' memory layout; the rate state goes to the parameters' device.  State
+        tensors are copied (the optimizer never shares storage with the dict it loaded from).
+        ``sync`` and ``process_group`` stay as constructed: they describe this run, not the
+        checkpoint."""
         name = self._name
-        if not isinstance(state_dict, dict) or "layerwise" not in state_dict:
-            raise ValueError(f"{name}.load_state_dict: the state dict has no 'layerwise' entry "
-                             "(it was not saved by a LayerwiseSGD / LayerwiseAdamW)")
-        lw = state_dict["layerwise"]
+        op = f"{name}.load_state_dict"
+        lw = self._find_layerwise(op, state_dict)
         if lw.get("algorithm", self._algorithm) != self._algorithm:
-            raise ValueError(f"{name}.load_state_dict: the state dict was saved by a {lw.get('algorithm')!r} "
-                             f"optimizer, this one is {self._algorithm!r}")
+            raise ValueError(f"{op}: the state dict was saved by a {lw.get('algorithm')!r} optimizer, this one is "
+                             f"{self._algorithm!r}")
         K = int(lw["num_layers"])
         if K != self._num_layers:
-            raise ValueError(f"{name}.load_state_dict: the state dict has num_layers={K} but this optimizer "
-                             f"has {self._num_layers}")
+            raise ValueError(f"{op}: the state dict has num_layers={K} but this optimizer has {self._num_layers}")
         for key in ("factors", "rates"):
             if tuple(lw[key].shape) != (K,):
-                raise ValueError(f"{name}.load_state_dict: layerwise[{key!r}] has shape {tuple(lw[key].shape)}, "
-                                 f"expected ({K},)")
+                raise ValueError(f"{op}: layerwise[{key!r}] has shape {tuple(lw[key].shape)}, expected ({K},)")
         # (checkpoints written before rate_normalize existed used the rule "none")
         normalize = lw.get("rate_normalize", "none")
         ref_momentum = float(lw.get("rate_ref_momentum", rule.DEFAULT_REF_MOMENTUM))
-        rule.check_rule_options(f"{name}.load_state_dict", self.rate_momentum, self.gamma, self.s_min, self.s_max,
+        rule.check_rule_options(op, self.rate_momentum, self.gamma, self.s_min, self.s_max,
                                 self.rate_eps, rate_normalize=normalize, ref_momentum=ref_momentum,
                                 ref_momentum_name="rate_ref_momentum")
         reference = lw.get("rate_reference")
         if reference is not None and tuple(reference.shape) != (2, K):
-            raise ValueError(f"{name}.load_state_dict: layerwise['rate_reference'] has shape "
-                             f"{tuple(reference.shape)}, expected (2, {K})")
-        sd = dict(state_dict)
-        del sd["layerwise"]
+            raise ValueError(f"{op}: layerwise['rate_reference'] has shape {tuple(reference.shape)}, expected (2, {K})")
+        sd = {k: v for k, v in state_dict.items() if k != "layerwise"}
+        sd["param_groups"] = [{k: v for k, v in g.items() if k != "layerwise"} for g in state_dict["param_groups"]]
+        self._check_loaded_shapes(op, sd)
         source_ids = {id(v) for s in state_dict["state"].values() for v in s.values() if isinstance(v, torch.Tensor)}
         super().load_state_dict(sd)
         for i, g in enumerate(self.param_groups):
             self._check_layer(i, g.get("layer", "missing"), K)
-        for p, s in self.state.items():
-            for key, v in list(s.items()):
-                if not isinstance(v, torch.Tensor):
-                    continue
-                if key == "step":
-                    s[key] = v.detach().to(device=p.device, dtype=torch.float32, copy=True).reshape(())
-                elif id(v) in source_ids:
-                    s[key] = v.clone()
+        for gi, g in enumerate(self.param_groups):
+            for p in g["params"]:
+                st = self.state.get(p)
+                for key, v in list(st.items()) if st else ():
+                    if key in self._STATE_KEYS and v is not None:
+                        v = st[key] = self._placed_state(op, gi, p, key, v)
+                    if isinstance(v, torch.Tensor) and id(v) in source_ids:
+                        st[key] = v.clone()
         self._version += 1
-        dev = self._factors.device
-        self._factors.copy_(lw["factors"].to(dev))
-        self._rates.copy_(lw["rates"].to(dev))
+        dev = self._params_device() or self._factors.device
+        if dev != self._factors.device:
+            self._init_rate_state(dev)
+        self._factors.copy_(lw["factors"])
+        self._rates.copy_(lw["rates"])
         if reference is None:
             self._rate_ref.zero_()
         else:
-            self._rate_ref.copy_(reference.to(dev))
+            self._rate_ref.copy_(reference)
         self.rate_normalize, self.rate_ref_momentum = normalize, ref_momentum
-        self._nonfinite.copy_(lw["nonfinite_steps"].to(dev).reshape(()))
+        self._nonfinite.copy_(lw["nonfinite_steps"].reshape(()))
         skipped = lw.get("skipped_steps")  # (absent from checkpoints written before it existed)
         if skipped is None:
             self._skipped.zero_()
         else:
-            self._skipped.copy_(skipped.to(dev).reshape(()))
+            self._skipped.copy_(skipped.reshape(()))
         self._unsettled = {}
         self.rate_momentum = float(lw["rate_momentum"])
         self.gamma = float(lw["gamma"])
         self.s_min = float(lw["s_min"])
         self.s_max = float(lw["s_max"])
         self.rate_eps = float(lw.get("rate_eps", self.rate_eps))
-        self.sync = lw.get("sync", self.sync)
 
     # copy.deepcopy / pickle keep the layer-wise attributes too
     _EXTRA = ("_num_layers", "_device", "rate_momentum", "gamma", "s_min", "s_max", "rate_eps", "sync",
@@ -802,6 +1041,19 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
                 f"s_max={self.s_max}, rate_normalize={self.rate_normalize!r}, sync={self.sync!r})")
 
 
+def _scalar_on(x, device: torch.device) -> torch.Tensor:
+    """A base rate (float or 0-dim tensor) as a 0-dim float64 tensor on ``device``; a CPU tensor
+    goes to an accelerator through pinned memory, without blocking the host."""
+    if not isinstance(x, torch.Tensor):
+        return torch.full((), float(x), dtype=torch.float64, device=device)
+    x = x.detach().reshape(()).to(torch.float64)
+    if x.device == device:
+        return x
+    if x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 _EAGER_HOST_READ = True  # learn skip flags on the host as soon as that costs no wait (tests turn it off)
 
 
@@ -822,10 +1074,12 @@ class _Unsettled:
             self._np = np.zeros((), dtype=np.bool_)
             torch.from_numpy(self._np).copy_(flag)
         elif flag.device.type == "cuda":
+            # the copy runs on the current stream of the flag's device, which need not be the
+            # current device: the event is recorded on that same stream
             self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
             self._host.copy_(flag, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(flag.device))
 
     def value(self, block: bool = False) -> Optional[bool]:
         """True / False once known; None while the device has not got there (``block``: wait)."""
@@ -843,17 +1097,59 @@ class _WorkList:
     """The tensors one fused step updates (those with a gradient), their state tensors and
     their group indices, as handed to the step op; plus what to record in ``opt.state`` once
     the step has run (SGD momentum buffers created by this step) and which parameters' state
-    this work list created (``created``)."""
+    this work list created (``created``).
 
-    __slots__ = ("params", "grads", "s1", "s2", "s3", "steps", "tgroup", "fresh", "pending", "present",
-                 "created")
+    ``owners`` are the parameters themselves, ``params`` what the kernels update: the same
+    tensor, or -- resolved again at every step (:meth:`kernel_inputs`) for the indices in
+    ``special`` -- a DTensor's local shard, or a dense working copy of a non-dense parameter
+    (copied in before the call and out after it).  ``shapes`` / ``dtypes`` are the owners'
+    at build time: :meth:`same_params` tells a parameter resized or re-typed since."""
 
-    def __init__(self, params, grads, s1, s2, s3, steps, tgroup, fresh=(), pending=(), created=()):
-        self.params, self.grads, self.s1, self.s2, self.s3 = params, grads, s1, s2, s3
+    __slots__ = ("owners", "params", "grads", "s1", "s2", "s3", "steps", "tgroup", "fresh", "pending", "present",
+                 "created", "special", "shapes", "dtypes", "plain", "ptrs", "special_ptrs")
+
+    def __init__(self, owners, params, grads, s1, s2, s3, steps, tgroup, fresh=(), pending=(), created=()):
+        self.owners, self.params, self.grads, self.s1, self.s2, self.s3 = owners, params, grads, s1, s2, s3
         self.steps, self.tgroup = steps, tgroup
         self.fresh, self.pending = list(fresh), list(pending)
         self.created = list(created) + [p for p, _ in self.pending]
         self.present: Optional[List[bool]] = None
+        self.special = [i for i, p in enumerate(owners) if _is_dtensor(p) or not _is_dense(p)]
+        special = set(self.special)
+        self.plain = [p for i, p in enumerate(owners) if i not in special]
+        self.shapes = [p.shape for p in owners]
+        self.dtypes = [p.dtype for p in owners]
+        self.ptrs = [p.data_ptr() for p in self.plain]
+        self.special_ptrs = self._special_ptrs()
+
+    def _special_ptrs(self) -> List[int]:
+        return [_local(self.owners[i]).data_ptr() for i in self.special]
+
+    def same_params(self) -> bool:
+        """No parameter was replaced under the optimizer since the list was built (``p.data =
+        ...``, ``model.to(...)``): same shapes and dtypes, same storage addresses (a new
+        storage is what a change of device, dtype or memory layout makes)."""
+        owners = self.owners
+        return ([p.shape for p in owners] == self.shapes and [p.data_ptr() for p in self.plain] == self.ptrs
+                and [p.dtype for p in owners] == self.dtypes
+                and (not self.special or self._special_ptrs() == self.special_ptrs))
+
+    def kernel_inputs(self, grads):
+        """``(params, grads, copies)`` for this step's kernel call; ``copies`` pairs each
+        non-dense parameter with the dense working copy to copy back after the call."""
+        if not self.special:
+            return self.params, grads, ()
+        params, grads, copies = list(self.params), list(grads), []
+        for i in self.special:
+            p = _local(self.owners[i])
+            grads[i] = _local(grads[i])
+            if not _is_dense(p):
+                dense = torch.empty_like(p)  # the layout of the state created for p (zeros_like)
+                dense.copy_(p)
+                copies.append((p, dense))
+                p = dense
+            params[i] = p
+        return params, grads, copies
 
     def commit(self, state) -> List[torch.Tensor]:
         """Record the step's new state; returns the parameters whose state it created."""
@@ -887,6 +1183,7 @@ class LayerwiseSGD(_LayerwiseOptimizer):
 
     _algorithm = "sgd"
     _name = "LayerwiseSGD"
+    _STATE_KEYS = ("momentum_buffer",)
 
     def __init__(self, groups, lr: Union[float, torch.Tensor], momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
@@ -923,15 +1220,15 @@ class LayerwiseSGD(_LayerwiseOptimizer):
         return group["momentum"] != 0
 
     def _gather(self, flat, grads) -> _WorkList:
-        params, gs, bufs, tgroup, fresh, pending = [], [], [], [], [], []
+        op = f"{self._name}.step"
+        owners, params, gs, bufs, tgroup, fresh, pending = [], [], [], [], [], [], []
         any_mom = False
         state = self.state
         groups = self.param_groups
         for (p, gi), g in zip(flat, grads):
             if g is None:
                 continue
-            if g.is_sparse:
-                raise RuntimeError(f"{self._name}: sparse gradients are not supported")
+            self._check_grad(op, gi, p, g)
             if groups[gi]["momentum"] != 0:
                 any_mom = True
                 st = state.get(p)  # (a plain lookup: does not create an entry)
@@ -942,14 +1239,17 @@ class LayerwiseSGD(_LayerwiseOptimizer):
                     buf = new(p, memory_format=torch.preserve_format)
                     fresh.append(len(params))
                     pending.append((p, buf))
-                bufs.append(buf)
+                else:
+                    buf = st["momentum_buffer"] = self._placed_state(op, gi, p, "momentum_buffer", buf)
+                bufs.append(_local(buf))
             else:
                 bufs.append(self._placeholder)
-            params.append(p)
-            gs.append(g)
+            owners.append(p)
+            params.append(_local(p))
+            gs.append(_local(g))
             tgroup.append(gi)
         # buffers enter the state only once the step has run (see _WorkList.commit)
-        return _WorkList(params, gs, bufs if any_mom else [], [], [], [], tgroup, fresh, pending)
+        return _WorkList(owners, params, gs, bufs if any_mom else [], [], [], [], tgroup, fresh, pending)
 
 
 class LayerwiseAdamW(_LayerwiseOptimizer):
@@ -963,6 +1263,7 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
 
     _algorithm = "adamw"
     _name = "LayerwiseAdamW"
+    _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, groups, lr: Union[float, torch.Tensor], betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False,
@@ -998,33 +1299,45 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
         return bool(group["amsgrad"])
 
     def _gather(self, flat, grads) -> _WorkList:
-        params, gs, ms, vs, ws, steps, tgroup, created = [], [], [], [], [], [], [], []
+        op = f"{self._name}.step"
+        owners, params, gs, ms, vs, ws, steps, tgroup, created = [], [], [], [], [], [], [], [], []
         any_ams = False
         state = self.state
         groups = self.param_groups
         for (p, gi), g in zip(flat, grads):
             if g is None:
                 continue
-            if g.is_sparse:
-                raise RuntimeError(f"{self._name}: sparse gradients are not supported")
+            self._check_grad(op, gi, p, g)
             ams = bool(groups[gi]["amsgrad"])
             any_ams |= ams
             s = state[p]
             if len(s) == 0:  # lazy initialisation, exactly torch's initial state
-                s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                s["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
                 s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 created.append(p)
+            else:
+                self._check_adamw_state(op, gi, p, s)
             if ams and "max_exp_avg_sq" not in s:
                 s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            gs.append(g)
-            ms.append(s["exp_avg"])
-            vs.append(s["exp_avg_sq"])
-            ws.append(s["max_exp_avg_sq"] if ams else self._placeholder)
+            owners.append(p)
+            params.append(_local(p))
+            gs.append(_local(g))
+            ms.append(_local(s["exp_avg"]))
+            vs.append(_local(s["exp_avg_sq"]))
+            ws.append(_local(s["max_exp_avg_sq"]) if ams else self._placeholder)
             steps.append(s["step"])
             tgroup.append(gi)
-        return _WorkList(params, gs, ms, vs, ws if any_ams else [], steps, tgroup, created=created)
+        return _WorkList(owners, params, gs, ms, vs, ws if any_ams else [], steps, tgroup, created=created)
+
+    def _check_adamw_state(self, op: str, gi: int, p: torch.Tensor, s: Dict[str, Any]) -> None:
+        missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in s]
+        if missing:
+            raise ValueError(f"{op}: the state of {self._param_name(gi, p)} has {sorted(s)} but lacks "
+                             f"{', '.join(map(repr, missing))}; AdamW state holds step, exp_avg and exp_avg_sq")
+        for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in s:
+                s[key] = self._placed_state(op, gi, p, key, s[key])
 
 
 # ------------------------------------------------------------------------------------------------

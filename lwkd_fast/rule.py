@@ -123,7 +123,7 @@ def reference_rates(
     state.copy_(torch.where(keep, m, momentum * m + (1.0 - momentum) * s))
     mq = state.detach().to(torch.float64)  # the rounded factors, as the kernels use them
     if base_lr_tensor is not None:
-        lr = base_lr_tensor.detach().to(device=mq.device, dtype=torch.float64).reshape(-1)
+        lr = base_lr_tensor.detach().to(device=mq.device, dtype=torch.float64, non_blocking=True).reshape(-1)
         eta = mq * (lr if lr.numel() == K else lr[0])
     elif len(base_lr) == 1:
         eta = mq * float(base_lr[0])
@@ -137,12 +137,14 @@ def reference_rates(
     return eta.to(state.dtype).contiguous()
 
 
-if ops._C is not None:
-
-    @torch.library.register_fake("lwkd::layerwise_rates")
+def _register_fake(ns: str) -> None:
+    @torch.library.register_fake(f"{ns}::layerwise_rates")
     def _rates_fake(discrepancies, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min,
                     s_max, eps, found_inf=None, ref_state=None, ref_momentum=DEFAULT_REF_MOMENTUM):
         return torch.empty_like(state, memory_format=torch.contiguous_format)
+
+
+ops.on_native_namespace(_register_fake)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,8 +252,8 @@ def _backend_call(backend: str, d, state, nonfinite, base_lr: List[float], base_
         args = args + (found_inf,)
     if ref_state is not None:
         args = args + (ref_state, float(ref_momentum))
-    if backend == "native":
-        return torch.ops.lwkd.layerwise_rates(*args)
+    if backend in ops.NATIVE_NAMESPACES:
+        return ops.native_ops(backend).layerwise_rates(*args)
     if backend == "triton":
         return importlib.import_module("lwkd_fast.triton.optim").layerwise_rates(*args)
     return reference_rates(*args)

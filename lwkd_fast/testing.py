@@ -40,11 +40,13 @@ class Verdict:
 
 
 def compare(actual: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype,
-            eager: Optional[torch.Tensor] = None) -> Verdict:
+            eager: Optional[torch.Tensor] = None, *, row_ulps: float = 0.0) -> Verdict:
     """Hold ``actual`` (computed from ``dtype`` inputs) against the float64 reference ``ref64``.
 
     For float16/bfloat16 ``eager`` must be the same quantity computed by plain eager torch in
     that dtype.  Non-finite values must match exactly in position (NaN where the reference is NaN).
+    ``row_ulps`` (float32/float64 only) adds ``row_ulps * eps(dtype) * max |ref|`` per sample (the
+    first dimension) to the allowance: SPEC section 6's known float32 limit of the JSD gradient.
     """
     a = actual.detach().to(torch.float64).cpu()
     r = ref64.detach().to(torch.float64).cpu()
@@ -55,6 +57,10 @@ def compare(actual: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype,
         return Verdict(False, float("inf"), 0.0, "non-finite values differ from the reference")
     if not torch.equal(a[torch.isinf(r)], r[torch.isinf(r)]):
         return Verdict(False, float("inf"), 0.0, "infinite values differ from the reference")
+    floor = None
+    if row_ulps and r.dim() > 0 and r.numel() > 0:
+        rows = torch.where(fin, r, torch.zeros_like(r)).abs().reshape(r.shape[0], -1).amax(dim=1)
+        floor = (row_ulps * torch.finfo(dtype).eps * rows).reshape((-1,) + (1,) * (r.dim() - 1)).expand_as(r)[fin]
     a, r = a[fin], r[fin]
     if a.numel() == 0:
         return Verdict(True, 0.0, 0.0, "empty")
@@ -63,9 +69,10 @@ def compare(actual: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype,
     tol = tolerances(dtype)
     if tol is not None:
         rtol, atol = tol
-        allowed = atol + rtol * r.abs()
+        allowed = atol + rtol * r.abs() + (floor if floor is not None else 0.0)
         ok = bool((err <= allowed).all())
-        return Verdict(ok, max_err, float(allowed.max()), f"rtol {rtol:g}, atol {atol:g}")
+        rule = f"rtol {rtol:g}, atol {atol:g}" + (f", {row_ulps:g} ulp of the sample's max" if floor is not None else "")
+        return Verdict(ok, max_err, float(allowed.max()), rule)
     if eager is None:
         raise ValueError(f"compare: dtype {dtype} needs the eager result in that dtype")
     e = eager.detach().to(torch.float64).cpu()[fin]

@@ -674,3 +674,288 @@ def test_check_cases_pass_and_only_for_reference():
         verdicts = case.run()
         assert verdicts and all(v.ok for v in verdicts.values()), (case.label, case.dtype, verdicts)
     assert list(D.lwkd_checks("native", torch.device("cpu"))) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 12: no randomness, BatchNorm subclasses, dict inputs, masks, output taps, clear errors,
+# sketched token maps
+# ------------------------------------------------------------------------------------------------
+
+
+class _RandomDepth(nn.Module):
+    """Stochastic depth gated by its own training flag (timm DropPath style), and a residual
+    branch whose attention dropout is gated by the *parent's* flag (timm/HF fused attention)."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        if self.training:  # drop the branch per sample, and a functional dropout
+            keep = (torch.rand(x.shape[0], 1, dtype=x.dtype) > 0.5).to(x.dtype)
+            h = F.dropout(h, 0.5, training=True) * keep
+        return self.out(x + h)
+
+
+def test_every_train_only_random_part_is_off_and_restored():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(block=_RandomDepth(), act=nn.Tanh())).double().train()
+    x = torch.randn(4, 5, dtype=F64)
+    a = D.input_jacobians(model, x, ["block.lin", "block", "act"])
+    b = D.input_jacobians(model, x, ["block.lin", "block", "act"])
+    for s, t in zip(a, b):
+        assert torch.equal(s, t)
+    assert_maps_close(a, D.input_jacobians(copy.deepcopy(model).eval(), x, ["block.lin", "block", "act"]))
+    assert model.training and model.block.training and model.act.training
+
+
+class _BatchNormTanh(nn.BatchNorm2d):
+    """A BatchNorm subclass with a fused activation (timm's BatchNormAct2d pattern)."""
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+
+
+def test_batchnorm_subclass_keeps_its_own_forward():
+    torch.manual_seed(0)
+    plain = _randomize_bn(CNN().double()).train()
+    fused = copy.deepcopy(plain)
+    for name in ("bn1", "bn2"):
+        old = getattr(fused, name)
+        new = _BatchNormTanh(old.num_features).double()
+        new.load_state_dict(old.state_dict())
+        setattr(fused, name, new)
+    x = torch.randn(4, 2, 6, 5, dtype=F64)
+    # the reference: plain BatchNorm layers whose outputs a hook passes through tanh
+    hooks = [getattr(plain, n).register_forward_hook(lambda m, i, o: torch.tanh(o)) for n in ("bn1", "bn2")]
+    try:
+        for strategy in ("batched_backward", "vmap", "loop"):
+            ref = D.input_jacobians(plain, x, ["bn1", "conv2"], strategy=strategy)
+            got = D.input_jacobians(fused, x, ["bn1", "conv2"], strategy=strategy)
+            assert_maps_close(got, ref)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert fused.bn1.running_mean is not None and fused.bn1.num_batches_tracked.item() == 0
+
+
+class _KwargModel(nn.Module):
+    """Called with keyword arguments (Hugging Face style): features, a per-sample gate, a flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 6)
+        self.mix = nn.Linear(6, 6)
+
+    def forward(self, features=None, gate=None, scale=1.0):
+        h = torch.tanh(self.enc(features)) * gate[:, :, None]
+        return {"hidden": self.mix(h) * scale, "other": h}
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "hvp"])
+def test_dict_inputs_slice_every_batched_entry(kind):
+    torch.manual_seed(0)
+    model = _KwargModel().double()
+    g = torch.Generator().manual_seed(1)
+    x = {"features": torch.randn(3, 5, 4, generator=g, dtype=F64),
+         "gate": torch.rand(3, 5, generator=g, dtype=F64), "scale": 2.0}
+    extra = {"v": _v(x["features"]), "wrt": "features"} if kind == "hvp" else {"wrt": "features"}
+    ref = _maps(model, x, ["mix", "enc"], kind, channel_dim=[-1, -1], strategy="loop", **extra)
+    for strategy, chunk in (("batched_backward", None), ("batched_backward", 2), ("vmap", None)):
+        got = _maps(model, x, ["mix", "enc"], kind, channel_dim=-1, strategy=strategy, chunk_size=chunk, **extra)
+        assert all(m.shape == x["features"].shape for m in got)
+        assert_maps_close(got, ref)
+    # the oracle: plain autograd on one sample, with the gate sliced to it
+    b = 1
+
+    def f(z):
+        out = model.mix(torch.tanh(model.enc(z.unsqueeze(0))) * x["gate"][b:b + 1, :, None])
+        return out.pow(2).mean(-1).sum()
+
+    J = torch.autograd.functional.jacobian(f, x["features"][b])
+    if kind == "jacobian":
+        assert compare(ref[0][b], J, F64).ok
+    # the model's whole output is a dict: the first tensor ("hidden" = scale * mix) is the layer's
+    # activation (the static scale=2.0 reached the model: 4x the energy), ("", "other") another entry
+    whole = _maps(model, x, ["", ("", "other")], kind, channel_dim=-1, **extra)
+    assert_maps_close(whole[:1], [4 * ref[0]])
+    assert_maps_close(whole[1:], _maps(model, x, ["enc"], kind, channel_dim=-1, probe=lambda a, y: (
+        (torch.tanh(a) * x["gate"][:a.shape[0], :, None]).pow(2).mean(-1).sum(1)), **extra))
+
+
+def test_dict_input_errors():
+    model = _KwargModel().double()
+    x = {"features": torch.randn(2, 5, 4, dtype=F64), "gate": torch.rand(2, 5, dtype=F64)}
+    with pytest.raises(ValueError, match=r"x is a dict with 2 floating-point tensors .*pass wrt="):
+        D.input_jacobians(model, x, ["mix"])
+    with pytest.raises(ValueError, match=r"wrt='nope' is not an entry of x"):
+        D.input_jacobians(model, x, ["mix"], wrt="nope")
+    ids = {"input_ids": torch.ones(2, 5, dtype=torch.long)}
+    with pytest.raises(ValueError, match="for token ids use lwkd_fast.derivatives.sketched_derivative_maps"):
+        D.input_jacobians(model, ids, ["mix"])
+    with pytest.raises(ValueError, match=r"entry 'gate' differs|x\['gate'\]"):
+        D.derivative_maps(model, model, x, ["mix"], ["mix"], wrt="features",
+                          teacher_x={**x, "gate": x["gate"] + 1})
+
+
+def test_probe_masks_ignore_masked_locations():
+    model, x, y, layers, probe, cd = _case("transformer")
+    m = torch.ones(3, 4, dtype=torch.bool)
+    m[0, 2:] = False
+    m[2, 0] = False
+
+    # the oracle probes get the mask as their per-sample "labels" (sliced like labels)
+    def energy(a, mask):
+        return (a.pow(2).mean(-1) * mask.to(F64)).sum(1)
+
+    def top(a, mask):
+        return torch.where(mask, a.pow(2).mean(-1), torch.tensor(-1e30, dtype=F64)).amax(1)
+
+    layer = "enc.linear2"
+    for strategy in ("batched_backward", "loop"):
+        got = D.input_jacobians(model, x, [layer, layer], probe=["energy", "max"], channel_dim=-1, mask=m,
+                                strategy=strategy)
+        assert_maps_close(got[:1], D.input_jacobians(model, x, [layer], probe=energy, labels=m, strategy="loop"))
+        assert_maps_close(got[1:], D.input_jacobians(model, x, [layer], probe=top, labels=m, strategy="loop"))
+    plain = D.input_jacobians(model, x, [layer], channel_dim=-1)
+    assert not compare(plain[0], got[0], F64).ok
+    # a mask per layer (None: no mask), an all-masked sample gives a zero map
+    empty = m.clone()
+    empty[1] = False
+    got = D.input_jacobians(model, x, [layer, layer], channel_dim=-1, mask=[None, empty])
+    assert_maps_close(got[:1], plain)
+    assert torch.equal(got[1][1], torch.zeros_like(got[1][1]))
+    with pytest.raises(ValueError, match=r"the mask of layer 'enc.linear2' has 5 locations but its activation"):
+        D.input_jacobians(model, x, [layer], channel_dim=-1, mask=torch.ones(3, 5, dtype=torch.bool))
+
+
+def test_output_index_taps_a_tuple_element():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(6, 2, batch_first=True).double().eval()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x):
+            out, weights = self.attn(x, x, x, need_weights=True, average_attn_weights=False)
+            return out
+
+    net = Net()
+    x = torch.randn(2, 4, 6, dtype=F64)
+    got = D.input_jacobians(net, x, [("attn", 1)], channel_dim=1)  # (B, heads, T, T) probabilities
+
+    def probs_energy(a, labels):
+        return a.pow(2).mean(1).flatten(1).sum(1)
+
+    ref = D.input_jacobians(net, x, ("attn", 1), probe=probs_energy, strategy="loop")
+    assert_maps_close(got, ref)
+    assert D.tap_name("attn", 1) == "attn[1]"
+
+
+def test_hardsigmoid_second_derivative_error_names_module_and_fix():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(conv=nn.Conv2d(2, 3, 3), gate=nn.Hardsigmoid(), out=nn.Conv2d(3, 2, 1))).double()
+    x = torch.randn(2, 2, 5, 5, dtype=F64)
+    D.input_jacobians(model, x, ["out"])  # first derivatives exist
+    with pytest.raises(D.NotDifferentiableError, match=r"input_hvps: torch has no derivative of "
+                                                       r"aten::hardsigmoid_backward .* used by 'gate' \(Hardsigmoid\)"
+                                                       r" of Sequential.*replace_hardsigmoid\(model\)"):
+        D.input_hvps(model, x, ["out"])
+    # a Jacobian loss would fail only in the caller's backward: found up front instead (a
+    # RuntimeError, as what torch raises)
+    with pytest.raises(RuntimeError, match=r"input_jacobians: .* used by 'gate' \(Hardsigmoid\).*create_graph=True"):
+        D.input_jacobians(model, x, ["out"], create_graph=True)
+    D.input_jacobians(model, x, ["conv"], create_graph=True)  # upstream of the Hardsigmoid: fine
+    ref = D.input_jacobians(model, x, ["out"])
+    fixed = D.replace_hardsigmoid(copy.deepcopy(model))
+    assert isinstance(fixed.gate, D.Relu6Hardsigmoid)
+    assert torch.equal(fixed(x), model(x))
+    # torch's hardsigmoid backward multiplies by a float32 1/6 (relative error 3e-8) even in float64
+    torch.testing.assert_close(D.input_jacobians(fixed, x, ["out"])[0], ref[0], rtol=1e-7, atol=1e-12)
+    H = D.input_hvps(fixed, x, ["out"], v=_v(x))
+    assert all(torch.isfinite(h).all() for h in H)
+
+
+class _TinyLM(nn.Module):
+    """Token embedding, learned positions, a causal token mix and a head; accepts input_ids or
+    inputs_embeds (the Hugging Face convention)."""
+
+    def __init__(self, vocab=13, d=6, T=5):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(T, d) * 0.3)
+        self.block = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None):
+        h = self.emb(input_ids) if inputs_embeds is None else inputs_embeds
+        h = torch.tanh(self.block(h + self.pos[:h.shape[1]]))
+        h = torch.cumsum(h, 1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[:, None]
+        if attention_mask is not None:
+            h = h * attention_mask[..., None].to(h.dtype)
+        return self.head(torch.sin(h))
+
+
+class _OneHot(nn.Module):
+    """The LM as a function of one-hot tokens (B, T, V): the exact map the sketch projects."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, onehot=None, attention_mask=None):
+        return self.lm(inputs_embeds=onehot @ self.lm.emb.weight, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "hvp"])
+def test_sketched_maps_equal_projected_one_hot_maps(kind):
+    torch.manual_seed(0)
+    student, teacher = _TinyLM(d=4).double(), _TinyLM(d=7).double()
+    ids = torch.randint(0, 13, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    r = 8
+    s_maps, t_maps = D.sketched_derivative_maps(
+        student, teacher, inputs, ["block", "head"], ["block", "head"], kind=kind, rank=r,
+        generator=torch.Generator().manual_seed(3), channel_dim=-1, mask=[mask, None])
+    assert all(m.shape == (2, 5, r) for m in s_maps + t_maps)
+    # the same draws, dense: R (V, r), z (B, T, r)
+    g = torch.Generator().manual_seed(3)
+    bucket, sign = D.count_sketch(13, r, generator=g)
+    R = torch.zeros(13, r, dtype=F64)
+    R[torch.arange(13), bucket] = sign.double()
+    extra = {}
+    if kind == "hvp":
+        z = D.rademacher((2, 5, r), generator=g, dtype=F64)
+        extra = {"v": z @ R.t()}
+    for model, maps in ((student, s_maps), (teacher, t_maps)):
+        onehot = F.one_hot(ids, 13).double()
+        exact = _maps(_OneHot(model), {"onehot": onehot, "attention_mask": mask}, ["lm.block", "lm.head"], kind,
+                      channel_dim=-1, mask=[mask, None], strategy="loop", **extra)
+        assert_maps_close(maps, [e @ R for e in exact])
+
+
+def test_sketched_maps_train_the_student_embedding_and_errors():
+    torch.manual_seed(0)
+    student, teacher = _TinyLM(d=4).double(), _TinyLM(d=7).double()
+    inputs = {"input_ids": torch.randint(0, 13, (2, 5))}
+    s, t = D.sketched_derivative_maps(student, teacher, inputs, ["block"], ["block"], rank=4, create_graph=True,
+                                      channel_dim=-1)
+    assert s[0].requires_grad and not t[0].requires_grad
+    lw.map_discrepancy(s, t).sum().backward()
+    assert student.emb.weight.grad is not None and student.emb.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(ValueError, match="the vocabularies differ"):
+        D.sketched_derivative_maps(student, _TinyLM(vocab=11).double(), inputs, ["block"], ["block"])
+    with pytest.raises(ValueError, match=r"inputs\['input_ids'\] must be a \(B, T\) integer tensor"):
+        D.sketched_derivative_maps(student, teacher, {"input_ids": torch.ones(2, 5)}, ["block"], ["block"])
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        D.sketched_derivative_maps(student, teacher, inputs, ["block"], ["block"], rank=0)

@@ -244,3 +244,89 @@ def test_nonfinite_loss_skips_the_step_on_the_device(kind, bad_step):
     assert all(torch.isfinite(v).all() for st in opt.state.values() for v in st.values())
     assert any(not torch.equal(a, b.detach()) for a, b in zip(params, s.parameters()))  # it kept learning
     assert torch.isfinite(d(X, Y).loss)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 12: layouts, depth map, safe capture, taps, tasks (the model families: tests/test_models.py)
+# ------------------------------------------------------------------------------------------------
+
+from lwkd_fast.distill import Extent, OutputCapture, depth_map, detect_layout, layout_candidates  # noqa: E402
+
+
+def test_depth_map_pairs_distinct_blocks_of_the_deeper_stack():
+    assert depth_map(2, 4) == [(0, 1), (1, 3)]
+    assert depth_map(3, 4) == [(0, 0), (1, 2), (2, 3)]  # round((i+1)*4/3)-1 with halves up
+    assert depth_map(4, 2) == [(1, 0), (3, 1)]
+    assert depth_map(6, 12) == [(i, 2 * i + 1) for i in range(6)]
+
+
+def test_layout_detection():
+    img = Extent("grid", (32, 32))
+    assert detect_layout((2, 16, 8, 8), img).channel_dim == 1
+    assert detect_layout((2, 8, 8, 20), img).channel_dim == -1           # Swin, channels last
+    assert detect_layout((2, 17, 32), img).kind == "tokens"              # ViT tokens
+    assert detect_layout((2, 2, 17, 16), img) is None                    # attention internals
+    assert detect_layout((2, 64, 1, 1), img) is None                     # one location
+    assert len(layout_candidates((2, 8, 8, 8), img)) == 2                # C == H: ambiguous
+    assert detect_layout((2, 8, 8, 8), img) is None
+    assert detect_layout((2, 8, 8, 8), img, prefer=-1).channel_dim == -1
+    seq = Extent("sequence", (12,))
+    assert detect_layout((2, 12, 32), seq) == lw.distill.Layout(-1, "tokens", (12,))
+    assert detect_layout((2, 3, 12, 12), seq).kind == "token_pairs"
+    assert detect_layout((2, 13, 32), seq) is None
+    assert detect_layout((2, 5, 7), None, channel_dim=1).extent == (7,)
+
+
+def test_ambiguous_layout_follows_the_producing_module():
+    s, t = models(8, 8)  # 8 channels at 8x8: the ReLU and stage outputs are ambiguous by shape
+    pairs, _ = find_pairs(s, t, X[:2])
+    assert pairs[0] == ("stage1", "stage1")
+
+
+def test_capture_raises_on_an_unexpected_in_place_change():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.mutate = False
+
+        def forward(self, x):
+            h = self.lin(x)
+            if self.mutate:
+                h.mul_(2)
+            return h.sum(1)
+
+    net = Net()
+    cap = OutputCapture(net, [("lin", None)], "student")
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        _, (first,) = cap.run(lambda: net(x))
+        assert cap.copied[True] == set()
+        net.mutate = True
+        with pytest.raises(RuntimeError, match="pair 0: the output of student module 'lin' was modified in place"):
+            cap.run(lambda: net(x))
+        cap2 = OutputCapture(net, [("lin", None)], "student")
+        _, (got,) = cap2.run(lambda: net(x))  # learned on the first forward: copied
+    assert cap2.copied[True] == {0} and torch.equal(got, first)
+
+
+def test_explicit_tap_with_output_index_and_tasks():
+    class Pair(nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.body = DigitsCNN(w)
+
+        def forward(self, x):
+            return {"logits": self.body(x), "aux": self.body.stage1(x)}
+
+    s, t = Pair(4), Pair(8).eval()
+    d = LayerwiseDistiller(s, t, pairs=[(("", "aux"), ("", "aux"))], example_input=X[:2])
+    out = d(X, Y)
+    assert 'pair 0: student "[\'aux\']" (8x8) <-> teacher "[\'aux\']" (8x8)' in d.pairs_report
+    torch.testing.assert_close(out.ce, F.cross_entropy(s(X)["logits"], Y))
+    with pytest.raises(ValueError, match=r"task 'classification' needs \(B, C\) logits and \(B,\) targets"):
+        d(X, Y[:, None].expand(16, 3))
+    with pytest.raises(ValueError, match="unknown task 'lm'"):
+        LayerwiseDistiller(s, t, task="lm")
+    with pytest.raises(ValueError, match=r"pairs\[0\] student side must be a module name"):
+        LayerwiseDistiller(s, t, pairs=[(3, "body")])

@@ -1,15 +1,19 @@
 """Adapters for existing KD code (lwkd_fast.integrations).
 
-torchdistill: against the real package (its registries and a tiny DistillationBox); skipped when
-torchdistill is not importable.  mdistiller and RepDistiller: against their documented interfaces
-(mdistiller's Distiller / trainer loop, RepDistiller's criterion convention) with small
-mdistiller-style models.
+torchdistill: against the real package (its registries, a DistillationBox, and its example
+script's training flow on a YAML config); skipped when torchdistill is not importable.
+mdistiller and RepDistiller (not on the package index): against their documented interfaces and
+through minimal stand-ins of their entry points (tests/standins/, see its README), with each
+adapter's documented recipe taken verbatim from its docstring.
 """
 
 import copy
 import math
+import pathlib
+import runpy
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -215,7 +219,8 @@ def test_mdistiller_interface():
     assert [id(p) for p in d.get_learnable_parameters()] == [id(p) for p in s.parameters()]
     assert d.get_extra_parameters() == 0
     preds, losses = d(image=X, target=Y, epoch=1)  # the trainer's call
-    assert preds.shape == (16, 10) and set(losses) == {"loss_ce"}
+    assert preds.shape == (16, 10) and set(losses) == {"loss_ce", "loss_feat"}  # AT's loss by default
+    assert d.use == "rates+loss" and d.feat_weight == 1000.0 and d.p == 2.0 and d.ce_weight == 1.0
     d.eval()
     out = d(image=X)
     torch.testing.assert_close(out, s(X)[0])
@@ -295,7 +300,7 @@ def mdistiller_train_iter(distiller, optimizer, image, target, epoch=1):
 def test_mdistiller_trainer_loop_equals_explicit_steps(kind):
     s, t = md_models()
     s_ref = copy.deepcopy(s)
-    d = LWKD(s, t, use="rates+loss")
+    d = LWKD(s, t)
     d.train()
     opt = d.make_optimizer(kind, lr=0.05, example_input=X[:2], weight_decay=1e-4)
     assert [g["layer"] for g in opt.param_groups] == [0, 1, 2, None]
@@ -308,7 +313,7 @@ def test_mdistiller_trainer_loop_equals_explicit_steps(kind):
         with torch.no_grad():
             _, ft = t(X)
         D = lw.attention_discrepancy(fs["feats"][1:], ft["feats"][1:], resize="pool")
-        loss = F.cross_entropy(logits, Y) + D.sum()
+        loss = F.cross_entropy(logits, Y) + 1000.0 * D.sum()  # mdistiller AT's feature weight
         ref.zero_grad()
         loss.backward()
         ref.step(D.detach())
@@ -383,7 +388,8 @@ def test_torchdistill_mid_level_loss_from_the_registry_matches_atloss(td):
     term.backward()
     assert s.stage1[0].weight.grad is not None
 
-    rates_only = get_mid_level_loss({"key": "LayerwiseDiscrepancyLoss", "kwargs": {"pairs": PAIRS, "source": "t-mid2"}})
+    rates_only = get_mid_level_loss({"key": "LayerwiseDiscrepancyLoss",
+                                     "kwargs": {"pairs": PAIRS, "use": "rates", "source": "t-mid2"}})
     zero = rates_only(sd, tdd, Y)
     assert zero.item() == 0.0 and zero.requires_grad and rates_only.found_inf is None
     torch.testing.assert_close(rates_only.latest_discrepancies, per_pair.detach(), rtol=1e-5, atol=1e-7)
@@ -438,10 +444,10 @@ def test_torchdistill_optimizer_builder_from_the_registry(td):
 def test_torchdistill_optimizer_follows_the_latest_loss_of_its_source(td):
     """MultiStagesDistillationBox rebuilds the criterion per stage; an optimizer built in an
     earlier stage reads the loss that now carries the source name."""
-    first = td.LayerwiseDiscrepancyLoss(PAIRS, source="t-stage")
+    first = td.LayerwiseDiscrepancyLoss(PAIRS, use="rates", source="t-stage")
     proxy = td.NamedSource("t-stage")
     assert proxy.current() is first
-    second = td.LayerwiseDiscrepancyLoss(PAIRS, source="t-stage")
+    second = td.LayerwiseDiscrepancyLoss(PAIRS, use="rates", source="t-stage")
     _, sd, tdd = io_dicts(DigitsCNN(4), DigitsCNN(8).eval(), X[:4])
     second(sd, tdd)
     assert proxy.current() is second and proxy.latest_discrepancies is second.latest_discrepancies
@@ -522,3 +528,340 @@ def test_torchdistill_box_skips_a_nonfinite_step(td):
     box.post_forward_process(box.forward_process(X[8:], Y[8:], {}))  # keeps going
     assert all(torch.isfinite(p).all() for p in s.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(s.parameters(), before))
+
+
+# ------------------------------------------------------------------------------------------------
+# The documented recipes, verbatim, in each framework's own entry point
+# ------------------------------------------------------------------------------------------------
+
+HERE = pathlib.Path(__file__).resolve().parent
+README = (HERE.parent / "README.md").read_text()
+
+
+def literal_blocks(doc):
+    """The reST literal blocks of a docstring (the indented block after a line ending in
+    '::'), dedented: the recipe text exactly as a user copies it."""
+    lines, blocks, i = doc.splitlines(), [], 0
+    while i < len(lines):
+        if not lines[i].rstrip().endswith("::"):
+            i += 1
+            continue
+        base = len(lines[i]) - len(lines[i].lstrip())
+        j, block = i + 1, []
+        while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > base):
+            block.append(lines[j])
+            j += 1
+        blocks.append(textwrap.dedent("\n".join(block)).strip("\n"))
+        i = j
+    return blocks
+
+
+def recipe(module):
+    return literal_blocks(sys.modules[module].__doc__)
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """Put a stand-in framework (tests/standins/<name>) on sys.path; its modules (and the
+    mdistiller CFG it mutates) are dropped again afterwards."""
+    import lwkd_fast.integrations.mdistiller as md
+
+    roots = []
+
+    def use(name):
+        root = HERE / "standins" / name
+        monkeypatch.syspath_prepend(str(root))
+        roots.append(str(root))
+        return root
+
+    monkeypatch.setattr(md, "_TRAINER", None)
+    yield use
+    for key, mod in list(sys.modules.items()):
+        if any(str(getattr(mod, "__file__", "") or "").startswith(r) for r in roots):
+            del sys.modules[key]
+
+
+@pytest.mark.parametrize("module", ["lwkd_fast.integrations.mdistiller", "lwkd_fast.integrations.repdistiller",
+                                    "lwkd_fast.integrations.torchdistill"])
+def test_readme_gives_each_adapter_recipe_verbatim(module):
+    if module.endswith("torchdistill"):
+        pytest.importorskip("torchdistill", reason="torchdistill is not installed")
+    __import__(module)
+    blocks = recipe(module)
+    assert len(blocks) >= 2
+    for block in blocks:
+        assert block in README, f"{module}: README lacks the recipe block\n{block}"
+
+
+def test_mdistiller_recipe_runs_in_tools_train(standin, tmp_path, monkeypatch):
+    """tools/train.py --cfg <the docstring's config>: the registered trainer builds the layer-wise
+    optimizer from SOLVER, trains through mdistiller's loop and checkpoints it; LWKD's loss on a
+    batch is exactly AT's from the same merged config."""
+    pytest.importorskip("yacs", reason="yacs (mdistiller's config system) is not installed")
+    import lwkd_fast.integrations.mdistiller as md
+
+    root = standin("mdistiller_repo")
+    line, config = recipe("lwkd_fast.integrations.mdistiller")[:2]
+    assert line in (root / "tools" / "train.py").read_text().splitlines()
+    assert 'TYPE: "LWKD"' in config and 'TRAINER: "lwkd"' in config
+    (tmp_path / "lwkd.yaml").write_text(config)
+    monkeypatch.setattr(sys, "argv", ["tools/train.py", "--cfg", str(tmp_path / "lwkd.yaml"), "SOLVER.EPOCHS", "1",
+                                      "SOLVER.BATCH_SIZE", "4", "LOG.PREFIX", str(tmp_path)])
+    torch.manual_seed(0)
+    run = runpy.run_path(str(root / "tools" / "train.py"), run_name="__main__")
+    trainer, cfg = run["trainer"], run["cfg"]
+    opt = trainer.optimizer
+    assert isinstance(opt, lw.optim.LayerwiseSGD) and opt.source is trainer.distiller.module
+    assert [g["layer"] for g in opt.param_groups] == [0, 1, 2, None]
+    g0 = opt.param_groups[0]
+    assert (g0["lr"], g0["momentum"], g0["weight_decay"]) == (0.05, 0.9, 0.0005)
+    assert len(trainer.losses) == 3 and set(trainer.losses[0]) == {"loss_ce", "loss_feat"}
+    assert not torch.allclose(opt.factors, torch.ones(3))  # the rates moved
+    ck = torch.load(tmp_path / "cifar100_baselines" / "lwkd,res32x4,res8x4" / "latest", weights_only=True)
+    assert torch.equal(ck["optimizer"]["layerwise"]["factors"], opt.factors)
+
+    from mdistiller.dataset import get_dataset
+    from mdistiller.distillers import distiller_dict
+    from mdistiller.models import cifar_model_dict
+
+    image, target, _ = next(iter(get_dataset(cfg)[0]))
+    s, t = cifar_model_dict["resnet8x4"][0](), cifar_model_dict["resnet32x4"][0]()
+    _, at = distiller_dict["AT"](s, t, cfg).train()(image=image, target=target, epoch=1)
+    _, ours = distiller_dict["LWKD"](s, t, cfg).train()(image=image, target=target, epoch=1)
+    torch.testing.assert_close(ours["loss_ce"], at["loss_ce"], rtol=0, atol=0)
+    torch.testing.assert_close(ours["loss_feat"], at["loss_kd"], rtol=1e-5, atol=1e-7)
+    assert md.HAS_MDISTILLER in (False, True)  # (either base class: the interface is the same)
+
+
+def test_mdistiller_register_declares_the_config_node(standin):
+    pytest.importorskip("yacs", reason="yacs (mdistiller's config system) is not installed")
+    import lwkd_fast.integrations.mdistiller as md
+
+    standin("mdistiller_repo")
+    from mdistiller.engine.cfg import CFG
+
+    md.register()
+    md.register()  # idempotent
+    from mdistiller.distillers import distiller_dict
+    from mdistiller.engine import trainer_dict
+
+    assert distiller_dict["LWKD"] is md.LWKD and trainer_dict["lwkd"] is md.trainer_class()
+    assert set(CFG.LWKD) == set(md.CFG_DEFAULTS)
+    cfg = CFG.clone()
+    cfg.merge_from_other_cfg(type(CFG)({"LWKD": {"FEAT_INDICES": [2, 3], "P": 4.0, "GAMMA": 0.5}}))
+    s, t = md_models()
+    d = md.LWKD(s, t, cfg)
+    assert d.feat_indices == [2, 3] and d.p == 4.0 and d.feat_weight == 1000.0  # AT's weight kept
+    assert d.input_size == [2, 3, 32, 32]
+    frozen = CFG.clone()
+    del frozen["LWKD"]
+    frozen.freeze()
+    import mdistiller.engine.cfg as mcfg
+
+    saved = mcfg.CFG
+    mcfg.CFG = frozen
+    try:
+        with pytest.raises(RuntimeError, match="before cfg.merge_from_file"):
+            md.register()
+    finally:
+        mcfg.CFG = saved
+
+
+def test_repdistiller_recipe_runs_in_train_student(standin, monkeypatch):
+    """train_student.py --distill attention with the docstring's three edits: every recipe line
+    is in the script; the first loss equals the unedited script's (RepDistiller's Attention at
+    p = 2, same seed), and the layer-wise optimizer trained through helper/loops.py."""
+    root = standin("repdistiller_repo")
+    script = (root / "train_student.py").read_text()
+    stripped = {ln.strip() for ln in script.splitlines()}
+    for block in recipe("lwkd_fast.integrations.repdistiller"):
+        for ln in block.splitlines():
+            assert ln.strip() in stripped, f"recipe line not in train_student.py: {ln!r}"
+    import train_student
+
+    argv = ["--path_t", "./save/models/resnet32x4_vanilla/ckpt_epoch_240.pth", "--distill", "attention",
+            "--model_s", "resnet8x4", "-a", "0", "-b", "1000", "--epochs", "1", "--batch_size", "4"]
+    torch.manual_seed(0)
+    ours = train_student.main(argv)
+    monkeypatch.setattr(train_student, "LWKD", False)
+    torch.manual_seed(0)
+    upstream = train_student.main(argv)
+    opt = ours["optimizer"]
+    assert isinstance(opt, lw.optim.LayerwiseSGD) and isinstance(upstream["optimizer"], torch.optim.SGD)
+    assert [g["layer"] for g in opt.param_groups] == [0, 1, 2, None]
+    assert len(ours["losses"]) == 3
+    assert ours["losses"][0] == pytest.approx(upstream["losses"][0], rel=1e-5)
+    assert not torch.allclose(opt.factors, torch.ones(3))
+
+
+def test_repdistiller_feature_layers_and_the_power_convention(standin):
+    standin("repdistiller_repo")
+    from distiller_zoo import Attention
+    from models import model_dict
+
+    from lwkd_fast.integrations.repdistiller import feature_layers
+
+    net = model_dict["resnet8x4"]()
+    x = torch.randn(2, 3, 32, 32)
+    assert feature_layers(net, x) == ["layer1", "layer2", "layer3"]
+    assert feature_layers(net, x, [0]) == ["relu"]
+    # |A|^p (ours) and A.pow(p) (RepDistiller) agree for p = 2 and for non-negative features,
+    # and differ for odd p on signed (pre-activation) features
+    g = torch.Generator().manual_seed(0)
+    signed = [torch.randn(2, 4, 8, 8, generator=g)], [torch.randn(2, 6, 8, 8, generator=g)]
+    positive = [f.relu() for f in signed[0]], [f.relu() for f in signed[1]]
+    for p, (fs, ft), same in ((2, signed, True), (3, positive, True), (3, signed, False)):
+        ours, theirs = LayerwiseAttention(p)(fs, ft)[0], Attention(p)(fs, ft)[0]
+        assert torch.allclose(ours, theirs, rtol=1e-5) == same, p
+    want = Attention(3)([f.abs() for f in signed[0]], [f.abs() for f in signed[1]])[0]
+    torch.testing.assert_close(LayerwiseAttention(3)(*signed)[0], want, rtol=1e-5, atol=1e-7)
+
+
+class TinyTorchvisionNet(nn.Module):
+    """torchvision ResNet module names (conv1 ... layer1-4, fc) at a few channels."""
+
+    def __init__(self, w, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, w, 3, stride=4, padding=1)
+        self.layer1 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.ReLU())
+        self.layer4 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        x = self.layer4(self.layer3(self.layer2(self.layer1(F.relu(self.conv1(x))))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+TD_BASE = """\
+datasets:
+  &train lwkd/train: !import_call
+    key: 'torchvision.datasets.FakeData'
+    init:
+      kwargs:
+        size: 8
+        image_size: [3, 224, 224]
+        num_classes: 10
+        transform: !import_call
+          key: 'torchvision.transforms.ToTensor'
+          init:
+models:
+  teacher_model:
+    key: 'lwkd_tiny_teacher'
+    kwargs:
+      num_classes: 10
+    src_ckpt:
+  student_model:
+    key: 'lwkd_tiny_student'
+    kwargs:
+      num_classes: 10
+    src_ckpt:
+    dst_ckpt:
+train:
+  log_freq: 1000
+  num_epochs: 1
+  train_data_loader:
+    dataset_id: *train
+    sampler:
+      class_or_func: !import_get
+        key: 'torch.utils.data.SequentialSampler'
+      kwargs:
+    kwargs:
+      batch_size: 4
+      num_workers: 0
+      drop_last: False
+  teacher:
+    forward_proc: 'forward_batch_only'
+    forward_hook:
+      input: []
+      output: ['layer3', 'layer4']
+    requires_grad: False
+  student:
+    forward_proc: 'forward_batch_only'
+    forward_hook:
+      input: []
+      output: ['layer3', 'layer4']
+    requires_grad: True
+{optimizer}
+  scheduler:
+    key: 'MultiStepLR'
+    kwargs:
+      milestones: [5, 15]
+      gamma: 0.1
+{criterion}
+"""
+
+TD_SGD = """\
+optimizer:
+  key: 'SGD'
+  kwargs:
+    lr: 0.0001
+    momentum: 0.9
+    weight_decay: 0.0001"""
+
+
+def td_example_run(config_path):
+    """torchdistill's examples/torchvision/image_classification.py, its main(), train() and
+    train_one_epoch() on the CPU (no evaluation, no checkpoints): load the YAML with
+    torchdistill's loader, import the config's dependencies, build the models and the
+    DistillationBox, and run the epochs through forward_process / post_forward_process."""
+    from torchdistill.common import yaml_util
+    from torchdistill.common.main_util import import_dependencies
+    from torchdistill.core.distillation import get_distillation_box
+    from torchdistill.models.official import get_image_classification_model
+    from torchdistill.models.registry import get_model
+
+    config = yaml_util.load_yaml_file(str(config_path))
+    import_dependencies(config.get("dependencies", None))
+    device = torch.device("cpu")
+
+    def load_model(model_config):
+        model = get_image_classification_model(model_config, False)
+        if model is None:
+            model = get_model(model_config["key"], model_config.get("repo_or_dir", None), **model_config["kwargs"])
+        return model.to(device)
+
+    torch.manual_seed(0)
+    teacher = load_model(config["models"]["teacher_model"])
+    student = load_model(config["models"]["student_model"])
+    box = get_distillation_box(teacher, student, config["datasets"], config["train"], device, None, False, 1)
+    losses = []
+    for epoch in range(box.num_epochs):
+        box.pre_epoch_process(epoch=epoch)
+        for sample_batch, targets, supp_dict in box.train_data_loader:
+            sample_batch, targets = sample_batch.to(device), targets.to(device)
+            loss = box.forward_process(sample_batch, targets, supp_dict)
+            box.post_forward_process(loss=loss)
+            losses.append(loss.item())
+        box.post_epoch_process()
+    return box, losses
+
+
+def test_torchdistill_recipe_runs_in_the_example_script(td, tmp_path):
+    """torchdistill's AT sample config with the docstring's three changes, through the example
+    script's flow: the first loss is exactly the AT config's (ATLoss, mode 'code', weight 1000),
+    and the layer-wise optimizer trains; reverting the two criterion keys gives the AT config."""
+    from torchdistill.models.registry import MODEL_DICT, register_model
+
+    for name, w in (("lwkd_tiny_teacher", 8), ("lwkd_tiny_student", 4)):
+        if name not in MODEL_DICT:
+            register_model(key=name)(lambda num_classes, w=w: TinyTorchvisionNet(w, num_classes))
+    deps, optimizer, criterion = recipe("lwkd_fast.integrations.torchdistill")[:3]
+    assert "lwkd_fast.integrations.torchdistill" in deps and "key: 'LayerwiseSGD'" in optimizer
+    at_criterion = criterion.replace("'LayerwiseWeightedSumLoss'", "'WeightedSumLoss'").replace(
+        "'LayerwiseDiscrepancyLoss'", "'ATLoss'")
+    configs = {
+        "lwkd": deps + "\n" + TD_BASE.format(optimizer=textwrap.indent(optimizer, "  "),
+                                             criterion=textwrap.indent(criterion, "  ")),
+        "at": TD_BASE.format(optimizer=textwrap.indent(TD_SGD, "  "), criterion=textwrap.indent(at_criterion, "  ")),
+    }
+    out = {}
+    for name, text in configs.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+        out[name] = td_example_run(tmp_path / f"{name}.yaml")
+    (box, losses), (at_box, at_losses) = out["lwkd"], out["at"]
+    assert isinstance(box.optimizer, lw.optim.LayerwiseSGD) and type(at_box.optimizer) is torch.optim.SGD
+    assert [g["layer"] for g in box.optimizer.param_groups] == [0, 1, None]
+    assert len(losses) == 2 and losses[0] == pytest.approx(at_losses[0], rel=1e-6)
+    assert not torch.allclose(box.optimizer.factors, torch.ones(2))

@@ -579,14 +579,13 @@ def test_errors_name_the_problem():
 
 @requires_native
 def test_native_op_errors():
-    p = torch.zeros(4, 6)[:, ::2].detach().requires_grad_(True)  # not dense
-    p.grad = torch.ones(4, 3)
-    opt = LayerwiseSGD([{"params": [p], "layer": 0}], lr=0.1)
-    with lw.use_backend("native"), pytest.raises(RuntimeError, match=r"params\[0\] .* is not dense"):
-        opt.step(torch.ones(1))
     q = torch.zeros(3)
     hyper = [0.0, 0.9, 0.0, 0.0, 0.0, 0.0]
     step = torch.ops.lwkd.layerwise_step
+    sliced = torch.zeros(4, 6)[:, ::2]  # the op itself updates dense tensors (the optimizer copies in and out)
+    with pytest.raises(RuntimeError, match=r"params\[0\] .* is not dense"):
+        step("sgd", [sliced], [torch.ones(4, 3)], [], [], [], [], torch.ones(1), [0], [], [0], [0.1], [None],
+             [0.0] * 6)
     with pytest.raises(RuntimeError, match=r"grads\[0\] has dtype Double but params\[0\] has dtype Float"):
         step("sgd", [q], [torch.ones(3, dtype=torch.float64)], [torch.zeros(3)], [], [], [], torch.ones(1), [0], [],
              [0], [0.1], [None], hyper)
@@ -985,3 +984,283 @@ def test_all_reduce_sync_skips_on_every_rank(monkeypatch):
     assert calls == [(K + 1,)] * 3  # one collective per step
     assert int(opt.skipped_steps) == 1
     assert_runs_identical(ps, opt, ps_ref, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# State that does not belong to its parameter (issue 11 item 1)
+# ------------------------------------------------------------------------------------------------
+
+
+def _stepped(kind, ps, steps=2, **cfg):
+    cfg = cfg or (dict(lr=0.05, momentum=0.9) if kind == "sgd" else dict(lr=1e-2, amsgrad=True))
+    opt = make_ours(kind, ps, cfg, 1e-2)
+    _run_steps(opt, ps, make_grads(steps), make_ds(steps, nan_at=()), "reference", 0, steps)
+    return opt
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_checkpoint_of_another_model_is_refused_at_load(kind):
+    """Same group sizes, other shapes: torch.optim would load it; we name the parameter, the
+    state key and both shapes, and change nothing."""
+    ps = make_params()
+    sd = _stepped(kind, ps).state_dict()
+    other = make_params()
+    other[4] = torch.randn(16, 8, 5, 5, requires_grad=True)  # another model's layer-1 convolution
+    opt = make_ours(kind, other, dict(lr=0.05), 1e-2)
+    key = "momentum_buffer" if kind == "sgd" else "exp_avg"
+    with pytest.raises(ValueError, match=(rf"load_state_dict: state\['{key}'\] of param_groups\[2\]\['params'\]\[0\] "
+                                          r"\(shape \(16, 8, 5, 5\).* has shape \(16, 8, 3, 3\) but the parameter has "
+                                          r"shape \(16, 8, 5, 5\): the checkpoint was saved for another model")):
+        opt.load_state_dict(sd)
+    assert not opt.state and torch.equal(opt.factors, torch.ones(K))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("how", ["state of another model", "p.data resized", "p.data re-typed"])
+def test_state_that_does_not_fit_is_refused_at_the_step(backend, kind, how):
+    """State that bypassed load_state_dict (torch.optim's loader, direct assignment) or a
+    parameter changed under the optimizer: every backend refuses before any kernel runs (the
+    Triton kernels would read out of bounds), naming the parameter, the key and both shapes."""
+    ps = make_params()
+    opt = _stepped(kind, ps)
+    key = "momentum_buffer" if kind == "sgd" else "exp_avg"
+    if how == "state of another model":  # e.g. loaded with torch.optim.Optimizer.load_state_dict
+        sd = copy.deepcopy(opt.state_dict())
+        sd["state"][4][key] = torch.zeros(16, 8, 3, 5)  # (state index 4 is ps[4])
+        torch.optim.Optimizer.load_state_dict(opt, sd)
+        want = r"has shape \(16, 8, 3, 5\), dtype torch.float32.* but the parameter has shape \(16, 8, 3, 3\)"
+    elif how == "p.data resized":
+        ps[4].data = ps[4].data[:, :, :2]
+        want = r"has shape \(16, 8, 3, 3\), dtype torch.float32.* but the parameter has shape \(16, 8, 2, 3\)"
+    else:
+        ps[4].data = ps[4].data.double()
+        want = r"has shape \(16, 8, 3, 3\), dtype torch.float32.* but the parameter has shape \(16, 8, 3, 3\), dtype torch.float64"
+    before = [p.detach().clone() for p in ps]
+    row = make_grads(3)[2]
+    row[4] = None
+    set_grads(ps, row, torch.float32)
+    ps[4].grad = torch.ones_like(ps[4])
+    with lw.use_backend(backend), pytest.raises(
+            ValueError, match=rf"step: state\['{key}'\] of param_groups\[2\]\['params'\]\[0\] .*{want}"):
+        opt.step(make_ds(1, nan_at=())[0])
+    for a, b in zip(ps, before):
+        assert torch.equal(a.detach(), b.to(a.dtype)) if a.shape == b.shape else True
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_follows_a_layout_change_of_its_parameter(backend):
+    """model.to(memory_format=channels_last) after some steps: the state is re-laid out like
+    its parameter, and the run still equals torch.optim's."""
+    ps_a, ps_b = make_params(), make_params()
+    ours = make_ours("adamw", ps_a, dict(lr=1e-2), 1e-2)
+    ref = make_torch("adamw", ps_b, dict(lr=1e-2), 1e-2)
+    rule_ = RefRule()
+    grads, ds = make_grads(4, odd=False), make_ds(4, nan_at=())  # (same gradients present: the cached work list)
+    for s in range(4):
+        if s == 2:
+            for p in (ps_a[4], ps_b[4]):
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+        set_grads(ps_a, grads[s], torch.float32)
+        set_grads(ps_b, grads[s], torch.float32)
+        with lw.use_backend(backend):
+            ours.step(ds[s])
+        rule_.apply(ref, ds[s], 1e-2)
+        ref.step()
+    assert ours.state[ps_a[4]]["exp_avg"].stride() == ps_a[4].stride()
+    for a, b in zip(ps_a, ps_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_states_close(ours, ref, ps_a, ps_b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-dense parameters (issue 11 item 9)
+# ------------------------------------------------------------------------------------------------
+
+
+def _sliced_params(seed=0):
+    """Leaf views that are not dense, as torch.optim updates them in place: every other
+    column of a matrix, a strided slice of a 4-D weight, and a plain dense tensor beside them."""
+    g = torch.Generator().manual_seed(seed)
+    bases = [torch.randn(6, 10, generator=g), torch.randn(4, 3, 6, 6, generator=g)]
+    ps = [bases[0][:, ::2].detach().requires_grad_(True), bases[1][:, :, 1::2].detach().requires_grad_(True),
+          torch.randn(5, generator=g).requires_grad_(True)]
+    return bases, ps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,cfg", [("sgd", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+                                      ("adamw", dict(lr=1e-2, amsgrad=True))])
+def test_non_dense_parameters_update_like_torch_optim(backend, kind, cfg):
+    (base_a, _), ps_a = _sliced_params()
+    _, ps_b = _sliced_params()
+    untouched = base_a[:, 1::2].clone()
+    groups = lambda ps: [{"params": ps[:2], "layer": 0}, {"params": ps[2:], "layer": None}]  # noqa: E731
+    ours = (LayerwiseSGD if kind == "sgd" else LayerwiseAdamW)(groups(ps_a), **cfg)
+    ref = (torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(groups(ps_b), **cfg, foreach=False)
+    m = torch.ones(1)
+    g = torch.Generator().manual_seed(3)
+    for s in range(5):
+        for a, b in zip(ps_a, ps_b):
+            gr = torch.randn(a.shape, generator=g)
+            a.grad, b.grad = gr.clone(), gr.clone()
+        d = torch.rand(1, generator=g) + 0.1
+        with lw.use_backend(backend):
+            ours.step(d)
+        eta = rule.reference_rates(d, m, None, [cfg["lr"]], None, 0.9, 1.0, 0.1, 10.0, 1e-12)
+        ref.param_groups[0]["lr"] = float(eta[0])
+        ref.step()
+    assert not ps_a[0].is_contiguous() and ps_a[0].data_ptr() == base_a.data_ptr()  # still the same view
+    for a, b in zip(ps_a, ps_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(base_a[:, 1::2], untouched)  # the columns between the slices are untouched
+    assert_states_close(ours, ref, ps_a, ps_b)
+
+
+# ------------------------------------------------------------------------------------------------
+# The optimizer follows its parameters (issue 13 item 2)
+# ------------------------------------------------------------------------------------------------
+
+
+def _meta_then_cpu(kind, cfg):
+    """Build the model on meta, then the optimizer, then move the model (swap_tensors keeps the
+    Parameter objects, as model.cuda() keeps them): RepDistiller's order, device move simulated."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 5, 1), torch.nn.Flatten(),
+                                    torch.nn.Linear(5 * 4, 3))
+    groups = [{"params": model[0].parameters(), "layer": 0}, {"params": model[1].parameters(), "layer": 1},
+              {"params": model[3].parameters(), "layer": None}]
+    opt = (LayerwiseSGD if kind == "sgd" else LayerwiseAdamW)(groups, **cfg)
+    assert opt.factors.device.type == "meta"
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device="cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model, opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,cfg", [("sgd", dict(lr=0.05, momentum=0.9)), ("adamw", dict(lr=1e-2))])
+def test_optimizer_built_before_the_model_moves(backend, kind, cfg):
+    model, opt = _meta_then_cpu(kind, cfg)
+    ref_model = copy.deepcopy(model)
+    ref = (torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(
+        [{"params": ref_model[0].parameters()}, {"params": ref_model[1].parameters()},
+         {"params": ref_model[3].parameters()}], **cfg, foreach=False)
+    m = torch.ones(2)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    for s in range(3):
+        d = torch.tensor([0.2 + s, 0.7])
+        model(x).square().mean().backward()
+        with lw.use_backend(backend), NoHostSync():
+            opt.step(d)  # the rate state is created on the CPU here, without a host read
+        opt.zero_grad()
+        eta = rule.reference_rates(d, m, None, [cfg["lr"]], None, 0.9, 1.0, 0.1, 10.0, 1e-12)
+        for gi in range(2):
+            ref.param_groups[gi]["lr"] = float(eta[gi])
+        ref_model(x).square().mean().backward()
+        ref.step()
+        ref.zero_grad()
+    assert opt.factors.device.type == "cpu" and opt.rates.device.type == "cpu"
+    torch.testing.assert_close(opt.factors, m, rtol=0, atol=0)
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_load_state_dict_places_state_like_torch():
+    """A float32 checkpoint into a bfloat16 copy of the model: floating state in the parameter's
+    dtype (torch.optim's rule), step counts float32 on the parameter's device; and loading into
+    an optimizer built before its model moved puts the rate state where the parameters are."""
+    ps = make_params()
+    sd = _stepped("adamw", ps).state_dict()
+    ps16 = [p.detach().to(torch.bfloat16).requires_grad_(True) for p in ps]
+    opt16 = make_ours("adamw", ps16, dict(lr=1e-2, amsgrad=True), 1e-2)
+    opt16.load_state_dict(sd)
+    st = opt16.state[ps16[0]]
+    assert st["exp_avg"].dtype == torch.bfloat16 and st["step"].dtype == torch.float32
+    assert torch.equal(st["exp_avg"], sd["state"][0]["exp_avg"].to(torch.bfloat16))
+    model, opt = _meta_then_cpu("sgd", dict(lr=0.05, momentum=0.9))
+    src = copy.deepcopy(model)
+    src_opt = LayerwiseSGD([{"params": src[0].parameters(), "layer": 0}, {"params": src[1].parameters(), "layer": 1},
+                            {"params": src[3].parameters(), "layer": None}], lr=0.05, momentum=0.9)
+    src(torch.randn(2, 3, 4, 4)).sum().backward()
+    src_opt.step(torch.tensor([0.3, 1.2]))
+    opt.load_state_dict(src_opt.state_dict())
+    assert opt.factors.device.type == "cpu" and torch.equal(opt.factors, src_opt.factors)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.distributed.checkpoint conventions, sync collective shape
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_layerwise_record_travels_in_param_groups(kind):
+    """torch.distributed.checkpoint's state_dict helpers keep only state and param_groups (with
+    every group key): the record in param_groups[0] alone restores the rule state, and the
+    live groups do not keep it."""
+    ps = make_params()
+    opt = _stepped(kind, ps, steps=3)
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["layerwise"] is sd["layerwise"]
+    dcp_like = {"state": sd["state"], "param_groups": copy.deepcopy(sd["param_groups"])}
+    ps2 = make_params()
+    opt2 = make_ours(kind, ps2, dict(lr=0.05), 1e-2)
+    opt2.load_state_dict(dcp_like)
+    assert torch.equal(opt2.factors, opt.factors) and torch.equal(opt2.rates, opt.rates)
+    assert all("layerwise" not in g for g in opt2.param_groups)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_without_discrepancies_when_every_rate_is_zero(backend):
+    """What torch.distributed.checkpoint does to create a fresh optimizer's state: zero
+    gradients, every lr 0, step(closure=None).  The state appears, nothing else changes; with a
+    nonzero rate a missing D is still an error."""
+    ps = make_params()
+    before = [p.detach().clone() for p in ps]
+    opt = make_ours("adamw", ps, dict(lr=1e-2), 1e-2)
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    lrs = [g["lr"] for g in opt.param_groups]
+    with pytest.raises(RuntimeError, match="no discrepancies given and no source attached"):
+        opt.step()
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    with lw.use_backend(backend):
+        opt.step(closure=None)
+    assert len(opt.state) == len(ps) and all(int(opt.state[p]["step"]) == 1 for p in ps)
+    assert all(torch.equal(a.detach(), b) for a, b in zip(ps, before))
+    assert torch.equal(opt.factors, torch.ones(K)) and int(opt.nonfinite_steps) == 0
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+
+
+def test_all_reduce_carries_the_flag_slot_without_found_inf(monkeypatch):
+    """A rank that passes no found_inf still all-reduces K + 1 values, and skips when another
+    rank's flag arrives in the last slot (a mocked world of two; tests/test_distributed.py runs
+    the real two-rank case)."""
+    import torch.distributed as dist
+
+    calls = []
+
+    def all_reduce(t, op=None, group=None):
+        calls.append(tuple(t.shape))
+        t.add_(torch.tensor([0.2, 0.4, 0.6, 1.0]))  # the other rank skips
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    ps = make_params()
+    before = [p.detach().clone() for p in ps]
+    opt = make_ours("sgd", ps, dict(lr=0.05, momentum=0.9), 1e-2, sync="all_reduce")
+    set_grads(ps, make_grads(1)[0], torch.float32)
+    opt.step(torch.tensor([1.0, 0.8, 0.2]))
+    assert calls == [(K + 1,)] and int(opt.skipped_steps) == 1
+    assert all(torch.equal(a.detach(), b) for a, b in zip(ps, before))
+    assert not opt.state  # a skipped first step leaves no state behind

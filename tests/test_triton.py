@@ -5,7 +5,9 @@ TRITON_INTERPRET=1 before triton is imported); with a GPU they run the compiled 
 tensors.  Shapes are small because every interpreted program costs milliseconds.
 """
 
+import contextlib
 import os
+import re
 
 import pytest
 import torch
@@ -25,6 +27,8 @@ else:  # pragma: no cover - depends on the machine
                 allow_module_level=True)
 
 D = pytest.importorskip("lwkd_fast.triton.discrepancy")
+from lwkd_fast.triton import _common as C  # noqa: E402
+from lwkd_fast.triton import optim as O  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 ATT_CFGS = check.ATTENTION_CONFIGS + (dict(metric="at", p=1.0), dict(metric="jsd", p=3.0, normalize="softmax", tau=2.0))
@@ -295,10 +299,17 @@ def test_opcheck():
     s = [_rand(2, 3, 4, 5, seed=1).requires_grad_(), _rand(2, 4, 3, seed=2).requires_grad_()]
     t = [_rand(2, 2, 4, 5, seed=3), _rand(2, 5, 3, seed=4)]
     torch.library.opcheck(torch.ops.lwkd_triton.attention_discrepancy.default,
-                          (s, t, 1.5, "jsd", 0.4, "softmax", 0.8, 1e-12, 1))
-    d, ms, mt = torch.ops.lwkd_triton.attention_discrepancy(s, t, 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1)
+                          (s, t, 1.5, "jsd", 0.4, "softmax", 0.8, 1e-12, 1, [None, None]))
+    masks = [None, (torch.arange(6, device=DEVICE).reshape(2, 3) % 2 == 0)]
+    torch.library.opcheck(torch.ops.lwkd_triton.attention_discrepancy.default,
+                          (s, t, 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1, masks))
+    every = [torch.arange(40, device=DEVICE).reshape(2, 20) % 3 != 0, masks[1]]  # a list of tensors only
+    torch.library.opcheck(torch.ops.lwkd_triton.attention_discrepancy.default,
+                          (s, t, 1.0, "jsd", 0.5, "softmax", 1.0, 1e-12, 1, every))
+    d, ms, mt = torch.ops.lwkd_triton.attention_discrepancy(s, t, 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1, [None, None])
     torch.library.opcheck(torch.ops.lwkd_triton.attention_discrepancy_backward.default,
-                          (torch.ones_like(d), [x.detach() for x in s], ms, mt, 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1))
+                          (torch.ones_like(d), [x.detach() for x in s], ms, mt, 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1,
+                           [None, None]))
     assert not ms.requires_grad and not mt.requires_grad  # auxiliary outputs are not differentiable
     u = [_rand(2, 6, seed=5).requires_grad_(), _rand(2, 2, 3, seed=6).requires_grad_()]
     w = [_rand(2, 6, seed=7), _rand(2, 2, 3, seed=8)]
@@ -325,9 +336,12 @@ def test_compiles_fullgraph():
 
 
 def test_kernels_compile_for_gpu_targets():
-    """Every kernel variant the host code launches compiles to sm_80 and sm_90 cubins with Triton's
-    real compiler (the interpreter never runs it), and the tile kernels get 128-bit vector loads
-    (and the gradient kernels vector stores) for aligned inputs.  See tests/triton_aot_compile.py."""
+    """Every kernel the host code launches (discrepancy ops, rule, SGD/AdamW step), in every code
+    path the cases below reach, compiles to sm_80 and sm_90 cubins with Triton's real compiler
+    (the interpreter never runs it); the tile kernels get 128-bit vector loads (and the gradient
+    kernels vector stores) for aligned inputs, and the AdamW step's float32 square roots and
+    divisions are the correctly rounded ones.  See tests/triton_aot_compile.py; its variants are
+    compiled by two processes at once when the machine has two cores."""
     import json
     import subprocess
     import sys
@@ -336,11 +350,18 @@ def test_kernels_compile_for_gpu_targets():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.join(root, "tests", "triton_aot_compile.py"), "80", "90"],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    kernels = {name for name in dir(D) if name.endswith("_kernel") and name.startswith("_")}
+    n = 2 if (os.cpu_count() or 1) >= 2 else 1
+    script = os.path.join(root, "tests", "triton_aot_compile.py")
+    procs = [subprocess.Popen([sys.executable, script, "--shard", f"{i}/{n}", "80", "90"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(n)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    lines = [line for out, _ in outs for line in out.splitlines()]
+    rows = [json.loads(line) for line in lines if line.startswith("{")]
+    done = [line.split() for line in lines if line.startswith("DONE")]
+    assert len(done) == n and sum(int(d[1]) for d in done) == int(done[0][2])  # every selected variant ran
+    kernels = {name for mod in (D, O) for name in dir(mod) if name.endswith("_kernel") and name.startswith("_")}
     for arch in (80, 90):
         assert {r["kernel"] for r in rows if r["arch"] == arch} == kernels
     tile_kernels = {"_attn_maps_kernel", "_attn_grad_kernel", "_map_stats_kernel", "_map_terms_kernel",
@@ -351,6 +372,12 @@ def test_kernels_compile_for_gpu_targets():
     assert not scalar, f"aligned variants without vector loads: {scalar}"
     no_vst = [(r["arch"], r["kernel"]) for r in aligned if r["kernel"].endswith("grad_kernel") and not r["vector_stores"]]
     assert not no_vst, f"aligned gradient kernels without vector stores: {no_vst}"
+    adamw = [r for r in rows if r["kernel"] == "_step_kernel" and r["constexprs"]["ALGO"] == "1"
+             and r["constexprs"]["DT"] != "1"]  # float32 arithmetic: float32, bfloat16, float16 parameters
+    assert len(adamw) == 2 * 3
+    approx = [(r["arch"], r["constexprs"]["DT"]) for r in adamw
+              if r["approx_f32"] or not (r["ieee_sqrt_f32"] and r["ieee_div_f32"])]
+    assert not approx, f"AdamW variants with approximate float32 sqrt/div: {approx}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,3 +423,245 @@ def test_public_dispatch_uses_triton_when_forced():
     with lwkd_fast.use_backend("reference"):
         want = lwkd_fast.attention_discrepancy(s, t)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs the kernels cannot compute are refused by op, pair and shape (issue 10 item 3)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, channel_dim, what", [
+    ((2, 3, 0), 1, "no locations"), ((2, 3, 0, 7), 1, "no locations"), ((2, 0, 4, 4), 1, "no channels"),
+    ((2, 0), 1, "no channels"), ((2, 0, 6), -1, "no locations"), ((2, 5, 0), -1, "no channels")])
+def test_empty_feature_maps_are_refused(shape, channel_dim, what):
+    ok_s, ok_t = _rand(2, 3, 4, seed=1), _rand(2, 5, 4, seed=2)
+    if channel_dim == -1:
+        ok_s, ok_t = ok_s.transpose(1, 2), ok_t.transpose(1, 2)
+    bad = torch.zeros(shape, device=DEVICE)
+    msg = re.escape(f"pair 1: student tensor of shape {tuple(shape)} has {what}")
+    with pytest.raises(ValueError, match="lwkd_triton::attention_discrepancy: " + msg):
+        D.attention_discrepancy([ok_s, bad], [ok_t, bad.clone()], 2.0, "at", 0.5, "sum", 1.0, 1e-12, channel_dim)
+    msg = re.escape(f"pair 0: teacher tensor of shape {tuple(shape)} has {what}")
+    with pytest.raises(ValueError, match="attention_discrepancy: " + msg):
+        D.attention_discrepancy([ok_s], [bad], 2.0, "jsd", 0.5, "sum", 1.0, 1e-12, channel_dim)
+    maps = torch.zeros(2 * 12, device=DEVICE)
+    with pytest.raises(ValueError, match="lwkd_triton::attention_discrepancy_backward: pair 1: student tensor"):
+        torch.ops.lwkd_triton.attention_discrepancy_backward(torch.ones(2, 2, device=DEVICE), [ok_s, bad], maps, maps,
+                                                             2.0, "at", 0.5, "sum", 1.0, 1e-12, channel_dim,
+                                                             [None, None])
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (2, 3, 0), (2, 0, 5, 5)])
+def test_empty_derivative_maps_are_refused(shape):
+    u, w = _rand(2, 7, seed=1), _rand(2, 7, seed=2)
+    bad = torch.zeros(shape, device=DEVICE)
+    msg = re.escape(f"pair 1: student map of shape {tuple(shape)} has 0 elements per sample")
+    with pytest.raises(ValueError, match="lwkd_triton::map_discrepancy: " + msg):
+        D.map_discrepancy([u, bad], [w, bad.clone()], "cos", 0.5, 1e-12)
+    stats = torch.zeros(2 * 2 * 2, device=DEVICE)
+    with pytest.raises(ValueError, match="lwkd_triton::map_discrepancy_backward: " + msg):
+        torch.ops.lwkd_triton.map_discrepancy_backward(torch.ones(2, 2, device=DEVICE), [u, bad], [w, bad], stats,
+                                                       "jsd", 0.5, 1e-12)
+
+
+def test_backward_refuses_saved_tensors_that_do_not_fit():
+    s = [_rand(2, 3, 4, 5, seed=1)]
+    _, ms, mt = torch.ops.lwkd_triton.attention_discrepancy(s, [_rand(2, 2, 4, 5, seed=2)], 2.0, "at", 0.5, "sum",
+                                                             1.0, 1e-12, 1, [None])
+    g = torch.ones(1, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="maps_t must be a contiguous torch.float32 tensor of 40 elements"):
+        torch.ops.lwkd_triton.attention_discrepancy_backward(g, s, ms, mt[:20], 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1,
+                                                             [None])
+    u, w = [_rand(2, 6, seed=3)], [_rand(2, 6, seed=4)]
+    _, st = torch.ops.lwkd_triton.map_discrepancy(u, w, "cos", 0.5, 1e-12)
+    with pytest.raises(ValueError, match="rowstats has dtype torch.float64 but the maps accumulate in torch.float32"):
+        torch.ops.lwkd_triton.map_discrepancy_backward(g, u, w, st.double(), "cos", 0.5, 1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every launch runs under its tensors' device guard (Triton launches on the current device and
+# stream): recorded through the guard table and the launch entry point, on one device
+# ------------------------------------------------------------------------------------------------
+
+
+def _one_call_of_every_op():
+    """Attention and map ops forward and backward, the rule, an SGD and an AdamW step."""
+    s = [_rand(2, 3, 4, 5, seed=1).requires_grad_()]
+    d = D.attention_discrepancy(s, [_rand(2, 2, 4, 5, seed=2)], 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1)
+    torch.autograd.grad(d.sum(), s)
+    u = [_rand(2, 9, seed=3).requires_grad_()]
+    d = D.map_discrepancy(u, [_rand(2, 9, seed=4)], "cos", 0.5, 1e-12)
+    torch.autograd.grad(d.sum(), u)
+    m = torch.ones(2, device=DEVICE)
+    O.layerwise_rates(torch.rand(2, device=DEVICE), m, None, [0.1], None, 0.9, 1.0, 0.1, 10.0, 1e-12)
+    p, g = _rand(3, 4, seed=5), _rand(3, 4, seed=6)
+    O.layerwise_step(*_sgd_args([p], [g], [torch.zeros_like(p)], momentum=0.9))
+    O.layerwise_step(*_adamw_args([p], [g]))
+
+
+def test_every_launch_runs_under_the_device_guard(monkeypatch):
+    active, seen = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    kernel_type = type(D._attn_maps_kernel)  # JITFunction, or InterpretedFunction under the interpreter
+    orig = kernel_type.run
+
+    def run(self, *args, **kwargs):
+        seen.append((self.fn.__name__, tuple(active)))
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setitem(C.GUARDS, DEVICE, recording_guard)
+    monkeypatch.setattr(kernel_type, "run", run)
+    _one_call_of_every_op()
+    kernels = {n for mod in (D, O) for n in dir(mod) if n.startswith("_") and n.endswith("_kernel")}
+    assert {name for name, _ in seen} == kernels
+    here = torch.empty(0, device=DEVICE).device
+    assert all(guards == (here,) for _, guards in seen), seen
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_second_gpu_run_there():  # pragma: no cover - depends on the machine
+    dev = torch.device("cuda", 1)
+    s = [torch.randn(2, 3, 4, 5, dtype=torch.float64, device=dev)]
+    t = [torch.randn(2, 2, 4, 5, dtype=torch.float64, device=dev)]
+    with torch.cuda.device(0):
+        d = D.attention_discrepancy(s, t, 2.0, "jsd", 0.5, "sum", 1.0, 1e-12, 1)
+        p, g = torch.randn(5, 7, device=dev), torch.randn(5, 7, device=dev)
+        want = p.clone()
+        O.layerwise_step(*_sgd_args([p], [g], [], momentum=0.0, factors=torch.ones(1, device=dev)))
+    torch.testing.assert_close(d.cpu(), reference.attention_discrepancy([x.cpu() for x in s], [x.cpu() for x in t],
+                                                                        metric="jsd"))
+    torch.testing.assert_close(p.cpu(), (want - 0.1 * g).cpu())
+
+
+# ------------------------------------------------------------------------------------------------
+# The optimizer ops: native's argument contract, so that no state is read out of bounds or in the
+# wrong memory order (issue 10 item 3, issue 11 item 1)
+# ------------------------------------------------------------------------------------------------
+
+
+def _sgd_args(params, grads, bufs, momentum=0.9, factors=None, fresh=(), tgroup=None, layers=(0,)):
+    factors = torch.ones(1, device=DEVICE) if factors is None else factors
+    hyper = [0.0, momentum, 0.0, 0.0, 0.0, 0.0] * len(layers)
+    return ("sgd", params, grads, bufs, [], [], [], factors, tgroup or [0] * len(params), list(fresh), list(layers),
+            [0.1] * len(layers), [], hyper)
+
+
+def _adamw_args(params, grads, m=None, v=None, steps=None, amsgrad=False, lr_tensor=None, layers=(0,)):
+    m = [torch.zeros_like(p) for p in params] if m is None else m
+    v = [torch.zeros_like(p) for p in params] if v is None else v
+    w = [torch.zeros_like(p) for p in params] if amsgrad else []
+    steps = [torch.zeros((), device=DEVICE) for _ in params] if steps is None else steps
+    hyper = [0.01, 0.9, 0.999, 1e-8, 1.0 if amsgrad else 0.0, 0.0] * len(layers)
+    return ("adamw", params, grads, m, v, w, steps, torch.ones(1, device=DEVICE), [0] * len(params), [],
+            list(layers), [1e-3] * len(layers), [lr_tensor] if lr_tensor is not None else [], hyper)
+
+
+def test_step_refuses_state_in_another_layout():
+    """A channels_last parameter with contiguous state: the kernel would pair the parameter's
+    element i (memory order) with another logical element of the state.  Refused, as native does."""
+    p = _rand(2, 3, 4, 5, seed=1).to(memory_format=torch.channels_last)
+    g = torch.randn_like(p)
+    with pytest.raises(ValueError, match=re.escape("exp_avgs[0] (strides (60, 20, 5, 1)) must have the memory "
+                                                   "layout of params[0] (strides (60, 1, 15, 3))")):
+        O.layerwise_step(*_adamw_args([p], [g], m=[torch.zeros(p.shape, device=DEVICE)]))
+    with pytest.raises(ValueError, match=re.escape("momentum_buffers[0] (strides (60, 20, 5, 1)) must have")):
+        O.layerwise_step(*_sgd_args([p], [g], [torch.zeros(p.shape, device=DEVICE)]))
+
+
+def test_step_in_channels_last_matches_the_reference():
+    """Parameter and state channels_last, gradient contiguous (copied into the parameter's order)."""
+    from lwkd_fast.optim import reference_step
+
+    p = _rand(2, 3, 4, 5, seed=1).to(memory_format=torch.channels_last)
+    g = _rand(2, 3, 4, 5, seed=2)
+    ours = [p.clone(memory_format=torch.preserve_format)]
+    ref = [p.clone(memory_format=torch.preserve_format)]
+    m_o, m_r = [torch.zeros_like(p)], [torch.zeros_like(p)]
+    v_o, v_r = [torch.zeros_like(p)], [torch.zeros_like(p)]
+    st_o, st_r = [torch.zeros((), device=DEVICE)], [torch.zeros((), device=DEVICE)]
+    for _ in range(2):
+        O.layerwise_step(*_adamw_args(ours, [g], m_o, v_o, st_o))
+        reference_step(*_adamw_args(ref, [g], m_r, v_r, st_r))
+    for a, b in zip(ours + m_o + v_o + st_o, ref + m_r + v_r + st_r):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # SPEC section 5 (float32)
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("case", ["shape", "dtype", "numel", "step"])
+def test_step_refuses_state_of_another_parameter(case):
+    """A checkpoint of another model: state of another size or dtype would be read and written out
+    of bounds by raw address (SIGSEGV); refused with the state key, the index and both shapes."""
+    ps = [_rand(4, 5, seed=1), _rand(6, seed=2)]
+    gs = [torch.randn_like(p) for p in ps]
+    v = [torch.zeros_like(p) for p in ps]
+    steps = None
+    if case == "shape":
+        v[1] = torch.zeros(3, device=DEVICE)
+        msg = "exp_avg_sqs[1] has shape (3,) but params[1] has shape (6,)"
+    elif case == "dtype":
+        v[0] = v[0].double()
+        msg = "exp_avg_sqs[0] has dtype torch.float64 but params[0] has dtype torch.float32"
+    elif case == "numel":  # same element count, other shape
+        v[0] = torch.zeros(5, 4, device=DEVICE)
+        msg = "exp_avg_sqs[0] has shape (5, 4) but params[0] has shape (4, 5)"
+    else:
+        steps = [torch.zeros((), device=DEVICE), torch.zeros((), dtype=torch.float64, device=DEVICE)]
+        msg = "steps[1] must be a one-element float32 tensor"
+    before = [p.clone() for p in ps]
+    with pytest.raises(ValueError, match="lwkd_triton::layerwise_step: " + re.escape(msg)):
+        O.layerwise_step(*_adamw_args(ps, gs, v=v, steps=steps))
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))  # refused before anything ran
+
+
+def test_step_and_rule_refuse_indices_out_of_range():
+    p, g = _rand(4, seed=1), _rand(4, seed=2)
+    with pytest.raises(ValueError, match=re.escape("tensor_group[0] = 3 is not a group index (1 groups)")):
+        O.layerwise_step(*_sgd_args([p], [g], [torch.zeros_like(p)], tgroup=[3]))
+    with pytest.raises(ValueError, match="group 0 has layer 1 but the factor vector has K=1 entries"):
+        O.layerwise_step(*_sgd_args([p], [g], [torch.zeros_like(p)], layers=(1,)))
+    with pytest.raises(ValueError, match="fresh index 2 out of range for 1 params"):
+        O.layerwise_step(*_sgd_args([p], [g], [torch.zeros_like(p)], fresh=[2]))
+    with pytest.raises(ValueError, match="SGD with momentum needs one momentum buffer per parameter"):
+        O.layerwise_step(*_sgd_args([p], [g], []))
+    m = torch.ones(3, device=DEVICE)
+    with pytest.raises(ValueError, match=re.escape("layerwise_rates: state must have shape (2,)")):
+        O.layerwise_rates(torch.rand(2, device=DEVICE), m, None, [0.1], None, 0.9, 1.0, 0.1, 10.0, 1e-12)
+    with pytest.raises(ValueError, match="base_lr tensor has dtype torch.int64"):
+        O.layerwise_rates(torch.rand(3, device=DEVICE), m, None, [], torch.tensor(1, device=DEVICE), 0.9, 1.0, 0.1,
+                          10.0, 1e-12)
+    with pytest.raises(ValueError, match="found_inf has dtype torch.int32; expected float32"):
+        O.layerwise_rates(torch.rand(3, device=DEVICE), m, None, [0.1], None, 0.9, 1.0, 0.1, 10.0, 1e-12,
+                          torch.zeros((), dtype=torch.int32, device=DEVICE))
+
+
+def test_cpu_rate_tensor_beside_device_tensors_is_read_on_the_host():
+    """A CPU 0-dim (or (K,)) rate next to device tensors is read from host memory -- no copy to
+    the device, no synchronisation, as native does; a rate on the op's device is left to the
+    kernels; one on a third device is refused."""
+    from optim_helpers import NoHostSync
+
+    cuda = torch.device("cuda", 0)  # only compared with, never touched
+    ops_seen = []
+
+    class Record(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops_seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    lr32, per_layer = torch.tensor(0.3), torch.arange(6, dtype=torch.float64)[::2]
+    with NoHostSync(), Record():
+        got32 = O._host_values(lr32, cuda, "layerwise_step", "lr")
+        got64 = O._host_values(per_layer, cuda, "layerwise_rates", "base_lr")
+    assert got32 == [float(torch.tensor(0.3))] and got64 == [0.0, 2.0, 4.0]
+    assert not [n for n in ops_seen if "copy" in n], ops_seen
+    assert O._host_values(lr32, torch.device("cpu"), "layerwise_step", "lr") is None
+    with pytest.raises(ValueError, match="lwkd_triton::layerwise_step: lr is on meta but the op runs on cuda:0"):
+        O._host_values(torch.empty((), device="meta"), cuda, "layerwise_step", "lr")

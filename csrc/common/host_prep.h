@@ -2,11 +2,13 @@
 // (host code only: it uses ATen).
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -52,9 +54,32 @@ inline int64_t wrap_dim(int64_t d, int64_t ndim) {
   return d < 0 ? d + ndim : d;
 }
 
+// Every tensor of a pair needs a non-empty extent (SPEC section 6): at least one channel and one
+// location for the attention ops (`channel_dim` given), at least one element per sample for the
+// map ops.  An empty extent would be a 0/0 in the metric and a division by zero in the work
+// tables of the GPU kernels.  Call after B > 0 is known.
+inline void check_extent(const at::Tensor& x, const char* op, size_t k, const char* who,
+                         std::optional<int64_t> channel_dim) {
+  if (!channel_dim.has_value()) {
+    TORCH_CHECK(x.numel() > 0, "lwkd::", op, ": pair ", k, ": ", who, " tensor has shape ", x.sizes(),
+                ", 0 elements per sample; every derivative map needs at least one element");
+    return;
+  }
+  if (x.dim() < 2) return;  // (B,): one channel, one location
+  const int64_t cd = wrap_dim(*channel_dim, x.dim());
+  int64_t n = 1;
+  for (int64_t d = 1; d < x.dim(); ++d)
+    if (d != cd) n *= x.size(d);
+  TORCH_CHECK(x.size(cd) > 0 && n > 0, "lwkd::", op, ": pair ", k, ": ", who, " tensor has shape ", x.sizes(),
+              " (", x.size(cd), " channels, ", n, " locations); every pair needs at least one channel and "
+              "one location");
+}
+
 // Checks shared by every discrepancy op: equal list lengths, same device, floating dtypes,
-// one batch size B > 0 across all pairs.
-inline int64_t check_pair_lists(at::TensorList s, at::TensorList t, const char* op) {
+// one batch size B > 0 across all pairs, non-empty extents (check_extent; `channel_dim` for
+// the attention ops).
+inline int64_t check_pair_lists(at::TensorList s, at::TensorList t, const char* op,
+                                std::optional<int64_t> channel_dim = std::nullopt) {
   TORCH_CHECK(s.size() == t.size(), "lwkd::", op, ": ", s.size(), " student tensors but ",
               t.size(), " teacher tensors");
   TORCH_CHECK(!s.empty(), "lwkd::", op, ": needs at least one layer pair");
@@ -73,20 +98,58 @@ inline int64_t check_pair_lists(at::TensorList s, at::TensorList t, const char* 
     }
   }
   TORCH_CHECK(B > 0, "lwkd::", op, ": batch size must be > 0");
+  for (size_t k = 0; k < s.size(); ++k) {
+    check_extent(s[k], op, k, "student", channel_dim);
+    check_extent(t[k], op, k, "teacher", channel_dim);
+  }
   return B;
 }
 
 // Argument checks shared by the CPU and CUDA attention backward; returns B (0 when K == 0).
 inline int64_t check_attention_backward(const at::Tensor& grad, at::TensorList student,
-                                        at::TensorList maps_s, at::TensorList maps_t) {
+                                        at::TensorList maps_s, at::TensorList maps_t, int64_t channel_dim) {
+  constexpr const char* op = "attention_discrepancy_backward";
   const int64_t K = static_cast<int64_t>(student.size());
   TORCH_CHECK(maps_s.size() == student.size() && maps_t.size() == student.size(),
-              "lwkd::attention_discrepancy_backward: list lengths differ");
+              "lwkd::", op, ": list lengths differ");
   if (K == 0) return 0;
-  const int64_t B = student[0].size(0);
+  const int64_t B = student[0].dim() > 0 ? student[0].size(0) : 0;
+  TORCH_CHECK(B > 0, "lwkd::", op, ": batch size must be > 0");
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == K && grad.size(1) == B,
-              "lwkd::attention_discrepancy_backward: grad must be (", K, ", ", B, "), got ", grad.sizes());
+              "lwkd::", op, ": grad must be (", K, ", ", B, "), got ", grad.sizes());
+  for (size_t k = 0; k < student.size(); ++k) {
+    TORCH_CHECK(student[k].dim() >= 1 && student[k].size(0) == B, "lwkd::", op, ": pair ", k,
+                ": student tensor has shape ", student[k].sizes(), " but the batch size is ", B);
+    check_extent(student[k], op, k, "student", channel_dim);
+  }
   return B;
+}
+
+// Masks of valid locations of the attention ops (SPEC section 2, "Masked locations"): None, or
+// one entry per pair, each undefined (no mask) or a (B, N) tensor of 0/1 on the op's device.
+// Returns K tensors (undefined where there is no mask), contiguous, in `dtype` (the call's
+// accumulation dtype, which the kernels read them in).
+using MaskList = std::optional<c10::List<std::optional<at::Tensor>>>;
+
+inline std::vector<at::Tensor> check_masks(const MaskList& masks, int64_t K, int64_t B,
+                                           const std::vector<int64_t>& Ns, const at::Device& device,
+                                           at::ScalarType dtype, const char* op) {
+  std::vector<at::Tensor> out(K);
+  if (!masks.has_value()) return out;
+  TORCH_CHECK(static_cast<int64_t>(masks->size()) == K, "lwkd::", op, ": ", masks->size(), " masks for ", K,
+              " layer pairs (one entry, or None, per pair)");
+  for (int64_t k = 0; k < K; ++k) {
+    const std::optional<at::Tensor> m = masks->get(k);
+    if (!m.has_value() || !m->defined()) continue;
+    TORCH_CHECK(m->dim() == 2 && m->size(0) == B && m->size(1) == Ns[k], "lwkd::", op, ": pair ", k,
+                ": masks[", k, "] has shape ", m->sizes(), " but the pair has (B, N) = (", B, ", ", Ns[k], ")");
+    TORCH_CHECK(m->device() == device, "lwkd::", op, ": pair ", k, ": masks[", k, "] is on ", m->device(),
+                " but the features are on ", device);
+    TORCH_CHECK(at::isFloatingType(m->scalar_type()) || m->scalar_type() == at::kBool, "lwkd::", op, ": pair ",
+                k, ": masks[", k, "] has dtype ", m->scalar_type(), "; expected bool or 0/1 floats");
+    out[k] = m->to(dtype).contiguous();
+  }
+  return out;
 }
 
 // float64 if any input is float64, else float32 (SPEC section 2).

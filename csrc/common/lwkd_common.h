@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define LWKD_HD __host__ __device__ __forceinline__
@@ -60,6 +61,23 @@ template <typename T>
 LWKD_HD T lwkd_max(T a, T b) { return a < b ? b : a; }
 template <typename T>
 LWKD_HD T lwkd_sign(T x) { return T((T(0) < x) - (x < T(0))); }
+// Finite test that needs neither <cmath> overloads on the device nor -ffinite-math semantics
+// (the project never compiles with -ffast-math): x - x is 0 for finite x and NaN otherwise.
+template <typename T>
+LWKD_HD bool lwkd_isfinite(T x) { return (x - x) == T(0); }
+template <typename T>
+LWKD_HD T lwkd_nan() { return std::numeric_limits<T>::quiet_NaN(); }
+
+// ---------------------------------------------------------------------------------------------
+// Range guard (SPEC section 6).  The normalisers of a sample (the L2 norms or sums of its two
+// maps; the softmax partition functions) are finite for every finite input inside the
+// accumulation dtype's range.  When one overflows, the normalised map would silently become
+// zeros and d_b a finite wrong value: the sample is NaN instead, which the rate rule skips.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+LWKD_HD T unless_overflow(T d, T r_s, T r_t) {
+  return (lwkd_isfinite(r_s) && lwkd_isfinite(r_t)) ? d : lwkd_nan<T>();
+}
 
 // ---------------------------------------------------------------------------------------------
 // Attention map element: |x|^p, and its derivative p |x|^(p-1) sign(x).
@@ -117,23 +135,25 @@ LWKD_HD T sqdist_grad_a(T gq, T as, T inv_ns, T proj) {
 // Weighted Jensen-Shannon divergence of two distributions P_s, P_t with weight beta:
 //   M = beta P_s + (1-beta) P_t
 //   d = sum_i beta P_s log(P_s/M) + (1-beta) P_t log(P_t/M),  0 log 0 = 0
-// d/dP_s[i] = beta log(P_s/M) where P_s > 0; where P_s == 0 the reference's autograd gives
+// d/dP_s[i] = beta log(P_s/M) where P_s != 0; where P_s == 0 the reference's autograd gives
 // -beta if M > 0 (from the teacher term through M) and 0 otherwise.  The kernels reproduce
-// exactly that convention.
+// exactly that convention.  Only an exact zero is skipped ("!= 0", not "> 0"): a NaN
+// probability (a NaN or infinite activation) makes the term NaN, so a corrupted sample can
+// never look like a perfect match (SPEC section 2).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 LWKD_HD T jsd_term(T ps, T pt, T beta) {
   const T m = beta * ps + (T(1) - beta) * pt;
   T r = T(0);
-  if (ps > T(0)) r += beta * ps * lwkd_log(ps / m);
-  if (pt > T(0)) r += (T(1) - beta) * pt * lwkd_log(pt / m);
+  if (ps != T(0)) r += beta * ps * lwkd_log(ps / m);
+  if (pt != T(0)) r += (T(1) - beta) * pt * lwkd_log(pt / m);
   return r;
 }
 
 template <typename T>
 LWKD_HD T jsd_grad_ps(T ps, T pt, T beta) {
   const T m = beta * ps + (T(1) - beta) * pt;
-  if (ps > T(0)) return beta * lwkd_log(ps / m);
+  if (ps != T(0)) return beta * lwkd_log(ps / m);
   return m > T(0) ? -beta : T(0);
 }
 

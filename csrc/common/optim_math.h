@@ -17,11 +17,6 @@
 
 namespace lwkd {
 
-// Finite test that needs neither <cmath> overloads on the device nor -ffinite-math semantics
-// (the project never compiles with -ffast-math): x - x is 0 for finite x and NaN otherwise.
-template <typename T>
-LWKD_HD bool lwkd_isfinite(T x) { return (x - x) == T(0); }
-
 // torch.maximum semantics: NaN if either input is NaN.
 template <typename T>
 LWKD_HD T lwkd_maximum(T a, T b) {

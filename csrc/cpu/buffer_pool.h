@@ -9,8 +9,16 @@
 // (c10::Storage::use_count() == 1): autograd, the user, any view or export of it are done.  Every
 // hand-out is a fresh TensorImpl over that storage, so no metadata (requires_grad, hooks) of a
 // previous life survives.  Strides are those at::empty_like would give (the fake kernels promise
-// them).  LWKD_CPU_POOL_MB sets the capacity (default 4096; 0 disables the pool);
-// torch.ops.lwkd.cpu_buffer_pool(True) releases every idle buffer.
+// them).
+//
+// Policy (bounded by recent demand, nothing to tune): every call of a backward op is a *round*
+// (begin_round()).  A buffer is kept while it is in use or was in use during the last
+// kIdleRounds rounds; one that has been idle longer goes back to torch's allocator at the start
+// of the next round.  In the steady state (the same sizes every step, up to kIdleRounds backward
+// calls per step) every gradient reuses a buffer; with sizes that vary from step to step (a
+// ragged last batch, variable batch sizes) the pool holds at most the buffers of the last few
+// rounds instead of one per size ever seen.  LWKD_CPU_POOL_MB caps the total on top (default
+// 4096; 0 disables the pool); torch.ops.lwkd.cpu_buffer_pool(True) releases every idle buffer now.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -19,6 +27,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/empty_strided.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <mutex>
 #include <vector>
@@ -27,9 +36,28 @@ namespace lwkd {
 
 class CpuBufferPool {
  public:
+  // Rounds a buffer may stay idle before it is released.
+  static constexpr uint64_t kIdleRounds = 4;
+
   static CpuBufferPool& instance() {
     static CpuBufferPool pool;
     return pool;
+  }
+
+  // Starts a round (one backward call): buffers in use are marked as used in this round, those
+  // idle for more than kIdleRounds rounds are released.
+  void begin_round() {
+    if (capacity_ == 0) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    ++round_;
+    std::vector<Entry> keep;
+    keep.reserve(pool_.size());
+    for (auto& e : pool_) {
+      if (e.storage.use_count() > 1) e.last_used = round_;
+      if (round_ - e.last_used <= kIdleRounds) keep.push_back(std::move(e));
+    }
+    pool_.swap(keep);
+    recount_locked();
   }
 
   // Same sizes, strides and dtype as at::empty_like(x) on the CPU.
@@ -39,16 +67,17 @@ class CpuBufferPool {
     if (capacity_ == 0 || need < kMinBytes) return at::empty_like(x);
     std::lock_guard<std::mutex> lock(mu_);
     for (size_t i = 0; i < pool_.size(); ++i) {
-      c10::Storage& st = pool_[i];
-      if (st.use_count() == 1 && st.nbytes() == need) {
-        c10::Storage found = st;  // move to the back: most recently used
+      Entry& e = pool_[i];
+      if (e.storage.use_count() == 1 && e.storage.nbytes() == need) {
+        Entry found = e;  // move to the back: most recently used
+        found.last_used = round_;
         pool_.erase(pool_.begin() + static_cast<std::ptrdiff_t>(i));
         pool_.push_back(found);
-        return at::empty({0}, x.options()).set_(found, 0, meta.sizes(), meta.strides());
+        return at::empty({0}, x.options()).set_(found.storage, 0, meta.sizes(), meta.strides());
       }
     }
     at::Tensor fresh = at::empty_strided(meta.sizes(), meta.strides(), x.options());
-    pool_.push_back(fresh.storage());
+    pool_.push_back(Entry{fresh.storage(), round_});
     held_ += need;
     evict_locked();
     return fresh;
@@ -58,9 +87,9 @@ class CpuBufferPool {
   int64_t report(bool release) {
     std::lock_guard<std::mutex> lock(mu_);
     if (release) {
-      std::vector<c10::Storage> keep;
-      for (auto& st : pool_)
-        if (st.use_count() > 1) keep.push_back(st);
+      std::vector<Entry> keep;
+      for (auto& e : pool_)
+        if (e.storage.use_count() > 1) keep.push_back(e);
       pool_.swap(keep);
       recount_locked();
     }
@@ -70,6 +99,11 @@ class CpuBufferPool {
  private:
   static constexpr size_t kMinBytes = size_t(1) << 20;  // small outputs: the allocator is fine
 
+  struct Entry {
+    c10::Storage storage;
+    uint64_t last_used;  // the last round in which it was handed out or seen in use
+  };
+
   CpuBufferPool() {
     const char* env = std::getenv("LWKD_CPU_POOL_MB");
     const long long mb = env ? std::atoll(env) : 4096;
@@ -78,14 +112,14 @@ class CpuBufferPool {
 
   void recount_locked() {
     held_ = 0;
-    for (auto& st : pool_) held_ += st.nbytes();
+    for (auto& e : pool_) held_ += e.storage.nbytes();
   }
 
-  // Oldest idle buffers go first; buffers still in use are never counted out.
+  // Over capacity: the least recently used idle buffers go first; buffers in use stay.
   void evict_locked() {
     for (size_t i = 0; held_ > capacity_ && i < pool_.size();) {
-      if (pool_[i].use_count() == 1) {
-        held_ -= pool_[i].nbytes();
+      if (pool_[i].storage.use_count() == 1) {
+        held_ -= pool_[i].storage.nbytes();
         pool_.erase(pool_.begin() + static_cast<std::ptrdiff_t>(i));
       } else {
         ++i;
@@ -94,9 +128,10 @@ class CpuBufferPool {
   }
 
   std::mutex mu_;
-  std::vector<c10::Storage> pool_;
+  std::vector<Entry> pool_;
   size_t held_ = 0;
   size_t capacity_ = 0;
+  uint64_t round_ = 0;
 };
 
 }  // namespace lwkd

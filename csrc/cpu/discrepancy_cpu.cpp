@@ -18,6 +18,7 @@
 namespace lwkd {
 namespace {
 
+// Gradient buffers come from the pool; each backward call is one of its rounds (see buffer_pool.h).
 at::Tensor pooled_empty_like(const at::Tensor& x) { return CpuBufferPool::instance().empty_like(x); }
 
 using acc_t = double;  // CPU accumulator of every reduction (see reduce_channels_impl)
@@ -25,17 +26,18 @@ using acc_t = double;  // CPU accumulator of every reduction (see reduce_channel
 // ---------------------------------------------------------------------------------------------
 // Channel reduction: out[i] = (1/C) sum_c |x[c, i]|^p for one sample of a (C, N) strided map.
 //
-// Precision/speed: blocks of 8 channels are summed in the input's opmath type (float for
-// float16/bfloat16/float32, a pairwise tree, relative error <= 3 ulp per block) and every block
+// Precision/speed: blocks of 8 channels are summed in `op_t` (the input's opmath type, float for
+// float16/bfloat16/float32: a pairwise tree, relative error <= 3 ulp per block) and every block
 // is added into a float64 accumulator.  Converting each element to double instead costs 2x in
-// this memory-bound loop; a plain float accumulator would grow its error with C.
+// this memory-bound loop; a plain float accumulator would grow its error with C.  A call whose
+// output is float64 (some input is float64) uses op_t = double for every tensor, so a float32
+// teacher beside a float64 student loses nothing (SPEC section 6, mixed dtypes).
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kBlock = 8;
 
-template <typename scalar_t, PowMode M>
+template <typename scalar_t, PowMode M, typename op_t>
 void reduce_channels_impl(const scalar_t* __restrict__ x, int64_t C, int64_t N, int64_t sc,
                           int64_t sn, acc_t p, acc_t* __restrict__ out) {
-  using op_t = at::opmath_type<scalar_t>;
   const op_t pp = op_t(p);
   auto f = [pp](scalar_t v) { return abs_pow<M>(op_t(v), pp); };
   std::fill(out, out + N, acc_t(0));
@@ -134,10 +136,16 @@ Bcn bcn_of_mut(at::Tensor& t3) {
     default: { constexpr PowMode kM = PowMode::kGeneral; __VA_ARGS__; break; }        \
   }
 
-void reduce_channels(const Bcn& f, int64_t b, PowMode pm, acc_t p, acc_t* out) {
+// `exact`: accumulate in double throughout (the call's output is float64).
+void reduce_channels(const Bcn& f, int64_t b, PowMode pm, acc_t p, acc_t* out, bool exact) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.dtype, "lwkd_reduce_channels", [&] {
     const scalar_t* x = static_cast<const scalar_t*>(f.ptr) + b * f.sb;
-    LWKD_DISPATCH_POW(pm, reduce_channels_impl<scalar_t, kM>(x, f.C, f.N, f.sc, f.sn, p, out));
+    if (exact) {
+      LWKD_DISPATCH_POW(pm, reduce_channels_impl<scalar_t, kM, double>(x, f.C, f.N, f.sc, f.sn, p, out));
+    } else {
+      using op_t = at::opmath_type<scalar_t>;
+      LWKD_DISPATCH_POW(pm, reduce_channels_impl<scalar_t, kM, op_t>(x, f.C, f.N, f.sc, f.sn, p, out));
+    }
   });
 }
 
@@ -156,62 +164,90 @@ void channel_grad(const Bcn& f, const Bcn& g, int64_t b, PowMode pm, acc_t p, co
 
 // ---------------------------------------------------------------------------------------------
 // Per-sample metric on two maps a_s, a_t of length N (double buffers), SPEC section 2.
+//
+// `m` (null: every location valid) is the sample's mask of valid locations (0/1, SPEC section 2,
+// "Masked locations"): every sum over locations runs over the valid ones only, which for "at"
+// and the sum-normalised JSD is the unmasked formula on m*a (with 1/N_valid for "at"), and for
+// the softmax a softmax over the valid locations (P = 0 elsewhere).  A sample without a valid
+// location gives 0 with zero gradient.
 // ---------------------------------------------------------------------------------------------
+inline acc_t valid(const acc_t* m, int64_t i) { return m == nullptr ? acc_t(1) : m[i]; }
 
-// P = a / max(sum a, eps) or softmax(a / tau); returns the statistic the backward needs
-// (sum a for the sum normalisation, unused for softmax).
-acc_t to_distribution(const acc_t* a, int64_t N, const MetricParams& prm, acc_t* P) {
+acc_t count_valid(const acc_t* m, int64_t N) {
+  if (m == nullptr) return acc_t(N);
+  acc_t n = 0;
+  for (int64_t i = 0; i < N; ++i) n += m[i];
+  return n;
+}
+
+// P = m a / max(sum m a, eps) or the softmax of a / tau over the valid locations; returns the
+// normaliser (sum m a, or the partition function; 0 for a sample without valid location).
+acc_t to_distribution(const acc_t* a, int64_t N, const MetricParams& prm, acc_t* P, const acc_t* m) {
   if (prm.normalize == Normalize::kSum) {
     acc_t s = 0;
-    for (int64_t i = 0; i < N; ++i) s += a[i];
+    for (int64_t i = 0; i < N; ++i) s += valid(m, i) * a[i];
     const acc_t inv = acc_t(1) / clamp_eps(s, acc_t(prm.eps));
-    for (int64_t i = 0; i < N; ++i) P[i] = a[i] * inv;
+    for (int64_t i = 0; i < N; ++i) P[i] = valid(m, i) * a[i] * inv;
     return s;
   }
   const acc_t inv_tau = acc_t(1) / acc_t(prm.tau);
-  acc_t mx = a[0];
-  for (int64_t i = 1; i < N; ++i) mx = lwkd_max(mx, a[i]);
+  bool any = false;
+  acc_t mx = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    if (valid(m, i) == acc_t(0)) continue;
+    mx = any ? lwkd_max(mx, a[i]) : a[i];
+    any = true;
+  }
   acc_t z = 0;
   for (int64_t i = 0; i < N; ++i) {
-    P[i] = lwkd_exp((a[i] - mx) * inv_tau);
+    P[i] = valid(m, i) == acc_t(0) ? acc_t(0) : lwkd_exp((a[i] - mx) * inv_tau);
     z += P[i];
   }
+  if (!any) return z;  // no valid location: P = 0
   const acc_t inv_z = acc_t(1) / z;
   for (int64_t i = 0; i < N; ++i) P[i] *= inv_z;
   return z;
 }
 
-acc_t l2norm(const acc_t* a, int64_t N) {
+acc_t l2norm(const acc_t* a, int64_t N, const acc_t* m) {
   acc_t s = 0;
-  for (int64_t i = 0; i < N; ++i) s += a[i] * a[i];
+  for (int64_t i = 0; i < N; ++i) s += valid(m, i) * a[i] * a[i];
   return lwkd_sqrt(s);
 }
 
+// 1/N_valid for "at" (0 without valid location: d = 0), 1 for "cos"
+acc_t sqdist_scale(const MetricParams& prm, const acc_t* m, int64_t N) {
+  if (prm.metric != Metric::kAt) return acc_t(1);
+  const acc_t n = count_valid(m, N);
+  return n > acc_t(0) ? acc_t(1) / n : acc_t(0);
+}
+
 acc_t metric_forward(const acc_t* as, const acc_t* at, int64_t N, const MetricParams& prm,
-                     acc_t* ps, acc_t* pt) {
+                     acc_t* ps, acc_t* pt, const acc_t* m = nullptr) {
   const acc_t eps = prm.eps;
   if (prm.metric == Metric::kJsd) {
-    to_distribution(as, N, prm, ps);
-    to_distribution(at, N, prm, pt);
+    const acc_t rs = to_distribution(as, N, prm, ps, m);
+    const acc_t rt = to_distribution(at, N, prm, pt, m);
     const acc_t beta = prm.beta;
     acc_t d = 0;
     for (int64_t i = 0; i < N; ++i) d += jsd_term(ps[i], pt[i], beta);
-    return d;
+    return unless_overflow(d, rs, rt);
   }
-  const acc_t inv_ns = acc_t(1) / clamp_eps(l2norm(as, N), eps);
-  const acc_t inv_nt = acc_t(1) / clamp_eps(l2norm(at, N), eps);
+  const acc_t rs = l2norm(as, N, m), rt = l2norm(at, N, m);
+  const acc_t inv_ns = acc_t(1) / clamp_eps(rs, eps);
+  const acc_t inv_nt = acc_t(1) / clamp_eps(rt, eps);
   acc_t d = 0;
-  for (int64_t i = 0; i < N; ++i) d += sqdist_term(as[i], at[i], inv_ns, inv_nt);
-  return prm.metric == Metric::kAt ? d / acc_t(N) : d;
+  for (int64_t i = 0; i < N; ++i) d += valid(m, i) * sqdist_term(as[i], at[i], inv_ns, inv_nt);
+  return unless_overflow(d * sqdist_scale(prm, m, N), rs, rt);
 }
 
-// ga[i] = gd * d(metric)/d(a_s[i])
+// ga[i] = gd * d(metric)/d(a_s[i])  (0 at masked locations)
 void metric_backward(const acc_t* as, const acc_t* at, int64_t N, const MetricParams& prm,
-                     acc_t gd, acc_t* ga, acc_t* ps, acc_t* pt) {
+                     acc_t gd, acc_t* ga, acc_t* ps, acc_t* pt, const acc_t* m = nullptr) {
   const acc_t eps = prm.eps;
   if (prm.metric == Metric::kJsd) {
-    const acc_t s = to_distribution(as, N, prm, ps);
-    to_distribution(at, N, prm, pt);
+    const acc_t s = to_distribution(as, N, prm, ps, m);
+    to_distribution(at, N, prm, pt, m);
     const acc_t beta = prm.beta;
     acc_t proj = 0;
     for (int64_t i = 0; i < N; ++i) {
@@ -221,24 +257,23 @@ void metric_backward(const acc_t* as, const acc_t* at, int64_t N, const MetricPa
     if (prm.normalize == Normalize::kSum) {
       if (!passes_clamp(s, eps)) proj = 0;
       const acc_t inv_n = acc_t(1) / clamp_eps(s, eps);
-      for (int64_t i = 0; i < N; ++i) ga[i] = sumnorm_grad_a(ga[i], inv_n, proj);
+      for (int64_t i = 0; i < N; ++i) ga[i] = valid(m, i) * sumnorm_grad_a(ga[i], inv_n, proj);
     } else {
       const acc_t inv_tau = acc_t(1) / acc_t(prm.tau);
       for (int64_t i = 0; i < N; ++i) ga[i] = softmax_grad_a(ga[i], ps[i], proj, inv_tau);
     }
     return;
   }
-  const acc_t rs = l2norm(as, N);
+  const acc_t rs = l2norm(as, N, m);
   const acc_t inv_ns = acc_t(1) / clamp_eps(rs, eps);
-  const acc_t inv_nt = acc_t(1) / clamp_eps(l2norm(at, N), eps);
-  const acc_t scale = prm.metric == Metric::kAt ? acc_t(1) / acc_t(N) : acc_t(1);
-  const acc_t two_scale_gd = acc_t(2) * scale * gd;
+  const acc_t inv_nt = acc_t(1) / clamp_eps(l2norm(at, N, m), eps);
+  const acc_t two_scale_gd = acc_t(2) * sqdist_scale(prm, m, N) * gd;
   acc_t proj = 0;
   if (passes_clamp(rs, eps))
     for (int64_t i = 0; i < N; ++i)
-      proj += as[i] * inv_ns * sqdist_grad_q(as[i], at[i], inv_ns, inv_nt, two_scale_gd);
+      proj += valid(m, i) * as[i] * inv_ns * sqdist_grad_q(as[i], at[i], inv_ns, inv_nt, two_scale_gd);
   for (int64_t i = 0; i < N; ++i)
-    ga[i] = sqdist_grad_a(sqdist_grad_q(as[i], at[i], inv_ns, inv_nt, two_scale_gd), as[i], inv_ns, proj);
+    ga[i] = valid(m, i) * sqdist_grad_a(sqdist_grad_q(as[i], at[i], inv_ns, inv_nt, two_scale_gd), as[i], inv_ns, proj);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -266,9 +301,16 @@ void store_row(at::Tensor& m, int64_t b, int64_t N, const acc_t* in) {
 }
 
 struct Scratch {
-  std::vector<acc_t> a, b, c, d, e;
-  explicit Scratch(int64_t n) : a(n), b(n), c(n), d(n), e(n) {}
+  std::vector<acc_t> a, b, c, d, e, m;
+  explicit Scratch(int64_t n) : a(n), b(n), c(n), d(n), e(n), m(n) {}
 };
+
+// The sample's mask row in w.m (null when the pair has no mask).
+const acc_t* mask_row(const std::vector<at::Tensor>& masks, int64_t k, int64_t b, int64_t N, Scratch& w) {
+  if (!masks[k].defined()) return nullptr;
+  load_row(masks[k], b, N, w.m.data(), false);
+  return w.m.data();
+}
 
 // Runs f(k, b, scratch) over every (layer k, sample b) tile.  Tiles are numbered sample-major /
 // layer-minor (see the file comment); tiny problems stay on one thread because a parallel
@@ -288,10 +330,10 @@ void parallel_tiles(int64_t K, int64_t B, int64_t elems_all_layers, int64_t nmax
 // ---------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> attention_discrepancy_cpu(
     at::TensorList student, at::TensorList teacher, double p, c10::string_view metric,
-    double beta, c10::string_view normalize, double tau, double eps, int64_t channel_dim) {
+    double beta, c10::string_view normalize, double tau, double eps, int64_t channel_dim, const MaskList& masks) {
   const MetricParams prm = parse_params(metric, normalize, beta, tau, eps, /*attention=*/true);
   TORCH_CHECK(p > 0.0 && std::isfinite(p), "lwkd::attention_discrepancy: p must be positive and finite, got ", p);
-  const int64_t B = check_pair_lists(student, teacher, "attention_discrepancy");
+  const int64_t B = check_pair_lists(student, teacher, "attention_discrepancy", channel_dim);
   const int64_t K = static_cast<int64_t>(student.size());
   const auto out_dt = acc_dtype(student, teacher);
   const auto opts = student[0].options().dtype(out_dt);
@@ -314,12 +356,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> attenti
   }
   at::Tensor d = at::empty({K, B}, opts);
   const PowMode pm = pow_mode(p);
+  const bool exact = out_dt == at::kDouble;
+  std::vector<int64_t> Ns(K);
+  for (int64_t k = 0; k < K; ++k) Ns[k] = fs[k].N;
+  const std::vector<at::Tensor> mk =
+      check_masks(masks, K, B, Ns, student[0].device(), at::kDouble, "attention_discrepancy");
 
   parallel_tiles(K, B, total, nmax, [&](int64_t k, int64_t b, Scratch& w) {
     const int64_t N = fs[k].N;
-    reduce_channels(fs[k], b, pm, p, w.a.data());
-    reduce_channels(ft[k], b, pm, p, w.b.data());
-    const acc_t v = metric_forward(w.a.data(), w.b.data(), N, prm, w.c.data(), w.d.data());
+    reduce_channels(fs[k], b, pm, p, w.a.data(), exact);
+    reduce_channels(ft[k], b, pm, p, w.b.data(), exact);
+    const acc_t v = metric_forward(w.a.data(), w.b.data(), N, prm, w.c.data(), w.d.data(), mask_row(mk, k, b, N, w));
     store_row(maps_s[k], b, N, w.a.data());
     store_row(maps_t[k], b, N, w.b.data());
     store_value(d, k * B + b, v);
@@ -330,11 +377,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> attenti
 std::vector<at::Tensor> attention_discrepancy_backward_cpu(
     const at::Tensor& grad, at::TensorList student, at::TensorList maps_s, at::TensorList maps_t,
     double p, c10::string_view metric, double beta, c10::string_view normalize, double tau,
-    double eps, int64_t channel_dim) {
+    double eps, int64_t channel_dim, const MaskList& masks) {
   const MetricParams prm = parse_params(metric, normalize, beta, tau, eps, /*attention=*/true);
   const int64_t K = static_cast<int64_t>(student.size());
-  const int64_t B = check_attention_backward(grad, student, maps_s, maps_t);
+  const int64_t B = check_attention_backward(grad, student, maps_s, maps_t, channel_dim);
   if (K == 0) return {};
+  CpuBufferPool::instance().begin_round();
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
 
@@ -356,11 +404,16 @@ std::vector<at::Tensor> attention_discrepancy_backward_cpu(
     total += fs[k].C * fs[k].N;
   }
   const PowMode pm = pow_mode(p);
+  std::vector<int64_t> Ns(K);
+  for (int64_t k = 0; k < K; ++k) Ns[k] = fs[k].N;
+  const std::vector<at::Tensor> mk =
+      check_masks(masks, K, B, Ns, student[0].device(), at::kDouble, "attention_discrepancy_backward");
   parallel_tiles(K, B, total, nmax, [&](int64_t k, int64_t b, Scratch& w) {
     const int64_t N = fs[k].N;
     load_row(ms[k], b, N, w.a.data(), false);
     load_row(mt[k], b, N, w.b.data(), false);
-    metric_backward(w.a.data(), w.b.data(), N, prm, gp[k * B + b], w.e.data(), w.c.data(), w.d.data());
+    metric_backward(w.a.data(), w.b.data(), N, prm, gp[k * B + b], w.e.data(), w.c.data(), w.d.data(),
+                    mask_row(mk, k, b, N, w));
     channel_grad(fs[k], fg[k], b, pm, p, w.e.data(), w.c);
   });
   std::vector<at::Tensor> grads(K);
@@ -405,6 +458,7 @@ std::vector<at::Tensor> map_discrepancy_backward_cpu(const at::Tensor& grad, at:
               "lwkd::map_discrepancy_backward: grad must be (", K, ", ", B, "), got ", grad.sizes());
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
+  CpuBufferPool::instance().begin_round();
   std::vector<FlatPair> fp(K);
   std::vector<FlatGrad> gbuf(K);
   int64_t nmax = 1, total = 0;

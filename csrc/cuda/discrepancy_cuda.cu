@@ -75,6 +75,7 @@ struct AttnLayer {
   Feat y;             // teacher features (forward) / gradient buffer (backward, writable)
   void* maps_s;       // (B, N) maps in the accumulation dtype
   void* maps_t;
+  const void* mask;   // (B, N) 0/1 mask of valid locations in the accumulation dtype, or null
   int64_t N;
   int64_t chunk;      // positions per tile: multiple of kVec, <= kMaxChunk
   int64_t nchunks;    // tiles per sample
@@ -246,15 +247,42 @@ struct RowStats {
   acc_t mx_s, mx_t;    // softmax only: row maxima
 };
 
+// 1 at a valid location of the sample's mask row `m` (every location without a mask), else 0
+template <typename acc_t>
+__device__ __forceinline__ acc_t valid(const acc_t* __restrict__ m, int64_t i) {
+  return m == nullptr ? acc_t(1) : m[i];
+}
+
+// The sample's mask row, or null (uniform over the block).
+template <typename acc_t>
+__device__ __forceinline__ const acc_t* mask_row(const AttnLayer& L, int64_t b) {
+  return L.mask == nullptr ? nullptr : static_cast<const acc_t*>(L.mask) + b * L.N;
+}
+
+// The scale of "at": 1/N_valid (0 without a valid location: d = 0); 1 for the other metrics.
+template <typename acc_t>
+__device__ acc_t at_scale(const MetricParams& mp, const acc_t* m, int64_t N, acc_t* red) {
+  if (mp.metric != Metric::kAt) return acc_t(1);
+  acc_t n = acc_t(N);
+  if (m != nullptr) {
+    acc_t c = 0;
+    for (int64_t i = threadIdx.x; i < N; i += kThreads) c += m[i];
+    n = block_sum(c, red);
+  }
+  return n > acc_t(0) ? acc_t(1) / n : acc_t(0);
+}
+
+// Sums over the valid locations only (SPEC section 2, "Masked locations"; m null: all valid).
 template <typename acc_t>
 __device__ RowStats<acc_t> row_stats(const acc_t* __restrict__ as, const acc_t* __restrict__ at,
-                                     int64_t N, const MetricParams& mp, acc_t* red) {
+                                     int64_t N, const MetricParams& mp, acc_t* red, const acc_t* m) {
   RowStats<acc_t> st;
   const int tid = threadIdx.x;
   if (mp.metric == Metric::kJsd && mp.normalize == Normalize::kSoftmax) {
     const acc_t inv_tau = acc_t(1) / acc_t(mp.tau);
     acc_t ms = neg_inf<acc_t>(), mt = neg_inf<acc_t>();
     for (int64_t i = tid; i < N; i += kThreads) {
+      if (valid(m, i) == acc_t(0)) continue;
       ms = lwkd_max(ms, as[i]);
       mt = lwkd_max(mt, at[i]);
     }
@@ -262,6 +290,7 @@ __device__ RowStats<acc_t> row_stats(const acc_t* __restrict__ as, const acc_t* 
     st.mx_t = block_max(mt, red);
     acc_t zs = 0, zt = 0;
     for (int64_t i = tid; i < N; i += kThreads) {
+      if (valid(m, i) == acc_t(0)) continue;
       zs += lwkd_exp((as[i] - st.mx_s) * inv_tau);
       zt += lwkd_exp((at[i] - st.mx_t) * inv_tau);
     }
@@ -273,8 +302,9 @@ __device__ RowStats<acc_t> row_stats(const acc_t* __restrict__ as, const acc_t* 
     const bool l2 = mp.metric != Metric::kJsd;
     acc_t ss = 0, tt = 0;
     for (int64_t i = tid; i < N; i += kThreads) {
-      ss += l2 ? as[i] * as[i] : as[i];
-      tt += l2 ? at[i] * at[i] : at[i];
+      const acc_t v = valid(m, i);
+      ss += v * (l2 ? as[i] * as[i] : as[i]);
+      tt += v * (l2 ? at[i] * at[i] : at[i]);
     }
     ss = block_sum(ss, red);
     tt = block_sum(tt, red);
@@ -288,9 +318,11 @@ __device__ RowStats<acc_t> row_stats(const acc_t* __restrict__ as, const acc_t* 
   return st;
 }
 
-// P = a / max(S, eps) (sum) or exp((a - max) / tau) / Z (softmax), as the CPU's to_distribution
+// P = a / max(S, eps) (sum) or exp((a - max) / tau) / Z (softmax), as the CPU's to_distribution;
+// 0 at a masked location (v = 0)
 template <typename acc_t>
-__device__ __forceinline__ acc_t distribution(acc_t a, acc_t inv, acc_t mx, acc_t inv_tau, bool softmax) {
+__device__ __forceinline__ acc_t distribution(acc_t a, acc_t inv, acc_t mx, acc_t inv_tau, bool softmax, acc_t v) {
+  if (v == acc_t(0)) return acc_t(0);
   return softmax ? lwkd_exp((a - mx) * inv_tau) * inv : a * inv;
 }
 
@@ -304,21 +336,24 @@ __global__ void __launch_bounds__(kThreads) attn_rows_fwd_kernel(const __grid_co
   const AttnLayer& L = P.layer[l];
   const acc_t* as = static_cast<const acc_t*>(L.maps_s) + b * L.N;
   const acc_t* at = static_cast<const acc_t*>(L.maps_t) + b * L.N;
-  const RowStats<acc_t> st = row_stats(as, at, L.N, mp, red);
+  const acc_t* m = mask_row<acc_t>(L, b);
+  const RowStats<acc_t> st = row_stats(as, at, L.N, mp, red, m);
   const bool jsd = mp.metric == Metric::kJsd;
   const bool softmax = jsd && mp.normalize == Normalize::kSoftmax;
   const acc_t inv_tau = acc_t(1) / acc_t(mp.tau), beta = acc_t(mp.beta);
   acc_t acc = 0;
   for (int64_t i = threadIdx.x; i < L.N; i += kThreads) {
+    const acc_t v = valid(m, i);
     if (jsd) {
-      acc += jsd_term(distribution(as[i], st.inv_s, st.mx_s, inv_tau, softmax),
-                      distribution(at[i], st.inv_t, st.mx_t, inv_tau, softmax), beta);
+      acc += jsd_term(distribution(as[i], st.inv_s, st.mx_s, inv_tau, softmax, v),
+                      distribution(at[i], st.inv_t, st.mx_t, inv_tau, softmax, v), beta);
     } else {
-      acc += sqdist_term(as[i], at[i], st.inv_s, st.inv_t);
+      acc += v * sqdist_term(as[i], at[i], st.inv_s, st.inv_t);
     }
   }
   acc = block_sum(acc, red);
-  if (threadIdx.x == 0) d[L.k * P.B + b] = mp.metric == Metric::kAt ? acc / acc_t(L.N) : acc;
+  const acc_t scale = at_scale(mp, m, L.N, red);
+  if (threadIdx.x == 0) d[L.k * P.B + b] = unless_overflow(acc * scale, st.r_s, st.r_t);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -336,21 +371,22 @@ __global__ void __launch_bounds__(kThreads) attn_rows_bwd_kernel(const __grid_co
   const AttnLayer& L = P.layer[l];
   const acc_t* as = static_cast<const acc_t*>(L.maps_s) + b * L.N;
   const acc_t* at = static_cast<const acc_t*>(L.maps_t) + b * L.N;
-  const RowStats<acc_t> st = row_stats(as, at, L.N, mp, red);
+  const acc_t* m = mask_row<acc_t>(L, b);
+  const RowStats<acc_t> st = row_stats(as, at, L.N, mp, red, m);
   const bool jsd = mp.metric == Metric::kJsd;
   const bool softmax = jsd && mp.normalize == Normalize::kSoftmax;
   const acc_t inv_tau = acc_t(1) / acc_t(mp.tau), beta = acc_t(mp.beta), eps = acc_t(mp.eps);
   const acc_t gd = grad[L.k * P.B + b];
-  const acc_t scale = mp.metric == Metric::kAt ? acc_t(1) / acc_t(L.N) : acc_t(1);
-  const acc_t two_scale_gd = acc_t(2) * scale * gd;
+  const acc_t two_scale_gd = acc_t(2) * at_scale(mp, m, L.N, red) * gd;
   acc_t acc = 0;
   for (int64_t i = threadIdx.x; i < L.N; i += kThreads) {
+    const acc_t v = valid(m, i);
     if (jsd) {
-      const acc_t ps = distribution(as[i], st.inv_s, st.mx_s, inv_tau, softmax);
-      const acc_t pt = distribution(at[i], st.inv_t, st.mx_t, inv_tau, softmax);
+      const acc_t ps = distribution(as[i], st.inv_s, st.mx_s, inv_tau, softmax, v);
+      const acc_t pt = distribution(at[i], st.inv_t, st.mx_t, inv_tau, softmax, v);
       acc += gd * jsd_grad_ps(ps, pt, beta) * ps;
     } else {
-      acc += as[i] * st.inv_s * sqdist_grad_q(as[i], at[i], st.inv_s, st.inv_t, two_scale_gd);
+      acc += v * as[i] * st.inv_s * sqdist_grad_q(as[i], at[i], st.inv_s, st.inv_t, two_scale_gd);
     }
   }
   acc_t proj = block_sum(acc, red);
@@ -438,21 +474,24 @@ __global__ void __launch_bounds__(kThreads) attn_grad_kernel(const __grid_consta
               two_scale_gd = rs[6];
   const acc_t* as = static_cast<const acc_t*>(L.maps_s) + tl.b * L.N + tl.i0;
   const acc_t* at = static_cast<const acc_t*>(L.maps_t) + tl.b * L.N + tl.i0;
+  const acc_t* mrow = mask_row<acc_t>(L, tl.b);
+  const acc_t* m = mrow == nullptr ? nullptr : mrow + tl.i0;
   const bool jsd = mp.metric == Metric::kJsd;
   const bool softmax = jsd && mp.normalize == Normalize::kSoftmax;
   const acc_t inv_tau = acc_t(1) / acc_t(mp.tau), beta = acc_t(mp.beta);
   const acc_t inv_c = acc_t(1) / acc_t(L.x.C);
   for (int i = threadIdx.x; i < tl.cnt; i += kThreads) {
+    const acc_t v = valid(m, i);
     acc_t ga;
     if (jsd) {
-      const acc_t ps = distribution(as[i], inv_s, mx_s, inv_tau, softmax);
-      const acc_t pt = distribution(at[i], inv_t, mx_t, inv_tau, softmax);
+      const acc_t ps = distribution(as[i], inv_s, mx_s, inv_tau, softmax, v);
+      const acc_t pt = distribution(at[i], inv_t, mx_t, inv_tau, softmax, v);
       const acc_t gp = gd * jsd_grad_ps(ps, pt, beta);
       ga = softmax ? softmax_grad_a(gp, ps, proj, inv_tau) : sumnorm_grad_a(gp, inv_s, proj);
     } else {
       ga = sqdist_grad_a(sqdist_grad_q(as[i], at[i], inv_s, inv_t, two_scale_gd), as[i], inv_s, proj);
     }
-    h[i] = ga * inv_c;
+    h[i] = v * ga * inv_c;
   }
   __syncthreads();
   const acc_t* hp = h;
@@ -524,7 +563,7 @@ __global__ void __launch_bounds__(kThreads) map_stats_kernel(const __grid_consta
 
 template <typename acc_t>
 struct MapNorm {
-  acc_t r_u, inv_u, inv_w;
+  acc_t r_u, r_w, inv_u, inv_w;
 };
 
 template <typename acc_t>
@@ -536,7 +575,7 @@ __device__ __forceinline__ MapNorm<acc_t> map_norm(const acc_t* part, const Flat
     ru = lwkd_sqrt(ru);
     rw = lwkd_sqrt(rw);
   }
-  return {ru, acc_t(1) / clamp_eps(ru, eps), acc_t(1) / clamp_eps(rw, eps)};
+  return {ru, rw, acc_t(1) / clamp_eps(ru, eps), acc_t(1) / clamp_eps(rw, eps)};
 }
 
 template <typename acc_t>
@@ -562,7 +601,7 @@ __global__ void __launch_bounds__(kThreads) map_terms_kernel(const __grid_consta
                  : sqdist_term(u[q], w[q], nm.inv_u, nm.inv_w);
   }
   acc = block_sum(acc, red);
-  if (threadIdx.x == 0) part2[blockIdx.x] = acc;
+  if (threadIdx.x == 0) part2[blockIdx.x] = unless_overflow(acc, nm.r_u, nm.r_w);
 }
 
 template <typename acc_t>
@@ -716,7 +755,8 @@ void check_cuda_inputs(at::TensorList xs, const char* op) {
 // Fills an AttnParams table with layers [k0, k1) and returns the number of tiles.
 int64_t fill_attn(AttnParams& P, int64_t B, int64_t k0, int64_t k1, const std::vector<Feat>& fx,
                   const std::vector<Feat>& fy, const std::vector<at::Tensor>& ms,
-                  const std::vector<at::Tensor>& mt, const std::vector<int64_t>& Ns, bool teacher_channels) {
+                  const std::vector<at::Tensor>& mt, const std::vector<at::Tensor>& masks,
+                  const std::vector<int64_t>& Ns, bool teacher_channels) {
   P = AttnParams{};
   P.num_layers = static_cast<int32_t>(k1 - k0);
   P.B = B;
@@ -727,6 +767,7 @@ int64_t fill_attn(AttnParams& P, int64_t B, int64_t k0, int64_t k1, const std::v
     L.y = fy[k];
     L.maps_s = ms[k].data_ptr();
     L.maps_t = mt[k].data_ptr();
+    L.mask = masks[k].defined() ? masks[k].const_data_ptr() : nullptr;
     L.N = Ns[k];
     L.chunk = attn_chunk(Ns[k], fx[k].C + (teacher_channels ? fy[k].C : 0));
     L.nchunks = cdiv(Ns[k], L.chunk);
@@ -740,10 +781,10 @@ int64_t fill_attn(AttnParams& P, int64_t B, int64_t k0, int64_t k1, const std::v
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> attention_discrepancy_cuda(
     at::TensorList student, at::TensorList teacher, double p, c10::string_view metric, double beta,
-    c10::string_view normalize, double tau, double eps, int64_t channel_dim) {
+    c10::string_view normalize, double tau, double eps, int64_t channel_dim, const MaskList& masks) {
   const MetricParams prm = parse_params(metric, normalize, beta, tau, eps, /*attention=*/true);
   TORCH_CHECK(p > 0.0 && std::isfinite(p), "lwkd::attention_discrepancy: p must be positive and finite, got ", p);
-  const int64_t B = check_pair_lists(student, teacher, "attention_discrepancy");
+  const int64_t B = check_pair_lists(student, teacher, "attention_discrepancy", channel_dim);
   check_cuda_inputs(student, "attention_discrepancy");
   check_cuda_inputs(teacher, "attention_discrepancy");
   const int64_t K = static_cast<int64_t>(student.size());
@@ -766,12 +807,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> attenti
     maps_t[k] = at::empty({B, Ns[k]}, opts);
   }
   at::Tensor d = at::empty({K, B}, opts);
+  const std::vector<at::Tensor> mk = check_masks(masks, K, B, Ns, student[0].device(), out_dt, "attention_discrepancy");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const PowMode pm = pow_mode(p);
   for (int64_t k0 = 0; k0 < K; k0 += kMaxLayers) {
     const int64_t k1 = std::min<int64_t>(K, k0 + kMaxLayers);
     AttnParams P;
-    const int64_t tiles = fill_attn(P, B, k0, k1, fs, ft, maps_s, maps_t, Ns, /*teacher_channels=*/true);
+    const int64_t tiles = fill_attn(P, B, k0, k1, fs, ft, maps_s, maps_t, mk, Ns, /*teacher_channels=*/true);
     const unsigned rows = grid_of((k1 - k0) * B);
     if (out_dt == at::kDouble) {
       LWKD_CUDA_POW(pm, attn_maps_kernel<double, kM><<<grid_of(tiles), kThreads, 0, stream>>>(P, p));
@@ -790,10 +832,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> attenti
 std::vector<at::Tensor> attention_discrepancy_backward_cuda(
     const at::Tensor& grad, at::TensorList student, at::TensorList maps_s, at::TensorList maps_t,
     double p, c10::string_view metric, double beta, c10::string_view normalize, double tau,
-    double eps, int64_t channel_dim) {
+    double eps, int64_t channel_dim, const MaskList& masks) {
   const MetricParams prm = parse_params(metric, normalize, beta, tau, eps, /*attention=*/true);
   const int64_t K = static_cast<int64_t>(student.size());
-  const int64_t B = check_attention_backward(grad, student, maps_s, maps_t);
+  const int64_t B = check_attention_backward(grad, student, maps_s, maps_t, channel_dim);
   if (K == 0) return {};
   check_cuda_inputs(student, "attention_discrepancy_backward");
   const c10::cuda::CUDAGuard guard(student[0].device());
@@ -819,12 +861,14 @@ std::vector<at::Tensor> attention_discrepancy_backward_cuda(
                 "lwkd::attention_discrepancy_backward: pair ", k, ": saved maps do not match the student");
   }
   at::Tensor rowscal = at::empty({K * B * kRowScal}, g.options());
+  const std::vector<at::Tensor> mk =
+      check_masks(masks, K, B, Ns, student[0].device(), acc, "attention_discrepancy_backward");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const PowMode pm = pow_mode(p);
   for (int64_t k0 = 0; k0 < K; k0 += kMaxLayers) {
     const int64_t k1 = std::min<int64_t>(K, k0 + kMaxLayers);
     AttnParams P;
-    const int64_t tiles = fill_attn(P, B, k0, k1, fx, fg, ms, mt, Ns, /*teacher_channels=*/false);
+    const int64_t tiles = fill_attn(P, B, k0, k1, fx, fg, ms, mt, mk, Ns, /*teacher_channels=*/false);
     const unsigned rows = grid_of((k1 - k0) * B);
     if (acc == at::kDouble) {
       attn_rows_bwd_kernel<double><<<rows, kThreads, 0, stream>>>(P, prm, g.const_data_ptr<double>(),

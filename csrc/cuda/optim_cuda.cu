@@ -393,7 +393,9 @@ void layerwise_step_cuda(c10::string_view algorithm, at::TensorList params, at::
     }
     ranges.emplace_back(first, tasks.size());
   }
-  if (tasks.empty()) return;
+  // no early return when every tensor is empty: AdamW still counts the step of each parameter
+  // (as the CPU kernels, the Triton kernels and torch.optim do); the step launches below skip
+  // dtypes without tasks
 
   std::vector<char> bytes;
   const size_t off_groups = append_bytes(bytes, plan.groups.data(), plan.groups.size());

@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..benchmarking import Stats
+from ..benchmarking import Stats, noise
 
 
 @dataclass
@@ -21,14 +21,17 @@ class Row:
     baseline: str           # impl of the same case the speedup is relative to
     nbytes: int = 0         # bytes the fused op must move (0: not a bandwidth-bound case)
     size: float = 0.0       # problem size for the speedup-vs-size plot (elements); 0: not plotted
-    read_bw: float = 0.0    # bytes/s of torch.sum over nbytes, timed in the same round-robin
+    read_stats: Optional[Stats] = None  # torch.sum over nbytes, timed in the same round-robin
     extra: Dict[str, object] = field(default_factory=dict)  # suite-specific numbers (peak MiB, GFLOP/s)
 
     def as_dict(self, read_bw: float, base_median: Optional[float]) -> Dict[str, object]:
         d = {"suite": self.suite, "case": self.case, "impl": self.impl, "baseline": self.baseline,
              "size": self.size, **self.stats.as_dict(), **self.extra}
+        if self.read_stats is not None:
+            rs = self.read_stats
+            d.update(read_median=rs.median, read_spread=rs.spread, read_n=rs.n, read_noise=noise(rs))
         if self.nbytes:
-            bw = self.read_bw or read_bw
+            bw = self.nbytes / self.read_stats.median if self.read_stats is not None else read_bw
             d["bytes"] = self.nbytes
             d["gbps"] = self.nbytes / self.stats.median / 1e9
             d["read_gbps"] = bw / 1e9
@@ -46,6 +49,7 @@ class Ctx:
     progress: Callable[[str], None]
     memory: bool = False    # also measure peak memory where a suite supports it (slow: subprocesses)
     derivative_size: int = 0  # input height = width of the derivatives suite (0: 32, --quick 16)
+    threads: Optional[int] = None  # torch threads requested with --threads (None: torch's default)
 
 
 SUITES: Dict[str, Callable[[Ctx], List[Row]]] = {}

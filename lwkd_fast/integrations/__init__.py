@@ -5,9 +5,16 @@
   (``LayerwiseWeightedSumLoss``) and registered optimizer builders (``LayerwiseSGD``,
   ``LayerwiseAdamW``) for torchdistill's config-driven ``DistillationBox``.
 * :mod:`lwkd_fast.integrations.mdistiller` -- ``LWKD``, a ``Distiller`` subclass for mdistiller's
-  trainer (``forward_train(image, target) -> (logits, losses_dict)``).
+  trainer (``forward_train(image, target) -> (logits, losses_dict)``), and ``register()``, the one
+  line ``tools/train.py`` needs (distiller, trainer and ``CFG.LWKD`` node).
 * :mod:`lwkd_fast.integrations.repdistiller` -- ``LayerwiseAttention``, a RepDistiller-style
-  criterion ``forward(g_s, g_t) -> [loss per layer]`` backed by one fused op.
+  criterion ``forward(g_s, g_t) -> [loss per layer]`` backed by one fused op, and
+  ``feature_layers`` (the modules behind ``feat_s[1:-1]``).
+* :mod:`lwkd_fast.integrations.transformers` -- hidden-state and attention-probability pairings
+  of Hugging Face models (``hidden_state_pairs``, ``attention_pairs``) for ``LayerwiseDistiller``.
+
+Each submodule's docstring gives the recipe for that framework's own entry point (the README
+quotes it verbatim); in each, the default replaces the framework's AT loss like for like.
 
 Each submodule imports its framework only when it is imported itself; ``import lwkd_fast`` and
 ``import lwkd_fast.integrations`` need none of them.
@@ -24,17 +31,19 @@ The optimizer contract every adapter follows
 Parameter groups come from :func:`layerwise_param_groups` (SPEC section 4: forward-execution order
 of one pass, computed by :func:`lwkd_fast.distill.execution_order_groups`), and
 :func:`make_layerwise_optimizer` builds ``LayerwiseSGD`` / ``LayerwiseAdamW`` over them and attaches
-a source.  Neither needs any KD framework.
+a source; :func:`producing_modules` finds the modules that produce a model's returned features.
+None of them needs any KD framework.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["DiscrepancySource", "layerwise_param_groups", "make_layerwise_optimizer", "unwrap_model"]
+__all__ = ["DiscrepancySource", "layerwise_param_groups", "make_layerwise_optimizer", "producing_modules",
+           "unwrap_model"]
 
 
 class DiscrepancySource:
@@ -68,6 +77,47 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while isinstance(model, wrappers):
         model = model.module
     return model
+
+
+def producing_modules(op: str, model: nn.Module, run: Callable[[nn.Module], Any],
+                      pick: Callable[[Any], Sequence[Tuple[str, torch.Tensor]]],
+                      hint: str = "pass the module names explicitly") -> List[str]:
+    """Names of the sub-modules of ``model`` whose outputs are the tensors ``pick(run(model))``
+    (a list of ``(label, tensor)``), found by tensor identity on one forward pass in eval mode
+    without gradients (every training flag restored).  A tensor several modules return (a stage
+    container and its last block) maps to the one that finishes last, the stage; tuple outputs
+    count element by element.  Raises ValueError naming the label when no module returned it."""
+    from ..distill import _temporarily_eval
+
+    produced: Dict[int, Any] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if not name:
+            continue
+
+        def hook(mod, inp, out, name=name):
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for t in outs:
+                if isinstance(t, torch.Tensor):
+                    produced[id(t)] = (name, t)  # keeps t alive, so ids stay unique during the pass
+
+        handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad(), _temporarily_eval(model):
+            picked = pick(run(model))
+    finally:
+        for h in handles:
+            h.remove()
+    names = []
+    for label, t in picked:
+        hit = produced.get(id(t))
+        if hit is None or hit[1] is not t:
+            raise ValueError(
+                f"{op}: {label} (shape {tuple(t.shape)}) is not the output of any sub-module of "
+                f"{type(model).__name__}; {hint}"
+            )
+        names.append(hit[0])
+    return names
 
 
 def _check_layers(op: str, student: nn.Module, layers: Sequence[str]) -> List[str]:

@@ -1,4 +1,4 @@
-"""RepDistiller-style criteria: ``LayerwiseAttention``.
+"""RepDistiller adapter: ``LayerwiseAttention`` (a criterion) and ``feature_layers``.
 
 RepDistiller's criteria (``distiller_zoo``) are modules called as ``criterion_kd(g_s, g_t)`` with
 the student's and teacher's lists of intermediate features, returning one loss per layer, which
@@ -8,23 +8,38 @@ per layer, with the larger spatial map average-pooled to the smaller one), but a
 one :func:`lwkd_fast.attention_discrepancy` call, and the (K,) tensor D is kept for the layer-wise
 rates (``latest_discrepancies``, a discrepancy source for ``opt.attach``).
 
-In a RepDistiller training loop (``train_student.py``, ``--distill attention``)::
+Recipe: ``python train_student.py --path_t <teacher.pth> --distill attention --model_s resnet8x4
+-a 0 -b 1000``, RepDistiller's own entry point, with three edits to ``train_student.py``.  Among
+its imports::
 
-    from lwkd_fast.integrations import make_layerwise_optimizer
-    from lwkd_fast.integrations.repdistiller import LayerwiseAttention
+    from lwkd_fast.integrations.repdistiller import LayerwiseAttention, feature_layers, make_layerwise_optimizer
 
-    criterion_kd = LayerwiseAttention()                       # instead of distiller_zoo.Attention()
-    optimizer = make_layerwise_optimizer(
-        "sgd", model_s, ["layer1", "layer2", "layer3"], torch.zeros(2, 3, 32, 32), lr=0.05,
-        momentum=0.9, weight_decay=5e-4, source=criterion_kd)  # the modules behind feat_s[1:-1]
-    ...
-    loss_group = criterion_kd(feat_s[1:-1], [f.detach() for f in feat_t[1:-1]])
-    loss_kd = sum(loss_group)
-    loss = opt.gamma * loss_cls + opt.alpha * loss_div + opt.beta * loss_kd  # opt: RepDistiller's args
-    optimizer.zero_grad(); loss.backward(); optimizer.step()  # rates from the latest D
+in ``main()``, the attention branch::
 
-``criterion_kd.observe_loss(loss)`` before ``step()`` makes a non-finite total loss skip the
-update (by default only a non-finite matching term does).
+    elif opt.distill == 'attention':
+        criterion_kd = LayerwiseAttention()
+
+and the optimizer (``data`` is the ``torch.randn(2, 3, 32, 32)`` batch ``main()`` already builds;
+``feature_layers`` names the student modules behind ``feat_s[1:-1]``, e.g. layer1..layer3 of a
+ResNet, block1..block3 of a WRN)::
+
+    optimizer = make_layerwise_optimizer("sgd", model_s, feature_layers(model_s, data), data,
+                                         lr=opt.learning_rate, momentum=opt.momentum,
+                                         weight_decay=opt.weight_decay, source=criterion_kd)
+
+Nothing else changes: ``helper/loops.py`` sums the per-layer list and calls
+``optimizer.step()``, which reads the latest D from the criterion; ``adjust_learning_rate``
+writes every group's ``lr`` (the base rate); ``module_list.cuda()`` after the optimizer is built
+is fine (the rate state follows the parameters at the first step).  ``opt.beta`` (1000 for
+attention) scales the loss as for ``Attention``, so at ``p = 2`` the loss is exactly
+RepDistiller's.  ``criterion_kd.observe_loss(loss)`` before ``step()`` makes a non-finite total
+loss skip the update (by default only a non-finite matching term does).
+
+Attention maps use ``|A|^p`` (Zagoruyko & Komodakis' definition, SPEC section 1); RepDistiller's
+``Attention`` uses ``f.pow(p)``.  They agree for even ``p`` (the default 2) and for non-negative
+features (``feat_s`` are post-ReLU); for odd ``p`` on signed (pre-activation, ``preact=True``)
+features they differ.  This package keeps ``|A|^p``: ``A^p`` of a signed map is not an attention
+(its mass can cancel).
 """
 
 from __future__ import annotations
@@ -35,9 +50,27 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from . import DiscrepancySource
+from . import DiscrepancySource, make_layerwise_optimizer, producing_modules
 
-__all__ = ["LayerwiseAttention"]
+__all__ = ["LayerwiseAttention", "feature_layers", "make_layerwise_optimizer"]
+
+
+def feature_layers(model: nn.Module, x: torch.Tensor, indices: Optional[Sequence[int]] = None) -> List[str]:
+    """Names of the sub-modules of a RepDistiller model whose outputs are the features
+    ``model(x, is_feat=True)[0][i]`` for ``i`` in ``indices`` (default: ``1 .. len - 2``, the
+    ``feat_s[1:-1]`` that ``--distill attention`` matches), found by tensor identity on one
+    forward pass (eval mode, no gradients, the model's flags restored)."""
+    op = "feature_layers"
+
+    def pick(out):
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], (list, tuple))):
+            raise TypeError(f"{op}: model(x, is_feat=True) must return (feats, logits) with feats a list, as "
+                            f"RepDistiller's models do; got {type(out).__name__}")
+        feats = out[0]
+        idx = range(1, len(feats) - 1) if indices is None else indices
+        return [(f"feat[{i}]", feats[i]) for i in idx]
+
+    return producing_modules(op, model, lambda m: m(x, is_feat=True), pick)
 
 
 class LayerwiseAttention(DiscrepancySource, nn.Module):

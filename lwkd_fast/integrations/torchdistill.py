@@ -3,46 +3,89 @@
 Importing this module registers, in torchdistill's registries:
 
 * mid-level loss ``LayerwiseDiscrepancyLoss`` -- the per-layer discrepancies D of the configured
-  student/teacher pairs (same pair style as torchdistill's ``ATLoss``), computed by one
-  :func:`lwkd_fast.attention_discrepancy` call for all K pairs.  ``use: rates`` (default): D only
-  steers the layer-wise rates and the loss term is a zero that supports ``backward``;
-  ``use: rates+loss``: the term is ``sum_j weight_j * D_j`` (for ``metric: at`` each ``D_j`` equals
-  ``ATLoss``'s per-pair term in ``mode: code``).
+  student/teacher pairs (``ATLoss``'s ``at_pairs`` / ``mode: 'code'`` configuration is accepted as
+  is), computed by one :func:`lwkd_fast.attention_discrepancy` call for all K pairs.  ``use:
+  rates+loss`` (default): the term is ``sum_j weight_j * D_j``, and for ``metric: at`` each ``D_j``
+  equals ``ATLoss``'s per-pair term in ``mode: 'code'``, so the loss is exactly ``ATLoss``'s;
+  ``use: rates``: D only steers the layer-wise rates and the term is a zero that supports
+  ``backward``.
 * high-level loss ``LayerwiseWeightedSumLoss`` -- torchdistill's ``WeightedSumLoss`` that also
   reports the total loss to its ``LayerwiseDiscrepancyLoss`` terms, so a non-finite total
   (e.g. a diverging cross-entropy) makes the optimizer skip that update on the device.
 * optimizers ``LayerwiseSGD`` and ``LayerwiseAdamW`` -- builders that group the student's
-  parameters by forward-execution order (SPEC section 4) and attach the optimizer to the loss of
-  the same ``source`` name, so torchdistill's plain ``optimizer.step()`` reads the latest D.
+  parameters by forward-execution order (SPEC section 4) over the layers of the loss's pairs and
+  attach the optimizer to that loss, so torchdistill's plain ``optimizer.step()`` reads the
+  latest D.  (torchdistill builds the criterion before the optimizer, so the optimizer needs no
+  pair list of its own.)
 
-Config (YAML as torchdistill reads it; ``&pairs`` / ``*pairs`` share the pair list)::
+Recipe: torchdistill's own entry point, ``python examples/torchvision/image_classification.py
+--config <config>``, with an AT config (e.g. ``configs/sample/ilsvrc2012/at/
+resnet18_from_resnet34.yaml``) changed in three places.  At the top, so that the script imports
+this module (its ``dependencies`` list)::
 
-    train:
-      student: {forward_proc: forward_batch_only, forward_hook: {output: [layer1, layer2, layer3]}}
-      teacher: {forward_proc: forward_batch_only, forward_hook: {output: [layer1, layer2, layer3]},
-                requires_grad: False}
+    dependencies:
+      - name: 'lwkd_fast.integrations.torchdistill'
+
+in ``train:``, the optimizer (``example_input_size``: one batch shape of the training inputs)::
+
+      optimizer:
+        key: 'LayerwiseSGD'
+        filters_params: False
+        kwargs:
+          lr: 0.0001
+          momentum: 0.9
+          weight_decay: 0.0001
+          example_input_size: [2, 3, 224, 224]
+
+and in ``criterion:`` two keys: ``key: 'WeightedSumLoss'`` becomes
+``key: 'LayerwiseWeightedSumLoss'`` and the AT term's ``key: 'ATLoss'`` becomes
+``key: 'LayerwiseDiscrepancyLoss'`` (its ``at_pairs``, ``mode: 'code'`` and ``weight: 1000.0``
+stay)::
+
       criterion:
-        key: LayerwiseWeightedSumLoss
+        key: 'LayerwiseWeightedSumLoss'
         kwargs:
           sub_terms:
-            ce: {criterion: {key: CrossEntropyLoss, kwargs: {}}, weight: 1.0,
-                 criterion_wrapper: {key: SimpleLossWrapper, kwargs: {input: {is_from_teacher: False,
-                 module_path: '.', io: output}, target: {uses_label: True}}}}
-            lwkd:
+            ce:
               criterion:
-                key: LayerwiseDiscrepancyLoss
+                key: 'CrossEntropyLoss'
                 kwargs:
-                  use: rates          # or rates+loss
-                  pairs: &pairs
-                    layer1: {student: {io: output, path: layer1}, teacher: {io: output, path: layer1}, weight: 1}
-                    layer2: {student: {io: output, path: layer2}, teacher: {io: output, path: layer2}, weight: 1}
+                  reduction: 'mean'
+              criterion_wrapper:
+                key: 'SimpleLossWrapper'
+                kwargs:
+                  input:
+                    is_from_teacher: False
+                    module_path: '.'
+                    io: 'output'
+                  target:
+                    uses_label: True
               weight: 1.0
-      optimizer:
-        key: LayerwiseSGD
-        filters_params: False       # the builder needs the student module, not a flat list
-        kwargs: {lr: 0.1, momentum: 0.9, weight_decay: 5.0e-4, pairs: *pairs, example_input_size: [2, 3, 32, 32]}
+            at_loss:
+              criterion:
+                key: 'LayerwiseDiscrepancyLoss'
+                kwargs:
+                  at_pairs:
+                    pair1:
+                      teacher:
+                        io: 'output'
+                        path: 'layer3'
+                      student:
+                        io: 'output'
+                        path: 'layer3'
+                      weight: 1
+                    pair2:
+                      teacher:
+                        io: 'output'
+                        path: 'layer4'
+                      student:
+                        io: 'output'
+                        path: 'layer4'
+                      weight: 1
+                  mode: 'code'
+              weight: 1000.0
 
-and in the training script, before building the box: ``import lwkd_fast.integrations.torchdistill``.
+The scheduler writes every group's ``lr``, the base rate the layer factors multiply.
 
 Why ``filters_params: False``: with torchdistill's default ``filters_params: True``,
 ``get_optimizer`` hands a builder a flat list of tensors, from which the student's module
@@ -51,6 +94,10 @@ builder receives torchdistill's ``ModuleList([student(, teacher)])`` and skips p
 not require a gradient itself, which is what ``filters_params: True`` does.  Explicit groups are
 accepted too: ``module_wise_configs`` entries whose ``kwargs`` carry ``layer: j`` (or ``layer:
 null`` for the head).
+
+Attention maps use ``|A|^p`` (Zagoruyko & Komodakis' definition, SPEC section 1); torchdistill's
+``ATLoss`` squares (``pow(2)``), which is the same at ``p = 2`` (the only ``p`` ATLoss has).  For
+odd ``p`` on signed features ``A.pow(p)`` and ``|A|^p`` differ; this package keeps ``|A|^p``.
 
 Derivative maps (``method: jacobian`` / ``hessian``) are not available here, by construction: a
 torchdistill mid-level loss receives only the io_dicts -- tensors recorded by forward hooks, the
@@ -141,12 +188,15 @@ class LayerwiseDiscrepancyLoss(DiscrepancySource, nn.Module):
     """Per-layer discrepancies of torchdistill io_dicts, and the source of the layer-wise rates.
 
     Args (the criterion's ``kwargs`` in a torchdistill config):
-        pairs: ``{name: {student: {io, path}, teacher: {io, path}, weight}}`` as for ``ATLoss`` (or
-            a list of pair configs); the order is the order of D and of the parameter groups.
+        pairs (or ``at_pairs``, ATLoss's name): ``{name: {student: {io, path}, teacher: {io, path},
+            weight}}`` as for ``ATLoss`` (or a list of pair configs); the order is the order of D
+            and of the parameter groups.
+        mode: ``"code"`` (ATLoss's mode that ``metric="at"`` computes; accepted for drop-in configs).
         method: ``"attention"`` (the only one available in torchdistill; see the module docstring
             for why derivative maps are not).
-        use: ``"rates"`` (the returned term is 0 and D only steers the rates) or ``"rates+loss"``
-            (the term is ``sum_j weight_j * D_j`` and backpropagates into the student).
+        use: ``"rates+loss"`` (default: the term is ``sum_j weight_j * D_j`` and backpropagates into
+            the student, ATLoss's loss) or ``"rates"`` (the returned term is 0 and D only steers
+            the rates).
         metric, p, beta, normalize, tau, resize, channel_dim, eps: as for
             :func:`lwkd_fast.attention_discrepancy` (``metric="at"`` or ``"jsd"``).
         teacher_channel_dim: channel dimension of the teacher features, if different.
@@ -157,12 +207,18 @@ class LayerwiseDiscrepancyLoss(DiscrepancySource, nn.Module):
     total loss when a :class:`LayerwiseWeightedSumLoss` (or ``observe_loss``) reports it.
     """
 
-    def __init__(self, pairs, method: str = "attention", use: str = "rates", metric: str = "at", p: float = 2.0,
-                 beta: float = 0.5, normalize: str = "sum", tau: float = 1.0, resize: Optional[str] = None,
-                 channel_dim: int = 1, teacher_channel_dim: Optional[int] = None, eps: float = 1e-12,
-                 source: str = "default") -> None:
+    def __init__(self, pairs=None, method: str = "attention", use: str = "rates+loss", metric: str = "at",
+                 p: float = 2.0, beta: float = 0.5, normalize: str = "sum", tau: float = 1.0,
+                 resize: Optional[str] = None, channel_dim: int = 1, teacher_channel_dim: Optional[int] = None,
+                 eps: float = 1e-12, source: str = "default", at_pairs=None, mode: str = "code") -> None:
         super().__init__()
         op = "LayerwiseDiscrepancyLoss"
+        if (pairs is None) == (at_pairs is None):
+            raise ValueError(f"{op}: give the layer pairs as pairs (or as ATLoss's at_pairs), exactly one of them")
+        pairs = at_pairs if pairs is None else pairs
+        if mode != "code":
+            raise ValueError(f"{op}: mode {mode!r}: metric 'at' is ATLoss's mode 'code' (the mean squared difference of "
+                             "the normalised maps, the authors' implementation); mode 'paper' is not available")
         if method in _DERIVATIVE_METHODS:
             raise ValueError(
                 f"{op}: method {method!r} is not available in torchdistill: a mid-level loss receives only the "

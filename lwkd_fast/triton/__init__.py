@@ -70,11 +70,12 @@ def status(op: str, device_type: str) -> Tuple[bool, str]:
         return False, problem
     import sys
 
-    loaded = sys.modules.get(__name__ + rel)
-    if loaded is not None and getattr(loaded, "INTERPRETED", _interpreting()) != _interpreting():
-        return False, (f"lwkd_fast.triton{rel} was imported with TRITON_INTERPRET="
-                       f"{'1' if loaded.INTERPRETED else '0'} but it is now "
-                       f"{os.environ.get('TRITON_INTERPRET', 'unset')}; set it before the first use")
+    for mod in (rel, "._common"):  # the op's kernels and the helpers they call
+        loaded = sys.modules.get(__name__ + mod)
+        if loaded is not None and getattr(loaded, "INTERPRETED", _interpreting()) != _interpreting():
+            return False, (f"lwkd_fast.triton{mod} was imported with TRITON_INTERPRET="
+                           f"{'1' if loaded.INTERPRETED else '0'} but it is now "
+                           f"{os.environ.get('TRITON_INTERPRET', 'unset')}; set it before the first use")
     if device_type == "cuda":
         if _interpreting():
             return False, ("TRITON_INTERPRET=1 is set: the interpreter runs the Triton kernels on CPU "
@@ -92,10 +93,10 @@ def status(op: str, device_type: str) -> Tuple[bool, str]:
     return False, f"the Triton backend does not run on device type {device_type!r}"
 
 
-def attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim):
+def attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks=None):
     """Per-sample (K, B) attention discrepancy through the Triton kernels (see .discrepancy)."""
     mod = importlib.import_module(".discrepancy", __name__)
-    return mod.attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim)
+    return mod.attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks)
 
 
 def map_discrepancy(student, teacher, metric, beta, eps):

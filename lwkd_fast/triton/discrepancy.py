@@ -27,7 +27,7 @@ pointer and strides, a group is compiled with the smallest value among its layer
 launch), and the kernels state it with ``tl.multiple_of``; loops run unmasked full blocks and one
 masked tail.  The generated PTX of aligned inputs holds 128-bit ``ld.global.v4`` loads (and
 ``st.global.v4`` stores in the gradient kernels) -- checked by tests/triton_aot_compile.py, which
-compiles every launched variant for sm_80 and sm_90 without a GPU.  Ragged tails and unaligned
+compiles every code path the tests launch for sm_80 and sm_90 without a GPU.  Ragged tails and unaligned
 tensors (e.g. 7x7 float16 maps) use scalar accesses, still coalesced across a warp.
 
 *Phases.*
@@ -53,6 +53,12 @@ partials in index order.  Results are bit-identical run to run.
 float64 tensor in the call) in float64, matching the SPEC.  The attention maps are kept in the
 accumulation dtype.  Gradients are written in the student's dtype.
 
+*Checks and device.*  The host code refuses, by op, pair and shape, what it cannot compute: a
+feature map with no channel or no location per sample, a derivative map with no element per
+sample (the means would be 0/0, and the tiling divides by those sizes), besides the checks of
+batch sizes, dtypes and devices.  Every call runs under the device guard of its tensors
+(._common.on_device): Triton launches on the current device's current stream.
+
 *Conventions.*  The gradient conventions are those of csrc/common/lwkd_common.h (the CPU and
 CUDA kernels): d|x|^p/dx = 0 at x = 0, clamp_min semantics at eps (the gradient flows through a
 norm or sum only when it is >= eps), the JSD gradient at zero probability is -beta when M > 0.
@@ -63,17 +69,20 @@ bfloat16 stores round to nearest even with explicit bit arithmetic; on a GPU the
 conversion is used.
 """
 
+import contextlib
 import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import reference
+from . import _common
+from ._common import is_dense, on_device, same_layout, sqrt_rn
 
 __all__ = ["attention_discrepancy", "map_discrepancy", "CONFIG", "Config"]
 
@@ -235,8 +244,9 @@ def _abs_pow(x, p, POW_MODE: tl.constexpr):
         # general p: exp(p log|x|) in float64.  In float32 the argument's rounding error grows with
         # |log|x|| (30 eps for |x| ~ 1e-9), enough to break the float32 tolerance where the metric
         # cancels; libdevice.pow would do, but the interpreter that verifies these kernels lacks it.
+        # (only an exact zero is special: a NaN stays NaN, as in lwkd::abs_pow)
         ax = tl.abs(x).to(tl.float64)
-        pos = ax > 0
+        pos = ax != 0
         return tl.where(pos, tl.exp(p * tl.log(tl.where(pos, ax, 1.0))), 0.0).to(x.dtype)
 
 
@@ -249,18 +259,16 @@ def _abs_pow_grad(x, p, POW_MODE: tl.constexpr):
         return _sign(x)
     else:
         ax = tl.abs(x).to(tl.float64)  # float64 power: see _abs_pow
-        pos = ax > 0
+        pos = ax != 0
         d = tl.where(pos, p * tl.exp((p - 1.0) * tl.log(tl.where(pos, ax, 1.0))), 0.0)
         return d.to(x.dtype) * _sign(x)
 
 
 @triton.jit
-def _sqrt(x):
-    """Correctly rounded square root (tl.sqrt is approximate for float32; float64 is exact)."""
-    if x.dtype == tl.float64:
-        return tl.sqrt(x)
-    else:
-        return tl.sqrt_rn(x)
+def _unless_overflow(d, r_s, r_t):
+    """lwkd::unless_overflow: NaN when a normaliser overflowed (SPEC section 6, range)."""
+    ok = ((r_s - r_s) == 0) & ((r_t - r_t) == 0)
+    return tl.where(ok, d, float("nan"))
 
 
 @triton.jit
@@ -271,18 +279,19 @@ def _inv_clamp(r, eps):
 
 @triton.jit
 def _jsd_term(ps, pt, beta):
-    """lwkd::jsd_term: beta ps log(ps/M) + (1-beta) pt log(pt/M), 0 log 0 = 0."""
+    """lwkd::jsd_term: beta ps log(ps/M) + (1-beta) pt log(pt/M), 0 log 0 = 0 for exact zeros
+    only (a NaN probability makes the term NaN: SPEC section 2)."""
     m = beta * ps + (1.0 - beta) * pt
-    ms = tl.where(m > 0, m, 1.0)
-    r = tl.where(ps > 0, beta * ps * tl.log(tl.where(ps > 0, ps, 1.0) / ms), 0.0)
-    return r + tl.where(pt > 0, (1.0 - beta) * pt * tl.log(tl.where(pt > 0, pt, 1.0) / ms), 0.0)
+    ms = tl.where(m != 0, m, 1.0)
+    r = tl.where(ps != 0, beta * ps * tl.log(tl.where(ps != 0, ps, 1.0) / ms), 0.0)
+    return r + tl.where(pt != 0, (1.0 - beta) * pt * tl.log(tl.where(pt != 0, pt, 1.0) / ms), 0.0)
 
 
 @triton.jit
 def _jsd_grad_ps(ps, pt, beta):
-    """lwkd::jsd_grad_ps: beta log(ps/M) where ps > 0, else -beta if M > 0, else 0."""
+    """lwkd::jsd_grad_ps: beta log(ps/M) where ps != 0, else -beta if M > 0, else 0."""
     m = beta * ps + (1.0 - beta) * pt
-    pos = ps > 0
+    pos = ps != 0
     g = beta * tl.log(tl.where(pos, ps, 1.0) / tl.where(pos, m, 1.0))
     return tl.where(pos, g, tl.where(m > 0, -beta, 0.0 * beta))
 
@@ -435,73 +444,98 @@ def _attn_maps_kernel(hdr, tab, n_layers, tile0, maps_s, maps_t,
 
 
 @triton.jit
-def _row_stats(ms, mt, N, eps, inv_tau, ACC: tl.constexpr, METRIC: tl.constexpr,
-               SOFTMAX: tl.constexpr, BLOCK: tl.constexpr):
-    """Per-row normalisers of two maps: (inv_s, inv_t, r_s, r_t, max_s, max_t).
+def _valid(mk, idx, m, ACC: tl.constexpr, MASKED: tl.constexpr):
+    """1 at a valid location (the mask row ``mk``; every location in range without a mask), else 0."""
+    if MASKED:
+        return tl.load(mk + idx, mask=m, other=0.0)
+    else:
+        return tl.where(m, 1.0, 0.0).to(ACC)
+
+
+@triton.jit
+def _row_stats(ms, mt, mk, N, eps, inv_tau, ACC: tl.constexpr, METRIC: tl.constexpr,
+               SOFTMAX: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-row normalisers of two maps: (inv_s, inv_t, r_s, r_t, max_s, max_t, n_valid).
 
     l2 metrics: r = ||a||, inv = 1/max(r, eps); JSD-sum: r = sum a, inv = 1/max(r, eps);
-    JSD-softmax: max = max a, r = sum exp((a - max)/tau), inv = 1/r.
+    JSD-softmax: max = max a, r = sum exp((a - max)/tau), inv = 1/r.  Every sum runs over the
+    valid locations of the mask row ``mk`` only (SPEC section 2, "Masked locations").
     """
     offs = tl.arange(0, BLOCK)
     zero = tl.full([BLOCK], 0, ACC)
+    nv = zero
     if SOFTMAX:
         vs = zero - float("inf")
         vt = zero - float("inf")
         for i0 in range(0, N, BLOCK):
             idx = i0 + offs
-            m = idx < N
-            vs = tl.maximum(vs, tl.load(ms + idx, mask=m, other=-float("inf")))
-            vt = tl.maximum(vt, tl.load(mt + idx, mask=m, other=-float("inf")))
+            ok = _valid(mk, idx, idx < N, ACC, MASKED) != 0
+            vs = tl.maximum(vs, tl.load(ms + idx, mask=ok, other=-float("inf")))
+            vt = tl.maximum(vt, tl.load(mt + idx, mask=ok, other=-float("inf")))
         mx_s = _max(vs)
         mx_t = _max(vt)
         zs = zero
         zt = zero
         for i0 in range(0, N, BLOCK):
             idx = i0 + offs
-            m = idx < N
-            zs += tl.where(m, tl.exp((tl.load(ms + idx, mask=m, other=0.0) - mx_s) * inv_tau), 0.0)
-            zt += tl.where(m, tl.exp((tl.load(mt + idx, mask=m, other=0.0) - mx_t) * inv_tau), 0.0)
+            v = _valid(mk, idx, idx < N, ACC, MASKED)
+            ok = v != 0
+            nv += v
+            zs += tl.where(ok, tl.exp((tl.load(ms + idx, mask=ok, other=0.0) - mx_s) * inv_tau), 0.0)
+            zt += tl.where(ok, tl.exp((tl.load(mt + idx, mask=ok, other=0.0) - mx_t) * inv_tau), 0.0)
         r_s = _sum(zs)
         r_t = _sum(zt)
-        inv_s = 1.0 / r_s
-        inv_t = 1.0 / r_t
+        inv_s = 1.0 / tl.where(r_s > 0, r_s, 1.0)  # r = 0 only without a valid location (P = 0 there)
+        inv_t = 1.0 / tl.where(r_t > 0, r_t, 1.0)
     else:
         acc_s = zero
         acc_t = zero
         for i0 in range(0, N, BLOCK):
             idx = i0 + offs
             m = idx < N
+            v = _valid(mk, idx, m, ACC, MASKED)
+            nv += v
             a = tl.load(ms + idx, mask=m, other=0.0)
             c = tl.load(mt + idx, mask=m, other=0.0)
             if METRIC == 2:
-                acc_s += a
-                acc_t += c
+                acc_s += v * a
+                acc_t += v * c
             else:
-                acc_s += a * a
-                acc_t += c * c
+                acc_s += v * a * a
+                acc_t += v * c * c
         r_s = _sum(acc_s)
         r_t = _sum(acc_t)
         if METRIC != 2:
-            r_s = _sqrt(r_s)
-            r_t = _sqrt(r_t)
+            r_s = sqrt_rn(r_s)
+            r_t = sqrt_rn(r_t)
         inv_s = _inv_clamp(r_s, eps)
         inv_t = _inv_clamp(r_t, eps)
         mx_s = r_s * 0.0
         mx_t = r_t * 0.0
-    return inv_s, inv_t, r_s, r_t, mx_s, mx_t
+    return inv_s, inv_t, r_s, r_t, mx_s, mx_t, _sum(nv)
 
 
 @triton.jit
-def _distribution(a, inv, mx, inv_tau, SOFTMAX: tl.constexpr):
+def _distribution(a, inv, mx, inv_tau, v, SOFTMAX: tl.constexpr):
+    """P at one location (lwkd's distribution): 0 where the mask ``v`` is 0."""
     if SOFTMAX:
-        return tl.exp((a - mx) * inv_tau) * inv
+        return tl.where(v != 0, tl.exp((a - mx) * inv_tau) * inv, 0.0)
     else:
-        return a * inv
+        return tl.where(v != 0, a * inv, 0.0)
 
 
 @triton.jit
-def _attn_rows_fwd_kernel(hdr, tab, B, maps_s, maps_t, d, ACC: tl.constexpr, METRIC: tl.constexpr,
-                          SOFTMAX: tl.constexpr, BLOCK: tl.constexpr):
+def _at_scale(nv, METRIC: tl.constexpr):
+    """"at": 1/N_valid (0 without a valid location: d = 0); 1 for the other metrics."""
+    if METRIC == 0:
+        return tl.where(nv > 0, 1.0 / tl.where(nv > 0, nv, 1.0), 0.0)
+    else:
+        return nv * 0.0 + 1.0
+
+
+@triton.jit
+def _attn_rows_fwd_kernel(hdr, tab, B, maps_s, maps_t, masks, d, ACC: tl.constexpr, METRIC: tl.constexpr,
+                          SOFTMAX: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     j = pid // B
     b = pid - j * B
@@ -514,26 +548,27 @@ def _attn_rows_fwd_kernel(hdr, tab, B, maps_s, maps_t, d, ACC: tl.constexpr, MET
     inv_tau = 1.0 / _param(hdr, _H_TAU, ACC)
     ms = maps_s + moff
     mt = maps_t + moff
-    inv_s, inv_t, r_s, r_t, mx_s, mx_t = _row_stats(ms, mt, N, eps, inv_tau, ACC, METRIC, SOFTMAX, BLOCK)
+    mk = masks + moff
+    inv_s, inv_t, r_s, r_t, mx_s, mx_t, nv = _row_stats(ms, mt, mk, N, eps, inv_tau, ACC, METRIC, SOFTMAX,
+                                                        MASKED, BLOCK)
 
     offs = tl.arange(0, BLOCK)
     acc = tl.full([BLOCK], 0, ACC)
     for i0 in range(0, N, BLOCK):
         idx = i0 + offs
         m = idx < N
+        v = _valid(mk, idx, m, ACC, MASKED)
         a = tl.load(ms + idx, mask=m, other=0.0)
         c = tl.load(mt + idx, mask=m, other=0.0)
         if METRIC == 2:
-            ps = _distribution(a, inv_s, mx_s, inv_tau, SOFTMAX)
-            pt = _distribution(c, inv_t, mx_t, inv_tau, SOFTMAX)
+            ps = _distribution(a, inv_s, mx_s, inv_tau, v, SOFTMAX)
+            pt = _distribution(c, inv_t, mx_t, inv_tau, v, SOFTMAX)
             acc += tl.where(m, _jsd_term(ps, pt, beta), 0.0)
         else:
             diff = a * inv_s - c * inv_t
-            acc += tl.where(m, diff * diff, 0.0)
-    total = _sum(acc)
-    if METRIC == 0:
-        total = total / N.to(ACC)
-    tl.store(d + k * B + b, total)
+            acc += tl.where(m, v * diff * diff, 0.0)
+    total = _sum(acc) * _at_scale(nv, METRIC)
+    tl.store(d + k * B + b, _unless_overflow(total, r_s, r_t))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -544,8 +579,9 @@ _RS = tl.constexpr(8)  # values per row in the backward row-scalar buffer
 
 
 @triton.jit
-def _attn_rows_bwd_kernel(hdr, tab, B, maps_s, maps_t, grad, rowscal, ACC: tl.constexpr,
-                          METRIC: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK: tl.constexpr):
+def _attn_rows_bwd_kernel(hdr, tab, B, maps_s, maps_t, masks, grad, rowscal, ACC: tl.constexpr,
+                          METRIC: tl.constexpr, SOFTMAX: tl.constexpr, MASKED: tl.constexpr,
+                          BLOCK: tl.constexpr):
     """Row statistics and the projection <g_P, P> (JSD) or [r_s >= eps] <q_s, g_q> (at)."""
     pid = tl.program_id(0).to(tl.int64)
     j = pid // B
@@ -560,26 +596,26 @@ def _attn_rows_bwd_kernel(hdr, tab, B, maps_s, maps_t, grad, rowscal, ACC: tl.co
     gd = tl.load(grad + k * B + b).to(ACC)
     ms = maps_s + moff
     mt = maps_t + moff
-    inv_s, inv_t, r_s, r_t, mx_s, mx_t = _row_stats(ms, mt, N, eps, inv_tau, ACC, METRIC, SOFTMAX, BLOCK)
-    if METRIC == 0:
-        tsg = 2.0 * gd / N.to(ACC)
-    else:
-        tsg = 2.0 * gd
+    mk = masks + moff
+    inv_s, inv_t, r_s, r_t, mx_s, mx_t, nv = _row_stats(ms, mt, mk, N, eps, inv_tau, ACC, METRIC, SOFTMAX,
+                                                        MASKED, BLOCK)
+    tsg = 2.0 * gd * _at_scale(nv, METRIC)
 
     offs = tl.arange(0, BLOCK)
     acc = tl.full([BLOCK], 0, ACC)
     for i0 in range(0, N, BLOCK):
         idx = i0 + offs
         m = idx < N
+        v = _valid(mk, idx, m, ACC, MASKED)
         a = tl.load(ms + idx, mask=m, other=0.0)
         c = tl.load(mt + idx, mask=m, other=0.0)
         if METRIC == 2:
-            ps = _distribution(a, inv_s, mx_s, inv_tau, SOFTMAX)
-            pt = _distribution(c, inv_t, mx_t, inv_tau, SOFTMAX)
+            ps = _distribution(a, inv_s, mx_s, inv_tau, v, SOFTMAX)
+            pt = _distribution(c, inv_t, mx_t, inv_tau, v, SOFTMAX)
             acc += tl.where(m, gd * _jsd_grad_ps(ps, pt, beta) * ps, 0.0)
         else:
             qs = a * inv_s
-            acc += tl.where(m, qs * (tsg * (qs - c * inv_t)), 0.0)
+            acc += tl.where(m, v * qs * (tsg * (qs - c * inv_t)), 0.0)
     proj = _sum(acc)
     if not SOFTMAX:
         proj = tl.where(r_s >= eps, proj, 0.0)
@@ -604,16 +640,17 @@ def _grad_chan(h, x_base, g_base, cc, C, x_sc, x_sn, g_sc, g_sn, offs, mask, p, 
 
 
 @triton.jit
-def _grad_block(offs, mask, MASK_N: tl.constexpr, ms, mt, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg,
+def _grad_block(offs, mask, MASK_N: tl.constexpr, ms, mt, mk, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg,
                 inv_tau, beta, inv_c, x_base, g_base, C, x_sc, x_sn, g_sc, g_sn, p, S_DT: tl.constexpr,
-                S_BF16: tl.constexpr, STORE: tl.constexpr, OPT: tl.constexpr, POW_MODE: tl.constexpr,
-                METRIC: tl.constexpr, SOFTMAX: tl.constexpr, X_LAYOUT: tl.constexpr,
-                G_LAYOUT: tl.constexpr, BLOCK_C: tl.constexpr):
+                S_BF16: tl.constexpr, STORE: tl.constexpr, ACC: tl.constexpr, OPT: tl.constexpr,
+                POW_MODE: tl.constexpr, METRIC: tl.constexpr, SOFTMAX: tl.constexpr, MASKED: tl.constexpr,
+                X_LAYOUT: tl.constexpr, G_LAYOUT: tl.constexpr, BLOCK_C: tl.constexpr):
     a = tl.load(ms + offs, mask=mask, other=0.0)
     c = tl.load(mt + offs, mask=mask, other=0.0)
+    v = _valid(mk, offs, mask, ACC, MASKED)
     if METRIC == 2:
-        ps = _distribution(a, inv_s, mx_s, inv_tau, SOFTMAX)
-        pt = _distribution(c, inv_t, mx_t, inv_tau, SOFTMAX)
+        ps = _distribution(a, inv_s, mx_s, inv_tau, v, SOFTMAX)
+        pt = _distribution(c, inv_t, mx_t, inv_tau, v, SOFTMAX)
         gp = gd * _jsd_grad_ps(ps, pt, beta)
         if SOFTMAX:
             ga = ps * (gp - proj) * inv_tau        # lwkd::softmax_grad_a
@@ -623,7 +660,7 @@ def _grad_block(offs, mask, MASK_N: tl.constexpr, ms, mt, inv_s, inv_t, proj, mx
         qs = a * inv_s
         gq = tsg * (qs - c * inv_t)                # lwkd::sqdist_grad_q
         ga = (gq - qs * proj) * inv_s              # lwkd::sqdist_grad_a
-    h = (ga * inv_c).to(OPT)
+    h = (v * ga * inv_c).to(OPT)
     offs_c = tl.arange(0, BLOCK_C)
     if X_LAYOUT == 1 and G_LAYOUT == 1:  # channels contiguous: unmasked full channel blocks
         c_full = C - C % BLOCK_C
@@ -640,10 +677,10 @@ def _grad_block(offs, mask, MASK_N: tl.constexpr, ms, mt, inv_s, inv_t, proj, mx
 
 
 @triton.jit
-def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, rowscal,
+def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, masks, rowscal,
                       S_DT: tl.constexpr, S_BF16: tl.constexpr, STORE: tl.constexpr, ACC: tl.constexpr,
                       OPT: tl.constexpr, POW_MODE: tl.constexpr, METRIC: tl.constexpr,
-                      SOFTMAX: tl.constexpr, X_LAYOUT: tl.constexpr, G_LAYOUT: tl.constexpr,
+                      SOFTMAX: tl.constexpr, MASKED: tl.constexpr, X_LAYOUT: tl.constexpr, G_LAYOUT: tl.constexpr,
                       X_DIV: tl.constexpr, X_ALIGN: tl.constexpr, G_DIV: tl.constexpr,
                       G_ALIGN: tl.constexpr, KPAD: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_C: tl.constexpr):
@@ -683,18 +720,19 @@ def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, rowscal,
     moff = tl.load(row + _A_MOFF) + b * N
     ms = maps_s + moff
     mt = maps_t + moff
+    mk = masks + moff
     inv_c = 1.0 / C.to(ACC)
 
     for i0 in range(i_begin, i_full, BLOCK_N):
         offs = i0 + tl.arange(0, BLOCK_N)
-        _grad_block(offs, offs < i_end, False, ms, mt, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg, inv_tau, beta,
-                    inv_c, x_base, g_base, C, x_sc, x_sn, g_sc, g_sn, p, S_DT, S_BF16, STORE, OPT, POW_MODE,
-                    METRIC, SOFTMAX, X_LAYOUT, G_LAYOUT, BLOCK_C)
+        _grad_block(offs, offs < i_end, False, ms, mt, mk, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg, inv_tau,
+                    beta, inv_c, x_base, g_base, C, x_sc, x_sn, g_sc, g_sn, p, S_DT, S_BF16, STORE, ACC, OPT,
+                    POW_MODE, METRIC, SOFTMAX, MASKED, X_LAYOUT, G_LAYOUT, BLOCK_C)
     for i0 in range(i_full, i_end, BLOCK_N):
         offs = i0 + tl.arange(0, BLOCK_N)
-        _grad_block(offs, offs < i_end, True, ms, mt, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg, inv_tau, beta,
-                    inv_c, x_base, g_base, C, x_sc, x_sn, g_sc, g_sn, p, S_DT, S_BF16, STORE, OPT, POW_MODE,
-                    METRIC, SOFTMAX, X_LAYOUT, G_LAYOUT, BLOCK_C)
+        _grad_block(offs, offs < i_end, True, ms, mt, mk, inv_s, inv_t, proj, mx_s, mx_t, gd, tsg, inv_tau,
+                    beta, inv_c, x_base, g_base, C, x_sc, x_sn, g_sc, g_sn, p, S_DT, S_BF16, STORE, ACC, OPT,
+                    POW_MODE, METRIC, SOFTMAX, MASKED, X_LAYOUT, G_LAYOUT, BLOCK_C)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -794,8 +832,8 @@ def _map_terms_kernel(hdr, tab, n_layers, tile0, B, part, part2, rowstats, S_DT:
     r_u = _combine(part, first, nch, 2, 0, MAXC)
     r_w = _combine(part, first, nch, 2, 1, MAXC)
     if METRIC != 2:
-        r_u = _sqrt(r_u)
-        r_w = _sqrt(r_w)
+        r_u = sqrt_rn(r_u)
+        r_w = sqrt_rn(r_w)
     inv_u = _inv_clamp(r_u, eps)
     inv_w = _inv_clamp(r_w, eps)
     u_base = _base(row, _M_SPTR, _M_SSB, b, S_DT, S_DIV, S_ALIGN)
@@ -807,7 +845,7 @@ def _map_terms_kernel(hdr, tab, n_layers, tile0, B, part, part2, rowstats, S_DT:
     for i0 in range(i_full, i_end, BLOCK):
         idx, u, w = _flat_vals(u_base, w_base, i0, i_end, S_BF16, T_BF16, ACC, True, BLOCK)
         acc = _terms_step(acc, u, w, inv_u, inv_w, beta, METRIC)
-    tl.store(part2 + gt, _sum(acc))
+    tl.store(part2 + gt, _unless_overflow(_sum(acc), r_u, r_w))
     k = tl.load(row + _M_ORIG)
     tl.store(rowstats + (k * B + b) * 2, r_u, mask=ci == 0)
     tl.store(rowstats + (k * B + b) * 2 + 1, r_w, mask=ci == 0)
@@ -951,6 +989,37 @@ def _pair_lists(student, teacher, op: str) -> int:
     if B == 0:
         raise ValueError(f"lwkd_triton::{op}: batch size must be > 0")
     return B
+
+
+def _check_features_nonempty(tensors, op: str, who: str, channel_dim: int) -> None:
+    """Every sample of a feature map needs a channel and a location: an empty map would be a
+    0/0 mean (and the host's tiling divides by its size)."""
+    for k, x in enumerate(tensors):
+        if x.dim() == 1:  # (B,): one channel, one location
+            continue
+        C = x.shape[channel_dim % x.dim()]
+        N = reference.bcn_locations(x, channel_dim)
+        if C == 0 or N == 0:
+            what = "no channels" if C == 0 else "no locations (an empty spatial extent)"
+            raise ValueError(f"lwkd_triton::{op}: pair {k}: {who} tensor of shape {tuple(x.shape)} has {what}; "
+                             "every sample needs at least one channel and one location")
+
+
+def _check_maps_nonempty(student, teacher, op: str) -> None:
+    """A derivative map with no element per sample has no norm and no distribution."""
+    for k, (a, b) in enumerate(zip(student, teacher)):
+        for x, who in ((a, "student"), (b, "teacher")):
+            if x.numel() == 0:  # the batch is > 0 (checked first): 0 elements per sample
+                raise ValueError(f"lwkd_triton::{op}: pair {k}: {who} map of shape {tuple(x.shape)} has 0 "
+                                 "elements per sample; every sample needs at least one")
+
+
+def _check_saved(op: str, name: str, x: torch.Tensor, dtype: torch.dtype, device: torch.device, numel: int) -> None:
+    """A tensor the forward saved for the backward: the kernels read it as one flat buffer."""
+    if x.dtype != dtype or x.device != device or x.numel() != numel or not x.is_contiguous():
+        raise ValueError(f"lwkd_triton::{op}: {name} must be a contiguous {dtype} tensor of {numel} elements on "
+                         f"{device} (as the forward returns it), got shape {tuple(x.shape)}, dtype {x.dtype}, "
+                         f"device {x.device}")
 
 
 def _divisibility(ptr: int, esize: int, strides) -> Tuple[int, int]:
@@ -1099,17 +1168,44 @@ def _scatter_back(g: torch.Tensor, g3: torch.Tensor, channel_dim: int) -> None:
 
 
 def _launch(kernel, grid, *args, **kw):
-    kernel[grid](*args, num_warps=CONFIG.num_warps, **kw)
+    _common.launch(kernel, grid, *args, num_warps=CONFIG.num_warps, **kw)
+
+
+def _guard(tensors, op: str):
+    """The device guard of one op call (see _common.on_device); the impl checks that every
+    tensor is on the first one's device."""
+    return on_device(tensors[0].device, op) if tensors else contextlib.nullcontext()
 
 
 # ---- attention ---------------------------------------------------------------------------------
 
 
-def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim):
+def _mask_buffer(op, masks, Ns, B, acc, dev):
+    """The masks of the K pairs as one flat 0/1 buffer laid out like the map buffers (ones for a
+    pair without mask), or None when no pair has one."""
+    if masks is None or all(m is None for m in masks):
+        return None
+    if len(masks) != len(Ns):
+        raise ValueError(f"lwkd_triton::{op}: {len(masks)} masks for {len(Ns)} layer pairs")
+    parts = []
+    for k, (m, N) in enumerate(zip(masks, Ns)):
+        if m is None:
+            parts.append(torch.ones(B * N, dtype=acc, device=dev))
+            continue
+        if tuple(m.shape) != (B, N) or m.device != dev:
+            raise ValueError(f"lwkd_triton::{op}: pair {k}: masks[{k}] has shape {tuple(m.shape)} on {m.device} "
+                             f"but the pair has (B, N) = ({B}, {N}) on {dev}")
+        parts.append(m.to(acc).reshape(-1))
+    return torch.cat(parts)
+
+
+def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks=None):
     op = "attention_discrepancy"
     mcode = _metric_code(metric, True)
     _check_params(op, beta, tau, eps, normalize, p)
     B = _pair_lists(student, teacher, op)
+    _check_features_nonempty(student, op, "student", channel_dim)
+    _check_features_nonempty(teacher, op, "teacher", channel_dim)
     K = len(student)
     acc = _acc_dtype(list(student) + list(teacher))
     dev = student[0].device
@@ -1125,6 +1221,7 @@ def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, e
     maps_s = torch.empty(B * ntot, dtype=acc, device=dev)
     maps_t = torch.empty(B * ntot, dtype=acc, device=dev)
     d = torch.empty((K, B), dtype=acc, device=dev)
+    mbuf = _mask_buffer(op, masks, Ns, B, acc, dev)
 
     table = _Table(A_NCOL, (p, beta, tau, eps))
     keyed = []
@@ -1149,28 +1246,31 @@ def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, e
                 S_BF16=sdt == torch.bfloat16, T_BF16=tdt == torch.bfloat16, ACC=_TL_DTYPES[acc],
                 POW_MODE=pm, S_LAYOUT=key[2], T_LAYOUT=key[3], S_DIV=key[4], S_ALIGN=key[5],
                 T_DIV=key[6], T_ALIGN=key[7], KPAD=_next_pow2(r1 - r0), BLOCK_N=bn, BLOCK_C=bc)
-    _launch(_attn_rows_fwd_kernel, (K * B,), table.hdr, table.all_rows, B, maps_s, maps_t, d,
-            ACC=_TL_DTYPES[acc], METRIC=mcode, SOFTMAX=(mcode == JSD and normalize == "softmax"),
-            BLOCK=CONFIG.block_rows)
+    _launch(_attn_rows_fwd_kernel, (K * B,), table.hdr, table.all_rows, B, maps_s, maps_t,
+            maps_s if mbuf is None else mbuf, d, ACC=_TL_DTYPES[acc], METRIC=mcode,
+            SOFTMAX=(mcode == JSD and normalize == "softmax"), MASKED=mbuf is not None, BLOCK=CONFIG.block_rows)
     return d, maps_s, maps_t
 
 
 def _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau, eps,
-                             channel_dim):
+                             channel_dim, masks=None):
     op = "attention_discrepancy_backward"
     mcode = _metric_code(metric, True)
     _check_params(op, beta, tau, eps, normalize, p)
+    B = _pair_lists(student, student, op)
+    _check_features_nonempty(student, op, "student", channel_dim)
     K = len(student)
-    B = student[0].shape[0]
     acc = maps_s.dtype
     dev = student[0].device
     if tuple(grad.shape) != (K, B):
         raise ValueError(f"lwkd_triton::{op}: grad must be ({K}, {B}), got {tuple(grad.shape)}")
-    grad = grad.to(acc).contiguous()
     s3 = [reference.to_bcn(x, channel_dim) for x in student]
     Ns = [x.shape[2] for x in s3]
-    if maps_s.numel() != B * sum(Ns) or maps_t.numel() != B * sum(Ns):
-        raise ValueError(f"lwkd_triton::{op}: saved maps do not match the student features")
+    if acc not in (torch.float32, torch.float64):
+        raise ValueError(f"lwkd_triton::{op}: maps_s has dtype {acc}; the forward saves float32 or float64 maps")
+    for name, m in (("maps_s", maps_s), ("maps_t", maps_t)):
+        _check_saved(op, name, m, acc, dev, B * sum(Ns))
+    grad = grad.to(device=dev, dtype=acc).contiguous()
     grads, bufs = [], []
     table = _Table(A_NCOL, (p, beta, tau, eps))
     keyed = []
@@ -1190,18 +1290,21 @@ def _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, nor
     table.build(keyed, dev, n_hints=4)
 
     softmax = mcode == JSD and normalize == "softmax"
+    mbuf = _mask_buffer(op, masks, Ns, B, acc, dev)
+    mptr = maps_s if mbuf is None else mbuf
     rowscal = torch.empty(K * B * 8, dtype=acc, device=dev)
-    _launch(_attn_rows_bwd_kernel, (K * B,), table.hdr, table.all_rows, B, maps_s, maps_t, grad,
-            rowscal, ACC=_TL_DTYPES[acc], METRIC=mcode, SOFTMAX=softmax, BLOCK=CONFIG.block_rows)
+    _launch(_attn_rows_bwd_kernel, (K * B,), table.hdr, table.all_rows, B, maps_s, maps_t, mptr, grad,
+            rowscal, ACC=_TL_DTYPES[acc], METRIC=mcode, SOFTMAX=softmax, MASKED=mbuf is not None,
+            BLOCK=CONFIG.block_rows)
     pm = _pow_mode(p)
     for key, r0, r1, tile0, ntiles in table.groups:
         sdt = getattr(torch, key[0][6:])
         opt = torch.float64 if sdt == torch.float64 else torch.float32
         bn, bc = _blocks(key[1], key[2])
         _launch(_attn_grad_kernel, (ntiles,), table.hdr, table.group_rows(r0, r1), r1 - r0, tile0, B,
-                maps_s, maps_t, rowscal, S_DT=_TL_DTYPES[sdt], S_BF16=sdt == torch.bfloat16,
+                maps_s, maps_t, mptr, rowscal, S_DT=_TL_DTYPES[sdt], S_BF16=sdt == torch.bfloat16,
                 STORE=_store_mode(sdt), ACC=_TL_DTYPES[acc], OPT=_TL_DTYPES[opt], POW_MODE=pm,
-                METRIC=mcode, SOFTMAX=softmax, X_LAYOUT=key[1], G_LAYOUT=key[2], X_DIV=key[3],
+                METRIC=mcode, SOFTMAX=softmax, MASKED=mbuf is not None, X_LAYOUT=key[1], G_LAYOUT=key[2], X_DIV=key[3],
                 X_ALIGN=key[4], G_DIV=key[5], G_ALIGN=key[6], KPAD=_next_pow2(r1 - r0), BLOCK_N=bn,
                 BLOCK_C=bc)
     for k in range(K):
@@ -1214,26 +1317,11 @@ def _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, nor
 # ---- map op ------------------------------------------------------------------------------------
 
 
-def _non_overlapping_and_dense(x: torch.Tensor) -> bool:
-    """The elements fill one contiguous memory range exactly once (any dimension order)."""
-    expected = 1
-    dims = sorted(((st, s) for s, st in zip(x.shape, x.stride()) if s != 1))
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _dense_batch_outer(x: torch.Tensor) -> bool:
-    if x.dim() == 0 or not _non_overlapping_and_dense(x):
+    if x.dim() == 0 or not is_dense(x):
         return False
     n = x.numel() // max(x.shape[0], 1)
     return x.shape[0] == 1 or x.stride(0) == n
-
-
-def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and all(a.stride(d) == b.stride(d) for d in range(a.dim()) if a.shape[d] > 1)
 
 
 def _flat_pair(s: torch.Tensor, t: torch.Tensor, op: str, k: int):
@@ -1242,7 +1330,7 @@ def _flat_pair(s: torch.Tensor, t: torch.Tensor, op: str, k: int):
     if s.shape != t.shape:
         raise ValueError(f"lwkd_triton::{op}: pair {k}: student map shape {tuple(s.shape)} differs from "
                          f"teacher map shape {tuple(t.shape)}")
-    if not (_dense_batch_outer(s) and _dense_batch_outer(t) and _same_layout(s, t)):
+    if not (_dense_batch_outer(s) and _dense_batch_outer(t) and same_layout(s, t)):
         s, t = s.contiguous(), t.contiguous()
     return s, t, s.numel() // s.shape[0]
 
@@ -1286,6 +1374,7 @@ def _map_forward_impl(student, teacher, metric, beta, eps):
     mcode = _metric_code(metric, False)
     _check_params(op, beta, 1.0, eps)
     B = _pair_lists(student, teacher, op)
+    _check_maps_nonempty(student, teacher, op)
     K = len(student)
     acc = _acc_dtype(list(student) + list(teacher))
     dev = student[0].device
@@ -1316,12 +1405,17 @@ def _map_backward_impl(grad, student, teacher, rowstats, metric, beta, eps):
     mcode = _metric_code(metric, False)
     _check_params(op, beta, 1.0, eps)
     B = _pair_lists(student, teacher, op)
+    _check_maps_nonempty(student, teacher, op)
     K = len(student)
     acc = rowstats.dtype
     dev = student[0].device
     if tuple(grad.shape) != (K, B):
         raise ValueError(f"lwkd_triton::{op}: grad must be ({K}, {B}), got {tuple(grad.shape)}")
-    grad = grad.to(acc).contiguous()
+    if acc != _acc_dtype(list(student) + list(teacher)):
+        raise ValueError(f"lwkd_triton::{op}: rowstats has dtype {acc} but the maps accumulate in "
+                         f"{_acc_dtype(list(student) + list(teacher))} (pass the forward's row statistics)")
+    _check_saved(op, "rowstats", rowstats, acc, dev, K * B * 2)
+    grad = grad.to(device=dev, dtype=acc).contiguous()
     pairs = [_flat_pair(s, t, op, k) for k, (s, t) in enumerate(zip(student, teacher))]
     Ns = [n for _, _, n in pairs]
     grads, bufs = [], []
@@ -1360,14 +1454,17 @@ def _map_backward_impl(grad, student, teacher, rowstats, metric, beta, eps):
 @torch.library.custom_op("lwkd_triton::attention_discrepancy", mutates_args=())
 def attention_discrepancy_op(student: List[torch.Tensor], teacher: List[torch.Tensor], p: float,
                              metric: str, beta: float, normalize: str, tau: float, eps: float,
-                             channel_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             channel_dim: int, masks: List[Optional[torch.Tensor]]
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d (K, B), maps_s, maps_t); the maps of layer k are the (B, N_k) block at offset
-    B * sum_{j<k} N_j of the flat map buffers (kept for the backward)."""
-    return _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim)
+    B * sum_{j<k} N_j of the flat map buffers (kept for the backward).  ``masks``: one (B, N_k)
+    0/1 mask of valid locations, or None, per pair (SPEC section 2)."""
+    with _guard(student, "attention_discrepancy"):
+        return _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks)
 
 
 @attention_discrepancy_op.register_fake
-def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim):
+def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks):
     acc = _acc_dtype(list(student) + list(teacher))
     B = student[0].shape[0]
     ntot = sum(reference.bcn_locations(x, channel_dim) for x in student)
@@ -1379,23 +1476,26 @@ def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, chan
 def attention_discrepancy_backward_op(grad: torch.Tensor, student: List[torch.Tensor],
                                       maps_s: torch.Tensor, maps_t: torch.Tensor, p: float,
                                       metric: str, beta: float, normalize: str, tau: float,
-                                      eps: float, channel_dim: int) -> List[torch.Tensor]:
-    return _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau,
-                                    eps, channel_dim)
+                                      eps: float, channel_dim: int,
+                                      masks: List[Optional[torch.Tensor]]) -> List[torch.Tensor]:
+    with _guard(student, "attention_discrepancy_backward"):
+        return _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau,
+                                        eps, channel_dim, masks)
 
 
 @attention_discrepancy_backward_op.register_fake
 def _attention_backward_fake(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau, eps,
-                             channel_dim):
+                             channel_dim, masks):
     return [torch.empty_like(x) for x in student]
 
 
 def _attention_setup(ctx, inputs, output):
-    student, _teacher, p, metric, beta, normalize, tau, eps, channel_dim = inputs
+    student, _teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks = inputs
     _d, maps_s, maps_t = output
     ctx.mark_non_differentiable(maps_s, maps_t)  # kept for the backward only
     ctx.K = len(student)
     ctx.args = (p, metric, beta, normalize, tau, eps, channel_dim)
+    ctx.masks = masks  # constants (no gradient)
     ctx.save_for_backward(*student, maps_s, maps_t)
 
 
@@ -1406,8 +1506,11 @@ def _attention_backward(ctx, grad_d, _grad_maps_s, _grad_maps_t):
         grads = [None] * K
     else:
         grads = torch.ops.lwkd_triton.attention_discrepancy_backward(
-            grad_d, list(saved[:K]), saved[K], saved[K + 1], *ctx.args)
-    return list(grads), [None] * K, None, None, None, None, None, None, None
+            grad_d, list(saved[:K]), saved[K], saved[K + 1], *ctx.args, ctx.masks)
+    # the masks slot mirrors how torch flattened the input: a list holding any None is one leaf,
+    # a list of tensors only is a list
+    no_masks = [None] * K if all(m is not None for m in ctx.masks) else None
+    return list(grads), [None] * K, None, None, None, None, None, None, None, no_masks
 
 
 attention_discrepancy_op.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -1417,7 +1520,8 @@ attention_discrepancy_op.register_autograd(_attention_backward, setup_context=_a
 def map_discrepancy_op(student: List[torch.Tensor], teacher: List[torch.Tensor], metric: str,
                        beta: float, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (d (K, B), row statistics (K * B * 2) kept for the backward)."""
-    return _map_forward_impl(student, teacher, metric, beta, eps)
+    with _guard(student, "map_discrepancy"):
+        return _map_forward_impl(student, teacher, metric, beta, eps)
 
 
 @map_discrepancy_op.register_fake
@@ -1431,7 +1535,8 @@ def _map_fake(student, teacher, metric, beta, eps):
 def map_discrepancy_backward_op(grad: torch.Tensor, student: List[torch.Tensor],
                                 teacher: List[torch.Tensor], rowstats: torch.Tensor, metric: str,
                                 beta: float, eps: float) -> List[torch.Tensor]:
-    return _map_backward_impl(grad, student, teacher, rowstats, metric, beta, eps)
+    with _guard(student, "map_discrepancy_backward"):
+        return _map_backward_impl(grad, student, teacher, rowstats, metric, beta, eps)
 
 
 @map_discrepancy_backward_op.register_fake
@@ -1461,11 +1566,11 @@ def _map_backward(ctx, grad_d, _grad_stats):
 map_discrepancy_op.register_autograd(_map_backward, setup_context=_map_setup)
 
 
-def attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim):
+def attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks=None):
     """Per-sample (K, B) attention discrepancy; differentiable w.r.t. the student features."""
     return torch.ops.lwkd_triton.attention_discrepancy(
         list(student), [t.detach() for t in teacher], float(p), metric, float(beta), normalize,
-        float(tau), float(eps), int(channel_dim))[0]
+        float(tau), float(eps), int(channel_dim), [None] * len(student) if masks is None else list(masks))[0]
 
 
 def map_discrepancy(student, teacher, metric, beta, eps):

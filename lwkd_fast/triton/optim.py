@@ -13,7 +13,19 @@ Per-tensor options (weight decay, momentum, fresh buffer, nesterov, amsgrad, max
 values applied through ``tl.where`` and load/store masks, so one compiled kernel serves every
 group.  The rate of a tensor is read on the device: ``factors[layer] * lr`` (rounded to the
 factors' dtype) with the group's base rate ``lr``.  AdamW step counts are incremented on the
-device with ``torch._foreach_add_`` before the launch, as torch's fused AdamW does.
+device with ``torch._foreach_add_`` before the launch, as torch's fused AdamW does.  The AdamW
+update uses correctly rounded square roots and divisions (``tl.sqrt_rn`` / ``tl.div_rn`` in
+float32), as CUDA C++ compiles them in csrc/common/optim_math.h and in torch's AdamW kernels.
+
+Checks.  The host code makes the checks of the native ops (csrc/common/optim_host.h) before
+anything is launched: list lengths, group indices and layers within range, and every state tensor
+the kernel addresses (momentum buffer, exp_avg, exp_avg_sq, max_exp_avg_sq) with its parameter's
+shape, dtype, device and memory layout -- the kernel walks it by the parameter's element offsets,
+so a state of another size or order is refused by name (``exp_avgs[3]``) instead of being read
+out of bounds or in the wrong order; step counts are one float32 element on the device.  A base
+rate given as a tensor is read where it lives: on the device when it is on the parameters'
+device, on the host (from its memory: no copy, no synchronisation) when it is a CPU tensor next
+to device parameters.  Every call runs under the device guard of its tensors (see ._common).
 
 Skip flag: both ops take an optional ``found_inf`` (0-dim float32 on the device).  The kernels
 load it once per program and fold it into their load/store masks, so a skipped step writes
@@ -30,12 +42,17 @@ bit path is used on GPUs too so that both give identical results.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import math
 import os
 from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from . import _common
+from ._common import div_rn, is_dense, on_device, same_layout, sqrt_rn
 
 __all__ = ["layerwise_rates", "layerwise_step", "OPS", "INTERPRETED"]
 
@@ -206,29 +223,129 @@ def layerwise_rates(d: torch.Tensor, state: torch.Tensor, nonfinite: Optional[to
                     gamma: float, s_min: float, s_max: float, eps: float,
                     found_inf: Optional[torch.Tensor] = None, ref_state: Optional[torch.Tensor] = None,
                     ref_momentum: float = 0.99) -> torch.Tensor:
-    """Triton implementation of ``lwkd::layerwise_rates`` (same arguments and result)."""
+    """Triton implementation of ``lwkd::layerwise_rates`` (same arguments, checks and result)."""
+    _check_rates_args(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps, found_inf,
+                      ref_state, ref_momentum)
+    with on_device(state.device, _RATES):
+        return _rates(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps, found_inf,
+                      ref_state, ref_momentum)
+
+
+_RATES = "layerwise_rates"
+_STEP_OP = "layerwise_step"
+
+
+def _fail(op: str, msg: str):
+    raise ValueError(f"lwkd_triton::{op}: {msg}")
+
+
+def _check_found_inf(op: str, found_inf: Optional[torch.Tensor], device: torch.device) -> None:
+    """The skip flag: one float32 element on the op's device (read there, never on the host)."""
+    if found_inf is None:
+        return
+    if found_inf.numel() != 1 or found_inf.dim() > 1:
+        _fail(op, f"found_inf must be a 0-dim (or one-element) tensor, got shape {tuple(found_inf.shape)}")
+    if found_inf.dtype != torch.float32:
+        _fail(op, f"found_inf has dtype {found_inf.dtype}; expected float32")
+    if found_inf.device != device:
+        _fail(op, f"found_inf is on {found_inf.device} but the op runs on {device}")
+
+
+def _host_values(t: torch.Tensor, device: torch.device, op: str, what: str) -> Optional[List[float]]:
+    """The values of a CPU rate tensor that is used beside tensors on another device, read on the
+    host -- host memory, so no copy and no device synchronisation, as the native ops do; None when
+    ``t`` is on ``device`` (the kernels read it there)."""
+    if t.device == device:
+        return None
+    if t.device.type != "cpu":
+        _fail(op, f"{what} is on {t.device} but the op runs on {device}")
+    # straight from the tensor's memory, as native's read_host_scalar (Tensor.tolist() / item()
+    # would be flagged as device reads by the tests' NoHostSync guard, which cannot tell them apart)
+    flat = t.detach().reshape(-1)
+    ctype = ctypes.c_double if flat.dtype == torch.float64 else ctypes.c_float
+    step = flat.stride(0) * flat.element_size() if flat.numel() > 1 else 0
+    return [float(ctype.from_address(flat.data_ptr() + i * step).value) for i in range(flat.numel())]
+
+
+def _check_rates_args(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps,
+                      found_inf, ref_state=None, ref_momentum=0.99) -> None:
+    """The checks of csrc/common/optim_host.h's check_rates_args."""
+    op = _RATES
+    if d.dim() != 1 or not d.is_floating_point():
+        _fail(op, f"discrepancies must be a 1-D floating tensor (K,), got shape {tuple(d.shape)} and dtype {d.dtype}")
     K = d.shape[0]
-    eta = torch.empty(K, dtype=state.dtype, device=state.device)
-    if K == 0:
-        return eta
-    if K > 65536:
-        raise ValueError(f"lwkd_fast.triton.optim.layerwise_rates: K={K} layers exceeds the single-program limit 65536")
-    lr_ptr, lr_stride, from_ptr = eta, 0, False
-    scalar_lr = float(base_lr[0]) if len(base_lr) else 1.0
+    if state.dim() != 1 or state.shape[0] != K:
+        _fail(op, f"state must have shape ({K},) like the discrepancies, got {tuple(state.shape)}")
+    if state.dtype not in (torch.float32, torch.float64):
+        _fail(op, f"state has dtype {state.dtype}; expected float32 or float64")
+    if state.device != d.device:
+        _fail(op, f"state is on {state.device} but the discrepancies are on {d.device}")
+    if nonfinite is not None:
+        if nonfinite.numel() != 1 or nonfinite.dtype != torch.int64:
+            _fail(op, f"nonfinite must be a one-element int64 tensor, got shape {tuple(nonfinite.shape)} and "
+                      f"dtype {nonfinite.dtype}")
+        if nonfinite.device != d.device:
+            _fail(op, f"nonfinite is on {nonfinite.device} but the discrepancies are on {d.device}")
     if base_lr_tensor is not None:
         t = base_lr_tensor
-        if t.device != state.device:  # a CPU scalar next to device state: move it without a sync
-            t = t.to(state.device, non_blocking=True)
-        lr_ptr, lr_stride, from_ptr = t.reshape(-1), (1 if t.numel() == K and t.dim() == 1 else 0), True
-    elif len(base_lr) == K and K > 1:
-        lr_ptr = torch.tensor(list(base_lr), dtype=torch.float64).to(state.device, non_blocking=True)
-        lr_stride, from_ptr = 1, True
+        if not (t.numel() == 1 or (t.dim() == 1 and t.shape[0] == K)):
+            _fail(op, f"base_lr must be a 0-dim tensor or have shape ({K},), got {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float64):
+            _fail(op, f"base_lr tensor has dtype {t.dtype}; expected float32 or float64")
+        if t.device != d.device and t.device.type != "cpu":
+            _fail(op, f"base_lr tensor is on {t.device} but the discrepancies are on {d.device}")
+    elif len(base_lr) not in (1, K):
+        _fail(op, f"base_lr must hold 1 or K={K} values, got {len(base_lr)}")
+    if not 0.0 <= momentum < 1.0:
+        _fail(op, f"momentum must lie in [0, 1), got {momentum}")
+    if not (gamma >= 0.0 and math.isfinite(gamma)):
+        _fail(op, f"gamma must be finite and >= 0, got {gamma}")
+    if not s_min <= s_max:  # (False for a NaN bound too)
+        _fail(op, f"need s_min <= s_max, got s_min={s_min}, s_max={s_max}")
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        _fail(op, f"eps must be finite and >= 0, got {eps}")
+    if K > 65536:
+        _fail(op, f"K={K} layers exceeds the single-program limit 65536")
+    _check_found_inf(op, found_inf, d.device)
+    if ref_state is not None:
+        r = ref_state
+        if r.dim() != 2 or tuple(r.shape) != (2, K):
+            _fail(op, f"ref_state must have shape (2, {K}) (running mean; accumulated weight) for K={K} "
+                      f"discrepancies, got {tuple(r.shape)}")
+        if r.dtype != state.dtype:
+            _fail(op, f"ref_state has dtype {r.dtype} but state has dtype {state.dtype}; they must match")
+        if r.device != d.device:
+            _fail(op, f"ref_state is on {r.device} but the discrepancies are on {d.device}")
+        if not 0.0 <= ref_momentum < 1.0:
+            _fail(op, f"ref_momentum must lie in [0, 1), got {ref_momentum}")
+
+
+def _rates(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps, found_inf,
+           ref_state=None, ref_momentum=0.99):
+    K = d.shape[0]
+    device = state.device
+    eta = torch.empty(K, dtype=state.dtype, device=device)
+    if K == 0:
+        return eta
+    host_lr = list(base_lr)
+    lr_ptr, lr_stride, from_ptr = eta, 0, False
+    if base_lr_tensor is not None:
+        values = _host_values(base_lr_tensor, device, _RATES, "the base_lr tensor")
+        per_layer = base_lr_tensor.numel() != 1 or (base_lr_tensor.dim() == 1 and K == 1)
+        if values is None:  # read on the device
+            lr_ptr, lr_stride, from_ptr = base_lr_tensor.reshape(-1), (1 if per_layer else 0), True
+        else:
+            host_lr = values
+    if len(host_lr) == K and K > 1 and not from_ptr:
+        lr_ptr, lr_stride, from_ptr = _as_table(host_lr, torch.float64, device), 1, True
+    scalar_lr = float(host_lr[0]) if host_lr else 1.0
     gamma_mode = 0 if gamma == 0.0 else (1 if gamma == 1.0 else 2)
     nf = nonfinite if nonfinite is not None else eta
-    prm = _as_table([scalar_lr, momentum, gamma, s_min, s_max, eps, ref_momentum], torch.float64, state.device)
+    prm = _as_table([scalar_lr, momentum, gamma, s_min, s_max, eps, ref_momentum], torch.float64, device)
     ref = ref_state if ref_state is not None else state
     with _quiet():
-        _rates_kernel[(1,)](
+        _common.launch(
+            _rates_kernel, (1,),
             d, d.stride(0), state, state.stride(0), eta, nf, lr_ptr, lr_stride, K, prm,
             found_inf if found_inf is not None else eta, ref,
             ref.stride(0) if ref_state is not None else 0, ref.stride(-1),
@@ -248,10 +365,10 @@ def _(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_ma
 # ------------------------------------------------------------------------------------------------
 # The fused step: one program per (tensor, chunk) task, all tensors in one launch per dtype
 # ------------------------------------------------------------------------------------------------
-# pointer table columns
-_P, _G, _S1, _S2, _S3, _STEP = range(6)
-# group table (float64) columns: base lr, then the six hyper-parameters
-_GLR = 0
+# Tables of one call: ptr_table (int64, per tensor: addresses of parameter, gradient, state1-3 and
+# step count, 0 where unused), numel / group / fresh tables (per tensor), task_table (int32 pairs
+# (tensor, chunk), per dtype), glayer_table (per group) and gfloat_table (float64, per group: base
+# lr and the six hyper-parameters).
 
 
 @triton.jit
@@ -339,19 +456,18 @@ def _step_kernel(ptr_table, numel_table, tgroup_table, fresh_table, task_table, 
         # torch.maximum: NaN if either side is NaN
         vmax_new = tl.where(vmax != vmax, vmax, tl.where(v != v, v, tl.maximum(vmax, v)))
         vv = tl.where(ams, vmax_new, v)
-        denom = tl.sqrt(vv) / c_bc2 + c_eps
-        p = p - c_step * (m / denom)
+        # IEEE square root and divisions, as CUDA C++ compiles csrc/common/optim_math.h (and
+        # torch its AdamW kernels): tl.sqrt and / would be approximate in float32
+        denom = div_rn(sqrt_rn(vv), c_bc2) + c_eps
+        p = p - c_step * div_rn(m, denom)
         _store_op(p_addr, offs, p, mask, DT)
         _store_op(m_addr, offs, m, mask, DT)
         _store_op(v_addr, offs, v, mask, DT)
         _store_op(w_addr, offs, vmax_new, mask & ams, DT)
 
 
-def _addr(x: Optional[torch.Tensor]) -> int:
-    return 0 if x is None else x.data_ptr()
-
-
 def _as_table(rows, dtype, device) -> torch.Tensor:
+    """A host list as a tensor on ``device``: pinned memory and a copy that does not wait."""
     t = torch.tensor(rows, dtype=dtype)
     if device.type != "cpu":
         t = t.pin_memory().to(device, non_blocking=True)
@@ -367,97 +483,196 @@ def layerwise_step(algorithm: str, params: List[torch.Tensor], grads: List[torch
                    fresh: List[int], group_layer: List[int], group_lr: List[float],
                    group_lr_tensor: List[Optional[torch.Tensor]], group_hyper: List[float],
                    found_inf: Optional[torch.Tensor] = None) -> None:
-    """Triton implementation of ``lwkd::layerwise_step`` (same arguments; see csrc/ops.cpp)."""
-    if algorithm not in ("sgd", "adamw"):
-        raise ValueError(f"lwkd_triton::layerwise_step: unknown algorithm {algorithm!r} (expected 'sgd' or 'adamw')")
-    N, G = len(params), len(group_layer)
-    if N == 0:
-        return
-    if len(grads) != N or len(tensor_group) != N or len(group_hyper) != G * _HYPER or len(group_lr) != G:
-        raise ValueError("lwkd_triton::layerwise_step: list lengths disagree (params, grads, tensor_group, groups)")
-    device = factors.device
-    sgd = algorithm == "sgd"
-    fresh_set = set(fresh)
+    """Triton implementation of ``lwkd::layerwise_step`` (same arguments and checks; see csrc/ops.cpp)."""
+    plan = _StepPlan(algorithm, params, grads, state1, state2, state3, steps, factors, tensor_group, fresh,
+                     group_layer, group_lr, group_lr_tensor, group_hyper, found_inf)
+    with on_device(factors.device, _STEP_OP):
+        plan.run()
 
-    # group table: base lr + hyper-parameters, float64; tensor rates are gathered on the device
-    gfloat = [[float(group_lr[k])] + [float(x) for x in group_hyper[k * _HYPER:(k + 1) * _HYPER]] for k in range(G)]
-    gtable = _as_table(gfloat, torch.float64, device)
-    lr_tensors = [(k, t) for k, t in enumerate(group_lr_tensor or []) if t is not None]
-    if lr_tensors:
-        idx = torch.tensor([k for k, _ in lr_tensors], dtype=torch.int64).to(device, non_blocking=True)
-        vals = torch.stack([t.detach().reshape(()).to(device=device, dtype=torch.float64) for _, t in lr_tensors])
-        gtable[:, 0].index_copy_(0, idx, vals)
-    glayer = _as_table([int(x) for x in group_layer], torch.int64, device)
 
-    rows, numels, tgroups, fresh_flags = [], [], [], []
-    keep_alive = []  # gradient copies made to match a parameter's layout (live until the launch)
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if g.shape != p.shape or g.dtype != p.dtype:
-            raise ValueError(
-                f"lwkd_triton::layerwise_step: grads[{i}] has shape {tuple(g.shape)} and dtype {g.dtype} but "
-                f"params[{i}] has shape {tuple(p.shape)} and dtype {p.dtype}"
-            )
-        if not _same_dense_layout(p, p):
-            raise ValueError(
-                f"lwkd_triton::layerwise_step: params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) "
-                "is not dense; the fused step updates dense parameters"
-            )
-        if not _same_dense_layout(g, p):
+class _StepPlan:
+    """The checked work list of one step call -- the checks of csrc/common/optim_host.h's
+    make_step_plan, so that the kernel never addresses memory a tensor does not own -- and its
+    launch."""
+
+    def __init__(self, algorithm, params, grads, state1, state2, state3, steps, factors, tensor_group, fresh,
+                 group_layer, group_lr, group_lr_tensor, group_hyper, found_inf):
+        if algorithm not in ("sgd", "adamw"):
+            _fail(_STEP_OP, f"unknown algorithm {algorithm!r} (expected 'sgd' or 'adamw')")
+        self.sgd = algorithm == "sgd"
+        self.params, self.steps, self.factors, self.found_inf = params, steps, factors, found_inf
+        self.device = factors.device
+        self._check_lists(params, grads, tensor_group, group_layer, group_lr, group_lr_tensor, group_hyper)
+        _check_found_inf(_STEP_OP, found_inf, self.device)
+        self.hyper = [[float(x) for x in group_hyper[k * _HYPER:(k + 1) * _HYPER]] for k in range(len(group_layer))]
+        self.group_lr = self._group_rates(group_layer, group_lr, group_lr_tensor)
+        self.group_layer = [int(x) for x in group_layer]
+        self._check_state_lists(len(params), state1, state2, state3, steps)
+        fresh_set = self._check_fresh(fresh, len(params))
+        self.rows, self.numels, self.tgroups, self.fresh_flags = [], [], [], []
+        self.keep_alive = []  # gradient copies made to match a parameter's layout (live until the launch)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            self._add_tensor(i, p, g, int(tensor_group[i]), i in fresh_set, state1, state2, state3, steps)
+
+    def _check_lists(self, params, grads, tensor_group, group_layer, group_lr, group_lr_tensor, group_hyper):
+        N, G = len(params), len(group_layer)
+        if len(grads) != N or len(tensor_group) != N:
+            _fail(_STEP_OP, f"{N} params but {len(grads)} grads and {len(tensor_group)} tensor_group entries")
+        if len(group_lr) != G or len(group_lr_tensor) not in (0, G) or len(group_hyper) != G * _HYPER:
+            _fail(_STEP_OP, f"{G} groups (group_layer) but {len(group_lr)} group_lr values, "
+                            f"{len(group_lr_tensor)} group_lr_tensor entries and {len(group_hyper)} group_hyper "
+                            f"values ({_HYPER} per group)")
+        f = self.factors
+        if f.dim() != 1 or f.dtype not in (torch.float32, torch.float64) or not f.is_contiguous():
+            _fail(_STEP_OP, f"factors must be a contiguous 1-D float32 or float64 tensor (K,), got shape "
+                            f"{tuple(f.shape)}, dtype {f.dtype}, strides {f.stride()}")
+        K = f.shape[0]
+        for k, layer in enumerate(group_layer):
+            if not -1 <= layer < K:
+                _fail(_STEP_OP, f"group {k} has layer {layer} but the factor vector has K={K} entries "
+                                "(use -1 for the head group)")
+
+    def _group_rates(self, group_layer, group_lr, group_lr_tensor):
+        """Base rate of each group as a host float, or None where the kernel reads a 0-dim device
+        tensor (gathered into the group table on the device, see run()); a CPU tensor beside
+        device parameters is read on the host.  Also checks SGD's nesterov condition per group."""
+        rates = []
+        self.device_lr = []  # (group, tensor) read on the device
+        for k in range(len(group_layer)):
+            h = self.hyper[k]
+            if self.sgd and h[3] != 0.0 and (h[1] <= 0.0 or h[2] != 0.0):
+                _fail(_STEP_OP, f"group {k}: nesterov needs momentum > 0 and dampening = 0")
+            t = group_lr_tensor[k] if group_lr_tensor else None
+            rate = float(group_lr[k])
+            if t is not None:
+                if t.numel() != 1 or t.dtype not in (torch.float32, torch.float64):
+                    _fail(_STEP_OP, f"group {k}: lr tensor must be one float32 or float64 element, got shape "
+                                    f"{tuple(t.shape)} and dtype {t.dtype}")
+                values = _host_values(t, self.device, _STEP_OP, f"group {k}'s lr tensor")
+                if values is None:
+                    self.device_lr.append((k, t))
+                else:
+                    rate = values[0]
+            rates.append(rate)
+        return rates
+
+    def _check_state_lists(self, N, state1, state2, state3, steps):
+        any_mom = any(h[1] != 0.0 for h in self.hyper)
+        any_ams = any(h[4] != 0.0 for h in self.hyper)
+        if self.sgd:
+            if not (len(state1) == N or (len(state1) == 0 and not any_mom)):
+                _fail(_STEP_OP, f"SGD with momentum needs one momentum buffer per parameter ({N}), got {len(state1)}")
+            if state2 or state3 or steps:
+                _fail(_STEP_OP, "SGD takes no exp_avg_sq / max_exp_avg_sq / step lists")
+        else:
+            if not (len(state1) == N and len(state2) == N and len(steps) == N):
+                _fail(_STEP_OP, f"AdamW needs exp_avg, exp_avg_sq and step for every parameter ({N}), got "
+                                f"{len(state1)}, {len(state2)} and {len(steps)}")
+            if not (len(state3) == N or (len(state3) == 0 and not any_ams)):
+                _fail(_STEP_OP, f"AdamW with amsgrad needs max_exp_avg_sq for every parameter ({N}), got {len(state3)}")
+
+    def _check_fresh(self, fresh, N):
+        for i in fresh:
+            if not 0 <= i < N:
+                _fail(_STEP_OP, f"fresh index {i} out of range for {N} params")
+            if not self.sgd:
+                _fail(_STEP_OP, "fresh indices apply to SGD only")
+        return set(int(i) for i in fresh)
+
+    def _add_tensor(self, i, p, g, gi, is_fresh, state1, state2, state3, steps):
+        G = len(self.group_layer)
+        if not 0 <= gi < G:
+            _fail(_STEP_OP, f"tensor_group[{i}] = {gi} is not a group index ({G} groups)")
+        if p.dtype not in _DTYPE_CODE:
+            _fail(_STEP_OP, f"params[{i}] has dtype {p.dtype}; expected float32, float64, bfloat16 or float16")
+        if p.device != self.device:
+            _fail(_STEP_OP, f"params[{i}] is on {p.device} but the factor vector is on {self.device}")
+        if not is_dense(p):
+            _fail(_STEP_OP, f"params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) is not dense; the fused "
+                            "step updates dense parameters")
+        if g.layout != torch.strided:
+            _fail(_STEP_OP, f"grads[{i}] is sparse; the fused step needs dense gradients")
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            _fail(_STEP_OP, f"grads[{i}] has shape {tuple(g.shape)}, dtype {g.dtype} on {g.device} but params[{i}] "
+                            f"has shape {tuple(p.shape)}, dtype {p.dtype} on {p.device}")
+        if not (is_dense(g) and same_layout(g, p)):
             g = torch.empty_like(p).copy_(g)  # one copy into the parameter's memory order
-            keep_alive.append(g)
-        s1 = state1[i] if (state1 and state1[i].numel() == p.numel()) else None
-        s2 = state2[i] if state2 else None
-        s3 = state3[i] if (state3 and state3[i].numel() == p.numel()) else None
-        st = steps[i] if steps else None
-        rows.append([p.data_ptr(), g.data_ptr(), _addr(s1), _addr(s2), _addr(s3), _addr(st)])
-        numels.append(p.numel())
-        tgroups.append(int(tensor_group[i]))
-        fresh_flags.append(1 if i in fresh_set else 0)
-    ptr_table = _as_table(rows, torch.int64, device)
-    numel_table = _as_table(numels, torch.int64, device)
-    tgroup_table = _as_table(tgroups, torch.int64, device)
-    fresh_table = _as_table(fresh_flags, torch.int64, device)
-    if not sgd:
-        if found_inf is None:
-            torch._foreach_add_(list(steps), 1.0)
-        else:  # + 1.0 or + 0.0 (exact either way), decided on the device
-            torch._foreach_add_(list(steps), (found_inf.reshape(()) == 0).to(torch.float32))
-    # K = 0 (head groups only): an empty tensor has no address to hand the kernel; the masked
-    # load never reads this stand-in
-    fac = factors if factors.numel() else torch.ones(1, dtype=factors.dtype, device=device)
+            self.keep_alive.append(g)
+        h = self.hyper[gi]
+        s1 = s2 = s3 = st = None
+        if self.sgd:
+            if h[1] != 0.0:
+                s1 = _state_like(state1[i], p, i, "momentum_buffers")
+            elif is_fresh:
+                _fail(_STEP_OP, f"fresh index {i} names a parameter whose group has no momentum")
+        else:
+            s1 = _state_like(state1[i], p, i, "exp_avgs")
+            s2 = _state_like(state2[i], p, i, "exp_avg_sqs")
+            if h[4] != 0.0:
+                s3 = _state_like(state3[i], p, i, "max_exp_avg_sqs")
+            st = steps[i]
+            if st.numel() != 1 or st.dtype != torch.float32:
+                _fail(_STEP_OP, f"steps[{i}] must be a one-element float32 tensor, got shape {tuple(st.shape)} and "
+                                f"dtype {st.dtype}")
+            if st.device != p.device:
+                _fail(_STEP_OP, f"steps[{i}] is on {st.device} but params[{i}] is on {p.device} (the step count "
+                                "lives on the device)")
+        self.rows.append([p.data_ptr(), g.data_ptr()] + [0 if x is None else x.data_ptr() for x in (s1, s2, s3, st)])
+        self.numels.append(p.numel())
+        self.tgroups.append(gi)
+        self.fresh_flags.append(1 if is_fresh else 0)
 
-    for dt, code in _DTYPE_CODE.items():
-        tasks = []
-        for i, p in enumerate(params):
-            if p.dtype == dt:
-                tasks.extend((i, c) for c in range(triton.cdiv(p.numel(), _STEP_BLOCK)))
-        if not tasks:
-            continue
-        task_table = _as_table([x for pair in tasks for x in pair], torch.int32, device)
-        with _quiet():
-            _step_kernel[(len(tasks),)](
-                ptr_table, numel_table, tgroup_table, fresh_table, task_table, glayer, gtable, fac,
-                found_inf if found_inf is not None else fac,
-                ALGO=0 if sgd else 1, DT=code, FAC_F64=factors.dtype == torch.float64,
-                HAS_FI=found_inf is not None, BLOCK=_STEP_BLOCK,
-                num_warps=_STEP_WARPS,
-            )
+    def run(self) -> None:
+        if not self.params:
+            return
+        device, factors, found_inf = self.device, self.factors, self.found_inf
+        gtable = _as_table([[lr] + h for lr, h in zip(self.group_lr, self.hyper)], torch.float64, device)
+        if self.device_lr:  # 0-dim device rates: gathered into the table on the device, no host read
+            idx = _as_table([k for k, _ in self.device_lr], torch.int64, device)
+            vals = torch.stack([t.detach().reshape(()).to(torch.float64) for _, t in self.device_lr])
+            gtable[:, 0].index_copy_(0, idx, vals)
+        glayer = _as_table(self.group_layer, torch.int64, device)
+        ptr_table = _as_table(self.rows, torch.int64, device)
+        numel_table = _as_table(self.numels, torch.int64, device)
+        tgroup_table = _as_table(self.tgroups, torch.int64, device)
+        fresh_table = _as_table(self.fresh_flags, torch.int64, device)
+        if not self.sgd:  # the step counts advance even when every tensor is empty (as torch.optim)
+            if found_inf is None:
+                torch._foreach_add_(list(self.steps), 1.0)
+            else:  # + 1.0 or + 0.0 (exact either way), decided on the device
+                torch._foreach_add_(list(self.steps), (found_inf.reshape(()) == 0).to(torch.float32))
+        # K = 0 (head groups only): an empty tensor has no address to hand the kernel; the masked
+        # load never reads this stand-in
+        fac = factors if factors.numel() else torch.ones(1, dtype=factors.dtype, device=device)
+        for dt, code in _DTYPE_CODE.items():
+            tasks = [(i, c) for i, p in enumerate(self.params) if p.dtype == dt
+                     for c in range(triton.cdiv(p.numel(), _STEP_BLOCK))]
+            if not tasks:
+                continue
+            task_table = _as_table([x for pair in tasks for x in pair], torch.int32, device)
+            with _quiet():
+                _common.launch(
+                    _step_kernel, (len(tasks),),
+                    ptr_table, numel_table, tgroup_table, fresh_table, task_table, glayer, gtable, fac,
+                    found_inf if found_inf is not None else fac,
+                    ALGO=0 if self.sgd else 1, DT=code, FAC_F64=factors.dtype == torch.float64,
+                    HAS_FI=found_inf is not None, BLOCK=_STEP_BLOCK, num_warps=_STEP_WARPS,
+                )
 
 
-def _same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Dense (no gaps, no overlap) and the same memory order as ``b``."""
-    if a.shape != b.shape:
-        return False
-    if any(sa != sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1):
-        return False
-    # dense: the strides sorted by size form a contiguous layout
-    dims = sorted((s, n) for s, n in zip(a.stride(), a.shape) if n > 1)
-    expect = 1
-    for s, n in dims:
-        if s != expect:
-            return False
-        expect *= n
-    return True
+def _state_like(s: torch.Tensor, p: torch.Tensor, i: int, name: str) -> torch.Tensor:
+    """A state tensor shares its parameter's shape, dtype, device and memory order (the kernel
+    walks it by the parameter's element offsets), as native's check_state_like demands."""
+    if s.shape != p.shape:
+        _fail(_STEP_OP, f"{name}[{i}] has shape {tuple(s.shape)} but params[{i}] has shape {tuple(p.shape)}")
+    if s.dtype != p.dtype:
+        _fail(_STEP_OP, f"{name}[{i}] has dtype {s.dtype} but params[{i}] has dtype {p.dtype}")
+    if s.device != p.device:
+        _fail(_STEP_OP, f"{name}[{i}] is on {s.device} but params[{i}] is on {p.device}")
+    if not (is_dense(s) and same_layout(s, p)):
+        _fail(_STEP_OP, f"{name}[{i}] (strides {s.stride()}) must have the memory layout of params[{i}] "
+                        f"(strides {p.stride()})")
+    return s
 
 
 @layerwise_step.register_fake

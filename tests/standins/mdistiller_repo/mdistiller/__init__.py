@@ -1,0 +1,1 @@
+"""Stand-in of megvii-research/mdistiller (see tests/standins/README.md)."""

@@ -1,0 +1,3 @@
+from .trainer import BaseTrainer
+
+trainer_dict = {"base": BaseTrainer}

@@ -1,0 +1,2 @@
+from .AT import Attention
+from .KD import DistillKL
