@@ -45,20 +45,25 @@ TORCH_LIBRARY(lwkd, m) {
 
   // ---- optimizer (SPEC sections 4-5) ---------------------------------------------------------
   // The per-layer rate rule.  Updates `state` (the momentum factors m, (K,)) and, when given,
-  // the one-element int64 counter `nonfinite` (+1 when any discrepancy is non-finite) in place;
-  // returns eta = base_lr * m (K,) in the dtype of `state`.  The base rate is `base_lr_tensor`
-  // (0-dim or (K,), read on the device) when given, else `base_lr` (1 or K host values).
-  // `found_inf` (optional, last): a one-element float32 tensor on the same device (apex's
-  // device-side skip flag, torch.amp's found_inf).  When it is nonzero nothing is updated (state
-  // and the counter keep their values) and the result is eta = base_lr * m with the unchanged m;
-  // the flag is read on the device, never on the host.
+  // the one-element int64 counter `nonfinite` (+1 when any discrepancy is unusable: non-finite
+  // or negative) in place; returns eta = base_lr * m (K,) in the dtype of `state`.  The base
+  // rate is `base_lr_tensor` (0-dim or (K,), read on the device) when given, else `base_lr` (1
+  // or K host values).
+  // `found_inf` (optional): a one-element float32 tensor on the same device (apex's
+  // device-side skip flag, torch.amp's found_inf).  When it is nonzero nothing is updated (state,
+  // reference and the counter keep their values) and the result is eta = base_lr * m with the
+  // unchanged m; the flag is read on the device, never on the host.
+  // `ref_state` (optional): the (2, K) running reference of normalize "running" (row 0 the moving
+  // averages of D, row 1 their accumulated weights; zeros at the start), same dtype as `state`,
+  // updated in place with decay `ref_momentum`; absent: normalize "none" (ref_momentum unused).
   // Fake kernels: lwkd_fast/rule.py and lwkd_fast/optim.py (set_python_module applies to the
   // definitions that follow it).
   m.set_python_module("lwkd_fast.rule");
   m.def(
       "layerwise_rates(Tensor discrepancies, Tensor(a!) state, Tensor(b!)? nonfinite, "
       "float[] base_lr, Tensor? base_lr_tensor, float momentum, float gamma, float s_min, "
-      "float s_max, float eps, Tensor? found_inf=None) -> Tensor");
+      "float s_max, float eps, Tensor? found_inf=None, Tensor(c!)? ref_state=None, "
+      "float ref_momentum=0.99) -> Tensor");
   // The fused per-layer optimizer step: every tensor of every group in one pass, each reading
   // its rate eta = lr_g * factors[layer_g] (layer -1: the head, eta = lr_g) on the device.
   //   algorithm "sgd":   state1 = momentum buffers (empty when no group has momentum);

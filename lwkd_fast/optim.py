@@ -23,9 +23,11 @@ State layout (``opt.state[p]``, torch's names so checkpoints read the same)
     SGD:   ``momentum_buffer`` (only for groups with ``momentum != 0``);
     AdamW: ``step`` (0-dim float32 **on the parameter's device**), ``exp_avg``,
            ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``; all in the parameter's dtype.
-    ``state_dict()["layerwise"]`` holds the factors ``m``, the last ``rates``, the on-device
-    ``nonfinite_steps`` and ``skipped_steps`` counters and the rule's hyper-parameters
-    (checkpoints written before ``skipped_steps`` existed load with it at 0).  Checkpoints contain only
+    ``state_dict()["layerwise"]`` holds the factors ``m``, the rule's running reference
+    ``rate_reference`` ((2, K), used by ``rate_normalize="running"``), the last ``rates``, the
+    on-device ``nonfinite_steps`` and ``skipped_steps`` counters and the rule's hyper-parameters
+    (checkpoints written before ``skipped_steps`` existed load with it at 0, those written before
+    ``rate_normalize`` existed with the rule ``"none"``).  Checkpoints contain only
     tensors, numbers, strings, None, tuples, lists and dicts, so they load with
     ``torch.load(..., weights_only=True)``; resuming is bit-identical.  As with torch.optim,
     ``state_dict()`` returns references to the live tensors: save (or deep-copy) it before the
@@ -36,9 +38,9 @@ Skipping a step (non-finite loss, fp16 overflow) without a host synchronisation
     parameters' device (e.g. ``(~torch.isfinite(loss)).float()``, or torch.amp's found_inf).
     When it is nonzero the step is skipped ON THE DEVICE (apex's skip-flag pattern): no
     parameter, no optimizer state (momentum buffers, ``exp_avg``, ``exp_avg_sq``,
-    ``max_exp_avg_sq``, AdamW step counts) and no rule state (factors ``m``, the non-finite
-    counter, ``rates``) changes -- the run is bit-identical to one that never called ``step()``
-    there -- and ``opt.skipped_steps`` (0-dim int64 device tensor, in the checkpoint) counts it.
+    ``max_exp_avg_sq``, AdamW step counts) and no rule state (factors ``m``, the running
+    reference, the non-finite counter, ``rates``) changes -- the run is bit-identical to one that
+    never called ``step()`` there -- and ``opt.skipped_steps`` (0-dim int64 device tensor, in the checkpoint) counts it.
     The kernels read the flag themselves, so a skipped step costs next to nothing and a
     ``found_inf`` of None costs nothing at all.  State a skipped step had to create for
     parameters seen for the first time (AdamW zeros; SGD momentum buffers, whose first update is
@@ -106,6 +108,7 @@ if OP not in ops._EXTRA_NATIVE_OPS:
     ops._EXTRA_NATIVE_OPS.append(OP)
 
 HYPER = 6  # doubles per group in the step op's `group_hyper` (see csrc/ops.cpp)
+DEFAULT_RATE_NORMALIZE = "none"  # the rule of the optimizers unless told otherwise (SPEC section 4)
 _SYNC_CHOICES = (None, "all_reduce")
 
 
@@ -320,9 +323,12 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
 
     def __init__(self, groups, defaults: Dict[str, Any], *, rate_momentum: float, gamma: float,
                  s_min: float, s_max: float, sync: Optional[str], num_layers: Optional[int],
-                 rate_eps: float, process_group=None) -> None:
+                 rate_eps: float, process_group=None, rate_normalize: str = "none",
+                 rate_ref_momentum: float = rule.DEFAULT_REF_MOMENTUM) -> None:
         name = self._name
-        rule.check_rule_options(name, rate_momentum, gamma, s_min, s_max, rate_eps, momentum_name="rate_momentum")
+        rule.check_rule_options(name, rate_momentum, gamma, s_min, s_max, rate_eps, momentum_name="rate_momentum",
+                                rate_normalize=rate_normalize, ref_momentum=rate_ref_momentum,
+                                ref_momentum_name="rate_ref_momentum")
         if sync not in _SYNC_CHOICES:
             raise ValueError(f"{name}: unknown sync {sync!r}; expected None or 'all_reduce'")
         if isinstance(groups, torch.Tensor):
@@ -353,6 +359,7 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         self.rate_momentum, self.gamma, self.s_min, self.s_max = (float(rate_momentum), float(gamma),
                                                                   float(s_min), float(s_max))
         self.rate_eps = float(rate_eps)
+        self.rate_normalize, self.rate_ref_momentum = rate_normalize, float(rate_ref_momentum)
         self.sync = sync
         self.process_group = process_group
         self._version = 0            # bumped whenever the cached work list may be stale
@@ -374,6 +381,7 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         self._factors = torch.ones(K, dtype=torch.float32, device=dev)
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
         self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
+        self._rate_ref = rule.new_reference_state(K, torch.float32, dev)  # used by rate_normalize="running"
         lrs, lr_t = self._layer_base_lrs()
         if lr_t is not None:
             self._rates = lr_t.to(torch.float32).clone()
@@ -398,8 +406,16 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         return self._factors
 
     @property
+    def rate_reference(self) -> torch.Tensor:
+        """(2, K) float32 device tensor: the rule's running reference of ``rate_normalize="running"``
+        (row 0 the moving averages of each layer's D, row 1 their accumulated weights; the
+        reference is ``R_j = row0[j] / row1[j]``).  Zeros, and unused, with ``"none"``."""
+        return self._rate_ref
+
+    @property
     def nonfinite_steps(self) -> torch.Tensor:
-        """0-dim int64 device tensor: steps at which some discrepancy was non-finite."""
+        """0-dim int64 device tensor: steps at which some discrepancy was unusable (non-finite or
+        negative)."""
         return self._nonfinite
 
     @property
@@ -584,8 +600,10 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
                       skip: Optional[torch.Tensor]) -> None:  # runs under torch.no_grad() (see step)
         lrs, lr_t = self._layer_base_lrs()
         backend = ops.select_backend(rule.OP, self._factors.device)
+        ref = self._rate_ref if self.rate_normalize == "running" else None
         eta = rule._backend_call(backend, d, self._factors, self._nonfinite, lrs or [1.0], lr_t,
-                                 self.rate_momentum, self.gamma, self.s_min, self.s_max, self.rate_eps, found_inf)
+                                 self.rate_momentum, self.gamma, self.s_min, self.s_max, self.rate_eps, found_inf,
+                                 ref, self.rate_ref_momentum)
         if skip is None:
             self._rates.copy_(eta)
         else:  # a skipped step leaves the applied rates as they were (the base rate may have moved)
@@ -700,7 +718,7 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         else:
             if self._unsettled:
                 self._settle(block=True)  # (their flags live on the old device)
-            for attr in ("_factors", "_nonfinite", "_skipped", "_rates"):
+            for attr in ("_factors", "_nonfinite", "_skipped", "_rates", "_rate_ref"):
                 setattr(self, attr, getattr(self, attr).to(dev, non_blocking=True))
             self._placeholder = torch.empty(0, dtype=torch.float32, device=dev)
             self._device = dev
@@ -859,6 +877,9 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
             "s_min": self.s_min,
             "s_max": self.s_max,
             "rate_eps": self.rate_eps,
+            "rate_normalize": self.rate_normalize,
+            "rate_ref_momentum": self.rate_ref_momentum,
+            "rate_reference": self._rate_ref,
             "sync": self.sync,
             "algorithm": self._algorithm,
         }
@@ -941,6 +962,15 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         for key in ("factors", "rates"):
             if tuple(lw[key].shape) != (K,):
                 raise ValueError(f"{op}: layerwise[{key!r}] has shape {tuple(lw[key].shape)}, expected ({K},)")
+        # (checkpoints written before rate_normalize existed used the rule "none")
+        normalize = lw.get("rate_normalize", "none")
+        ref_momentum = float(lw.get("rate_ref_momentum", rule.DEFAULT_REF_MOMENTUM))
+        rule.check_rule_options(op, self.rate_momentum, self.gamma, self.s_min, self.s_max,
+                                self.rate_eps, rate_normalize=normalize, ref_momentum=ref_momentum,
+                                ref_momentum_name="rate_ref_momentum")
+        reference = lw.get("rate_reference")
+        if reference is not None and tuple(reference.shape) != (2, K):
+            raise ValueError(f"{op}: layerwise['rate_reference'] has shape {tuple(reference.shape)}, expected (2, {K})")
         sd = {k: v for k, v in state_dict.items() if k != "layerwise"}
         sd["param_groups"] = [{k: v for k, v in g.items() if k != "layerwise"} for g in state_dict["param_groups"]]
         self._check_loaded_shapes(op, sd)
@@ -962,6 +992,11 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
             self._init_rate_state(dev)
         self._factors.copy_(lw["factors"])
         self._rates.copy_(lw["rates"])
+        if reference is None:
+            self._rate_ref.zero_()
+        else:
+            self._rate_ref.copy_(reference)
+        self.rate_normalize, self.rate_ref_momentum = normalize, ref_momentum
         self._nonfinite.copy_(lw["nonfinite_steps"].reshape(()))
         skipped = lw.get("skipped_steps")  # (absent from checkpoints written before it existed)
         if skipped is None:
@@ -977,7 +1012,8 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
 
     # copy.deepcopy / pickle keep the layer-wise attributes too
     _EXTRA = ("_num_layers", "_device", "rate_momentum", "gamma", "s_min", "s_max", "rate_eps", "sync",
-              "process_group", "_factors", "_nonfinite", "_skipped", "_rates", "_placeholder", "_version")
+              "process_group", "_factors", "_nonfinite", "_skipped", "_rates", "_placeholder", "_version",
+              "rate_normalize", "rate_ref_momentum", "_rate_ref")
 
     def __getstate__(self) -> Dict[str, Any]:
         if getattr(self, "_unsettled", None):
@@ -995,11 +1031,14 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         self._source, self._unsettled, self._zero_fresh = None, {}, False  # a copy is not attached
         if not hasattr(self, "_skipped"):
             self._skipped = torch.zeros((), dtype=torch.int64, device=self._factors.device)
+        if not hasattr(self, "_rate_ref"):  # pickled before rate_normalize existed: the rule "none"
+            self.rate_normalize, self.rate_ref_momentum = "none", rule.DEFAULT_REF_MOMENTUM
+            self._rate_ref = rule.new_reference_state(self._num_layers, torch.float32, self._factors.device)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(K={self._num_layers}, groups={len(self.param_groups)}, "
                 f"rate_momentum={self.rate_momentum}, gamma={self.gamma}, s_min={self.s_min}, "
-                f"s_max={self.s_max}, sync={self.sync!r})")
+                f"s_max={self.s_max}, rate_normalize={self.rate_normalize!r}, sync={self.sync!r})")
 
 
 def _scalar_on(x, device: torch.device) -> torch.Tensor:
@@ -1132,7 +1171,10 @@ class LayerwiseSGD(_LayerwiseOptimizer):
     a 0-dim tensor; schedulers drive ``param_groups[i]["lr"]``).  ``momentum``, ``dampening``,
     ``weight_decay``, ``nesterov``, ``maximize`` mean exactly what they mean for
     ``torch.optim.SGD``.  ``rate_momentum`` (mu), ``gamma``, ``s_min``, ``s_max`` (and
-    ``rate_eps``) parameterise the rule.  ``sync="all_reduce"`` averages the discrepancies over
+    ``rate_eps``) parameterise the rule; ``rate_normalize`` chooses it: ``"none"`` (rates from D
+    itself) or ``"running"`` (each layer's D divided by its own bias-corrected running mean,
+    decay ``rate_ref_momentum``, first: rates that do not depend on a layer's scale; the
+    reference is optimizer state, :attr:`rate_reference`).  ``sync="all_reduce"`` averages the discrepancies over
     the ``torch.distributed`` group (``process_group``) before the rule.  ``num_layers`` fixes K
     (default: one past the largest layer index of the groups).
 
@@ -1147,11 +1189,14 @@ class LayerwiseSGD(_LayerwiseOptimizer):
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
                  maximize: bool = False, rate_momentum: float = 0.9, gamma: float = 1.0,
                  s_min: float = 0.1, s_max: float = 10.0, sync: Optional[str] = None, *,
-                 num_layers: Optional[int] = None, rate_eps: float = 1e-12, process_group=None) -> None:
+                 num_layers: Optional[int] = None, rate_eps: float = 1e-12, process_group=None,
+                 rate_normalize: str = DEFAULT_RATE_NORMALIZE,
+                 rate_ref_momentum: float = rule.DEFAULT_REF_MOMENTUM) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
         super().__init__(groups, defaults, rate_momentum=rate_momentum, gamma=gamma, s_min=s_min, s_max=s_max,
-                         sync=sync, num_layers=num_layers, rate_eps=rate_eps, process_group=process_group)
+                         sync=sync, num_layers=num_layers, rate_eps=rate_eps, process_group=process_group,
+                         rate_normalize=rate_normalize, rate_ref_momentum=rate_ref_momentum)
 
     def _check_group(self, i: int, group: Dict[str, Any]) -> None:
         super()._check_group(i, group)
@@ -1224,10 +1269,12 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False,
                  rate_momentum: float = 0.9, gamma: float = 1.0, s_min: float = 0.1, s_max: float = 10.0,
                  sync: Optional[str] = None, *, num_layers: Optional[int] = None, rate_eps: float = 1e-12,
-                 process_group=None) -> None:
+                 process_group=None, rate_normalize: str = DEFAULT_RATE_NORMALIZE,
+                 rate_ref_momentum: float = rule.DEFAULT_REF_MOMENTUM) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         super().__init__(groups, defaults, rate_momentum=rate_momentum, gamma=gamma, s_min=s_min, s_max=s_max,
-                         sync=sync, num_layers=num_layers, rate_eps=rate_eps, process_group=process_group)
+                         sync=sync, num_layers=num_layers, rate_eps=rate_eps, process_group=process_group,
+                         rate_normalize=rate_normalize, rate_ref_momentum=rate_ref_momentum)
 
     def _check_group(self, i: int, group: Dict[str, Any]) -> None:
         super()._check_group(i, group)

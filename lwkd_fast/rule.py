@@ -3,26 +3,37 @@
 For discrepancies ``D`` (K,), momentum factors ``m`` (K,) (the *state*, starting at 1) and the
 base rate ``eta0`` (a float, or a 0-dim tensor driven by a schedule)::
 
-    F     = { j : D_j finite }
-    r_j   = |F| * D_j / sum_{k in F} D_k      if that sum > eps, else 1      (j in F)
-    s_j   = clamp(r_j ** gamma, s_min, s_max)  (j in F);   s_j = m_j  (j not in F)
-    m_j  <- mu * m_j + (1 - mu) * s_j
+    V     = { j : D_j finite and D_j >= 0 }                       (usable discrepancies)
+    x_j   = D_j                                                    (rate_normalize="none")
+    x_j   = D_j / R_j  (1 while R_j = 0)                           (rate_normalize="running")
+            with R_j = a_j / w_j after  a_j <- rho a_j + (1 - rho) D_j,  w_j <- rho w_j + (1 - rho)
+    r_j   = |V| * x_j / sum_{k in V} x_k      if that sum > eps, else 1      (j in V)
+    s_j   = clamp(r_j ** gamma, s_min, s_max)                                (j in V)
+    m_j  <- mu * m_j + (1 - mu) * s_j                                        (j in V)
     eta_j = eta0 * m_j
 
-Layers that disagree most with the teacher learn fastest; the momentum ``mu`` keeps a rate from
-collapsing in one step; a non-finite discrepancy leaves its layer's factor exactly unchanged and
-is counted in an optional on-device counter.  Everything stays on the device: no backend reads a
-value back to the host, so the rule never synchronises.
+``"none"``: layers that disagree most with the teacher learn fastest.  ``"running"``: each layer
+is measured against its own history first (``R_j``, the bias-corrected running mean of its own
+usable D, kept in the *reference state* ``ref_state`` (2, K): row 0 the moving averages ``a``,
+row 1 the accumulated weights ``w = 1 - rho^n``, zeros at the start), so the rates do not depend
+on a layer's scale: multiplying a layer's D by a constant at every step changes no rate, and
+``r_j > 1`` means "this layer disagrees more than it used to, relative to the others".
+
+The momentum ``mu`` keeps a rate from collapsing in one step; an unusable discrepancy (non-finite
+or negative) leaves its layer's factor and reference exactly unchanged and is counted in an
+optional on-device counter.  Everything stays on the device: no backend reads a value back to the
+host, so the rule never synchronises.
 
 Skipped steps: with ``found_inf`` (a 0-dim float32 tensor on the state's device, e.g. "the loss
-was not finite") nonzero, nothing is updated -- ``m`` and the counter keep their values bit for
-bit -- and the result is ``eta = eta0 * m`` with the unchanged ``m``.  The flag is read by the
-kernels on the device (apex's device-side skip flag), never on the host.
+was not finite") nonzero, nothing is updated -- ``m``, the reference and the counter keep their
+values bit for bit -- and the result is ``eta = eta0 * m`` with the unchanged ``m``.  The flag is
+read by the kernels on the device (apex's device-side skip flag), never on the host.
 
 Backends (``lwkd_fast.use_backend`` / ``LWKD_BACKEND``, op name ``"layerwise_rates"``):
 ``reference`` (plain torch ops, below), ``native`` (``torch.ops.lwkd.layerwise_rates``, C++ on
 CPU, one CUDA block on GPU) and ``triton`` (:mod:`lwkd_fast.triton.optim`).  All of them run
-the arithmetic in float64 and round once into the dtype of ``state``.
+the arithmetic in float64 in the order of csrc/common/optim_math.h and round once into the dtype
+of ``state``.
 """
 
 from __future__ import annotations
@@ -35,13 +46,21 @@ import torch
 
 from . import ops
 
-__all__ = ["layerwise_rates", "reference_rates"]
+__all__ = ["layerwise_rates", "reference_rates", "new_reference_state", "RATE_NORMALIZE"]
 
 OP = "layerwise_rates"
 if OP not in ops._EXTRA_NATIVE_OPS:
     ops._EXTRA_NATIVE_OPS.append(OP)
 
 Number = Union[int, float]
+
+RATE_NORMALIZE = ("none", "running")
+DEFAULT_REF_MOMENTUM = 0.99
+
+
+def new_reference_state(K: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The initial reference state of ``rate_normalize="running"``: zeros of shape (2, K)."""
+    return torch.zeros(2, K, dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,24 +80,38 @@ def reference_rates(
     s_max: float,
     eps: float,
     found_inf: Optional[torch.Tensor] = None,
+    ref_state: Optional[torch.Tensor] = None,
+    ref_momentum: float = DEFAULT_REF_MOMENTUM,
 ) -> torch.Tensor:
     """The rule in plain torch; same arguments as ``torch.ops.lwkd.layerwise_rates``.
 
     ``base_lr`` holds 1 or K host values and is used when ``base_lr_tensor`` (0-dim or (K,)) is
-    None.  Updates ``state`` and ``nonfinite`` in place and returns ``eta`` in ``state.dtype``.
-    With ``found_inf`` nonzero (decided on the device with ``torch.where``) both keep their
-    values and ``eta`` is computed from the unchanged state.
+    None.  Updates ``state``, ``ref_state`` (when given: normalize "running") and ``nonfinite``
+    in place and returns ``eta`` in ``state.dtype``.  With ``found_inf`` nonzero (decided on the
+    device with ``torch.where``) they keep their values and ``eta`` is computed from the
+    unchanged state.
     """
     K = discrepancies.shape[0]
     if K == 0:
         return torch.empty_like(state, memory_format=torch.contiguous_format)
     d = discrepancies.detach().to(torch.float64)
-    fin = torch.isfinite(d)
-    dz = torch.where(fin, d, torch.zeros_like(d))
-    total = dz.sum()
-    count = fin.sum().to(torch.float64)
-    # the division is evaluated everywhere; torch.where keeps only the branch the rule takes
-    r = torch.where(total > eps, count * dz / total, torch.ones_like(dz))
+    ok = torch.isfinite(d) & (d >= 0)  # usable (NaN fails d >= 0)
+    dz = torch.where(ok, d, torch.zeros_like(d))
+    skip = None if found_inf is None else found_inf.detach().reshape(()) != 0
+    keep = ~ok if skip is None else (~ok) | skip  # entries whose state must not change
+    if ref_state is not None:
+        old = ref_state.detach().to(torch.float64)  # (exact: also what a kept entry restores)
+        a = ref_momentum * old[0] + (1.0 - ref_momentum) * dz
+        w = ref_momentum * old[1] + (1.0 - ref_momentum)
+        R = a / w
+        # the division is evaluated everywhere; torch.where keeps only the branch the rule takes
+        x = torch.where(ok, torch.where(R > 0, dz / R, torch.ones_like(dz)), torch.zeros_like(dz))
+        ref_state.copy_(torch.where(keep, old, torch.stack([a, w])))
+    else:
+        x = dz
+    total = x.sum()
+    count = ok.sum().to(torch.float64)
+    r = torch.where(total > eps, count * x / total, torch.ones_like(x))
     if gamma == 1.0:
         s = r
     elif gamma == 0.0:
@@ -86,13 +119,8 @@ def reference_rates(
     else:
         s = r.pow(gamma)
     s = s.clamp(min=s_min, max=s_max)
-    m = state.detach().to(torch.float64)  # (exact: also the saved copy a skipped step restores)
-    new_m = torch.where(fin, momentum * m + (1.0 - momentum) * s, m)
-    skip = None
-    if found_inf is not None:
-        skip = found_inf.detach().reshape(()) != 0
-        new_m = torch.where(skip, m, new_m)
-    state.copy_(new_m)
+    m = state.detach().to(torch.float64)  # (exact: also the saved copy a kept entry restores)
+    state.copy_(torch.where(keep, m, momentum * m + (1.0 - momentum) * s))
     mq = state.detach().to(torch.float64)  # the rounded factors, as the kernels use them
     if base_lr_tensor is not None:
         lr = base_lr_tensor.detach().to(device=mq.device, dtype=torch.float64, non_blocking=True).reshape(-1)
@@ -102,7 +130,7 @@ def reference_rates(
     else:
         eta = mq * torch.tensor(list(base_lr), dtype=torch.float64).to(mq.device, non_blocking=True)
     if nonfinite is not None:
-        bad = (~fin).any()
+        bad = (~ok).any()
         if skip is not None:
             bad = bad & ~skip
         nonfinite.add_(bad.to(nonfinite.dtype).reshape(nonfinite.shape))
@@ -112,7 +140,7 @@ def reference_rates(
 def _register_fake(ns: str) -> None:
     @torch.library.register_fake(f"{ns}::layerwise_rates")
     def _rates_fake(discrepancies, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min,
-                    s_max, eps, found_inf=None):
+                    s_max, eps, found_inf=None, ref_state=None, ref_momentum=DEFAULT_REF_MOMENTUM):
         return torch.empty_like(state, memory_format=torch.contiguous_format)
 
 
@@ -128,15 +156,22 @@ def _shape(x: torch.Tensor):
     return tuple(x.shape)
 
 
-def check_rule_options(op: str, momentum, gamma, s_min, s_max, eps, *, momentum_name="momentum") -> None:
+def check_rule_options(op: str, momentum, gamma, s_min, s_max, eps, *, momentum_name="momentum",
+                       rate_normalize="none", ref_momentum=DEFAULT_REF_MOMENTUM,
+                       ref_momentum_name="ref_momentum") -> None:
     """Validate the rule's hyper-parameters (host numbers), raising with the argument name."""
-    for name, v in ((momentum_name, momentum), ("gamma", gamma), ("s_min", s_min), ("s_max", s_max), ("eps", eps)):
+    if not isinstance(rate_normalize, str) or rate_normalize not in RATE_NORMALIZE:
+        raise ValueError(f"{op}: rate_normalize must be one of {', '.join(map(repr, RATE_NORMALIZE))}, "
+                         f"got {rate_normalize!r}")
+    for name, v in ((momentum_name, momentum), ("gamma", gamma), ("s_min", s_min), ("s_max", s_max), ("eps", eps),
+                    (ref_momentum_name, ref_momentum)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"{op}: {name} must be a Python number, got {type(v).__name__}")
         if math.isnan(v):
             raise ValueError(f"{op}: {name} is NaN")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"{op}: {momentum_name} must lie in [0, 1), got {momentum!r}")
+    for name, v in ((momentum_name, momentum), (ref_momentum_name, ref_momentum)):
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{op}: {name} must lie in [0, 1), got {v!r}")
     if not (0.0 <= gamma < math.inf):
         raise ValueError(f"{op}: gamma must be finite and >= 0, got {gamma!r}")
     if not s_min <= s_max:
@@ -182,12 +217,41 @@ def check_found_inf(op: str, found_inf, device: torch.device,
     return found_inf.detach().reshape(())
 
 
+def check_reference_state(op: str, ref_state, state: torch.Tensor, rate_normalize: str,
+                          what: str = "ref_state") -> Optional[torch.Tensor]:
+    """``ref_state`` must be given exactly for ``rate_normalize="running"``: a (2, K) tensor with
+    the dtype and device of ``state``; returns it (or None for ``"none"``)."""
+    if rate_normalize == "none":
+        if ref_state is not None:
+            raise ValueError(f"{op}: {what} is only used with rate_normalize='running' (got rate_normalize='none')")
+        return None
+    K = state.shape[0]
+    if ref_state is None:
+        raise ValueError(f"{op}: rate_normalize='running' needs {what}, the (2, {K}) running reference "
+                         f"(start it with lwkd_fast.rule.new_reference_state({K}) and keep passing the same tensor)")
+    if not isinstance(ref_state, torch.Tensor):
+        raise TypeError(f"{op}: {what} must be a torch.Tensor of shape (2, {K}), got {type(ref_state).__name__}")
+    if ref_state.shape != (2, K):
+        raise ValueError(f"{op}: {what} has shape {_shape(ref_state)} but state has shape {_shape(state)}; "
+                         f"expected (2, {K}) (running mean; accumulated weight)")
+    if ref_state.dtype != state.dtype:
+        raise TypeError(f"{op}: {what} (shape {_shape(ref_state)}) has dtype {ref_state.dtype} but state has dtype "
+                        f"{state.dtype}; they must match")
+    if ref_state.device != state.device:
+        raise ValueError(f"{op}: {what} (shape {_shape(ref_state)}) is on {ref_state.device} but state is on "
+                         f"{state.device}")
+    return ref_state
+
+
 def _backend_call(backend: str, d, state, nonfinite, base_lr: List[float], base_lr_tensor, momentum, gamma,
-                  s_min, s_max, eps, found_inf=None) -> torch.Tensor:
+                  s_min, s_max, eps, found_inf=None, ref_state=None,
+                  ref_momentum: float = DEFAULT_REF_MOMENTUM) -> torch.Tensor:
     args = (d, state, nonfinite, base_lr, base_lr_tensor, float(momentum), float(gamma), float(s_min),
             float(s_max), float(eps))
-    if found_inf is not None:
+    if found_inf is not None or ref_state is not None:
         args = args + (found_inf,)
+    if ref_state is not None:
+        args = args + (ref_state, float(ref_momentum))
     if backend in ops.NATIVE_NAMESPACES:
         return ops.native_ops(backend).layerwise_rates(*args)
     if backend == "triton":
@@ -207,12 +271,15 @@ def layerwise_rates(
     eps: float = 1e-12,
     nonfinite: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    rate_normalize: str = "none",
+    ref_state: Optional[torch.Tensor] = None,
+    ref_momentum: float = DEFAULT_REF_MOMENTUM,
 ) -> torch.Tensor:
     """Per-layer learning rates ``eta = base_lr * m`` from discrepancies (SPEC section 4).
 
     Args:
-        discrepancies: (K,) floating tensor ``D`` (normally ``D_j >= 0``); non-finite entries
-            leave their layer's factor unchanged.
+        discrepancies: (K,) floating tensor ``D`` (``D_j >= 0``); unusable entries (non-finite or
+            negative) leave their layer's factor and reference unchanged and are counted.
         state: (K,) float32/float64 tensor of momentum factors ``m`` on the same device, updated
             in place (initialise it with ``torch.ones(K)``).
         base_lr: the base rate ``eta0``: a Python number, or a 0-dim tensor (e.g. one a
@@ -222,10 +289,15 @@ def layerwise_rates(
         s_min, s_max: clamp of the target factor, ``s_min <= s_max``.
         eps: the normalising sum must exceed ``eps``, otherwise every finite layer targets 1.
         nonfinite: optional one-element int64 tensor on the same device, incremented (on the
-            device) whenever any discrepancy is non-finite.
+            device) whenever any discrepancy is unusable (non-finite or negative).
         found_inf: optional 0-dim float32 tensor on the same device; when it is nonzero the step
-            is skipped on the device: ``state`` and ``nonfinite`` keep their values and the
-            result is ``base_lr * state``.  None costs nothing.
+            is skipped on the device: ``state``, ``ref_state`` and ``nonfinite`` keep their values
+            and the result is ``base_lr * state``.  None costs nothing.
+        rate_normalize: ``"none"`` (the rule on D itself) or ``"running"`` (each D_j divided by its
+            layer's bias-corrected running mean first: scale-invariant rates).
+        ref_state: with ``"running"``, the (2, K) reference state (dtype and device of ``state``,
+            start it with :func:`new_reference_state`), updated in place; None with ``"none"``.
+        ref_momentum: ``rho`` in [0, 1), the decay of the running mean (``"running"`` only).
 
     Returns:
         ``eta`` (K,) in ``state.dtype``.  No host synchronisation happens on any backend.
@@ -246,7 +318,9 @@ def layerwise_rates(
             "both must be (K,) with one entry per matched layer"
         )
     d = check_discrepancies(op, discrepancies, K, state.device)
-    check_rule_options(op, momentum, gamma, s_min, s_max, eps)
+    check_rule_options(op, momentum, gamma, s_min, s_max, eps, rate_normalize=rate_normalize,
+                       ref_momentum=ref_momentum)
+    ref = check_reference_state(op, ref_state, state, rate_normalize)
     lr_list: List[float] = [1.0]
     lr_tensor: Optional[torch.Tensor] = None
     if isinstance(base_lr, torch.Tensor):
@@ -270,7 +344,8 @@ def layerwise_rates(
             raise ValueError(f"{op}: nonfinite is on {nonfinite.device} but state is on {state.device}")
     fi = check_found_inf(op, found_inf, state.device, "state")
     backend = ops.select_backend(OP, state.device)
-    return _backend_call(backend, d, state, nonfinite, lr_list, lr_tensor, momentum, gamma, s_min, s_max, eps, fi)
+    return _backend_call(backend, d, state, nonfinite, lr_list, lr_tensor, momentum, gamma, s_min, s_max, eps, fi,
+                         ref, ref_momentum)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,36 +354,64 @@ def layerwise_rates(
 
 
 def oracle_rates(d: Sequence[float], m: Sequence[float], base_lr: float, momentum: float, gamma: float,
-                 s_min: float, s_max: float, eps: float = 1e-12):
-    """The SPEC formula evaluated element by element in Python floats: ``(eta, new_m, any_nonfinite)``."""
-    fin = [math.isfinite(x) for x in d]
-    total = sum(x for x, f in zip(d, fin) if f)
-    n = sum(fin)
+                 s_min: float, s_max: float, eps: float = 1e-12, *, ref: Optional[List[List[float]]] = None,
+                 ref_momentum: float = DEFAULT_REF_MOMENTUM):
+    """The SPEC formula evaluated element by element in Python floats: ``(eta, new_m, any_unusable)``.
+
+    ``ref`` (normalize "running"): ``[a, w]``, two lists of K floats, updated in place (the
+    values the op would store, before any rounding into the state's dtype)."""
+    ok = [math.isfinite(x) and x >= 0.0 for x in d]
+    if ref is None:
+        xs = [x if f else 0.0 for x, f in zip(d, ok)]
+    else:
+        a_old, w_old = list(ref[0]), list(ref[1])
+        xs = []
+        for j, (x, f) in enumerate(zip(d, ok)):
+            if not f:
+                xs.append(0.0)
+                continue
+            a = ref_momentum * a_old[j] + (1.0 - ref_momentum) * x
+            w = ref_momentum * w_old[j] + (1.0 - ref_momentum)
+            R = a / w
+            xs.append(x / R if R > 0.0 else 1.0)
+            ref[0][j], ref[1][j] = a, w
+    total = sum(xs)
+    n = sum(ok)
     new_m = []
-    for x, mj, f in zip(d, m, fin):
+    for x, mj, f in zip(xs, m, ok):
         if not f:
             new_m.append(mj)
             continue
         r = n * x / total if total > eps else 1.0
         s = min(max(r ** gamma, s_min), s_max)
         new_m.append(momentum * mj + (1.0 - momentum) * s)
-    return [base_lr * x for x in new_m], new_m, not all(fin)
+    return [base_lr * x for x in new_m], new_m, not all(ok)
 
 
+_RUNNING = dict(rate_normalize="running", ref_momentum=0.9)
 _CHECK_CASES = (
     ("ragged K=7, one NaN, one inf", [0.3, 1.7, float("nan"), 0.02, 4.0, float("inf"), 0.9],
      dict(momentum=0.9, gamma=1.0, s_min=0.1, s_max=10.0)),
     ("gamma=0.5, tight clamp", [0.3, 1.7, 0.0, 0.02, 4.0], dict(momentum=0.5, gamma=0.5, s_min=0.5, s_max=2.0)),
+    ("negative D skipped, gamma=0.5", [0.3, -0.5, 1.2, -0.0], dict(momentum=0.9, gamma=0.5, s_min=0.1, s_max=10.0)),
     ("all zero (sum <= eps)", [0.0, 0.0, 0.0], dict(momentum=0.8, gamma=2.0, s_min=0.1, s_max=10.0)),
     ("all non-finite", [float("nan"), float("-inf")], dict(momentum=0.9, gamma=1.0, s_min=0.1, s_max=10.0)),
+    ("running: ragged K=7, NaN, inf, negative", [0.3, 170.0, float("nan"), 0.002, -4.0, float("inf"), 0.9],
+     dict(momentum=0.9, gamma=1.5, s_min=0.1, s_max=10.0, **_RUNNING)),
+    ("running: all zero (no reference yet)", [0.0, 0.0, 0.0], dict(momentum=0.8, gamma=1.0, s_min=0.1, s_max=10.0,
+                                                                    **_RUNNING)),
 )
 
 
 def lwkd_checks(backend: str, device: torch.device) -> Iterable:
     """Cases for ``lwkd-fast check``: the rule on ``device`` against the Python float64 oracle,
-    float32 and float64 state, three consecutive steps (the momentum carries over)."""
+    float32 and float64 state, both normalisations, three consecutive steps (the momentum and
+    the running reference carry over)."""
     from .check import Case
     from .testing import Verdict, compare
+
+    def rounded(xs, dtype):
+        return [float(x) for x in torch.tensor(xs, dtype=dtype).double()]
 
     def make(label, dvals, opts, sdtype):
         def run() -> Dict[str, Verdict]:
@@ -316,20 +419,27 @@ def lwkd_checks(backend: str, device: torch.device) -> Iterable:
             g = torch.Generator().manual_seed(3)
             m0 = (0.5 + torch.rand(K, generator=g, dtype=torch.float64)).tolist()
             state = torch.tensor(m0, dtype=sdtype, device=device)
+            running = opts.get("rate_normalize") == "running"
+            ref_state = new_reference_state(K, sdtype, device) if running else None
+            ref = [[0.0] * K, [0.0] * K] if running else None
+            oracle_opts = {k: v for k, v in opts.items() if k != "rate_normalize"}
             nf = torch.zeros((), dtype=torch.int64, device=device)
             m_ref, count, out = list(m0), 0, {}
             for step in range(3):
                 dv = [x * (1.0 + 0.25 * step) for x in dvals]
                 lr = 0.1 / (1 + step)
                 eta = layerwise_rates(torch.tensor(dv, dtype=torch.float32, device=device), state, lr,
-                                      nonfinite=nf, **opts)
-                # the oracle sees the same float32 inputs and the rounded factors
+                                      nonfinite=nf, ref_state=ref_state, **opts)
+                # the oracle sees the same float32 inputs and the rounded factors and reference
                 dv32 = torch.tensor(dv, dtype=torch.float32).double().tolist()
-                m_in = [float(x) for x in torch.tensor(m_ref, dtype=sdtype).double()]
-                eta_ref, m_ref, bad = oracle_rates(dv32, m_in, lr, **opts)
+                if running:
+                    ref = [rounded(ref[0], sdtype), rounded(ref[1], sdtype)]
+                eta_ref, m_ref, bad = oracle_rates(dv32, rounded(m_ref, sdtype), lr, ref=ref, **oracle_opts)
                 count += int(bad)
                 out[f"eta[{step}]"] = compare(eta, torch.tensor(eta_ref, dtype=torch.float64), sdtype)
                 out[f"state[{step}]"] = compare(state, torch.tensor(m_ref, dtype=torch.float64), sdtype)
+                if running:
+                    out[f"ref_state[{step}]"] = compare(ref_state, torch.tensor(ref, dtype=torch.float64), sdtype)
             got = int(nf.cpu())
             out["nonfinite"] = Verdict(got == count, float(abs(got - count)), 0.0, "exact count")
             return out

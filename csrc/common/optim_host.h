@@ -45,13 +45,15 @@ struct RatesArgs {
   const at::Tensor* lr_tensor = nullptr;  // defined tensor or nullptr
   bool lr_per_layer = false;
   const float* found_inf = nullptr;       // skip flag (see check_found_inf) or null
+  const at::Tensor* ref_state = nullptr;  // (2, K) running reference (a; w) or nullptr ("none")
 };
 
 inline RatesArgs check_rates_args(const at::Tensor& d, const at::Tensor& state,
                                   const std::optional<at::Tensor>& nonfinite, at::ArrayRef<double> base_lr,
                                   const std::optional<at::Tensor>& base_lr_tensor, double momentum,
                                   double gamma, double s_min, double s_max, double eps,
-                                  const std::optional<at::Tensor>& found_inf) {
+                                  const std::optional<at::Tensor>& found_inf,
+                                  const std::optional<at::Tensor>& ref_state, double ref_momentum) {
   constexpr const char* op = "lwkd::layerwise_rates";
   RatesArgs a;
   TORCH_CHECK(d.dim() == 1, op, ": discrepancies must be a 1-D tensor (K,), got shape ", d.sizes());
@@ -91,7 +93,20 @@ inline RatesArgs check_rates_args(const at::Tensor& d, const at::Tensor& state,
   TORCH_CHECK(!std::isnan(s_min) && !std::isnan(s_max) && s_min <= s_max, op,
               ": need s_min <= s_max, got s_min=", s_min, ", s_max=", s_max);
   TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
-  a.prm = RuleParams{momentum, gamma, s_min, s_max, eps};
+  a.prm = RuleParams{momentum, gamma, s_min, s_max, eps, ref_momentum, false};
+  if (ref_state.has_value() && ref_state->defined()) {
+    const at::Tensor& r = *ref_state;
+    TORCH_CHECK(r.dim() == 2 && r.size(0) == 2 && r.size(1) == a.K, op, ": ref_state must have shape (2, ", a.K,
+                ") (running mean; accumulated weight) for K=", a.K, " discrepancies, got ", r.sizes());
+    TORCH_CHECK(r.scalar_type() == state.scalar_type(), op, ": ref_state has dtype ", r.scalar_type(),
+                " but state has dtype ", state.scalar_type(), "; they must match");
+    TORCH_CHECK(r.device() == d.device(), op, ": ref_state is on ", r.device(), " but the discrepancies are on ",
+                d.device());
+    TORCH_CHECK(ref_momentum >= 0.0 && ref_momentum < 1.0, op, ": ref_momentum must lie in [0, 1), got ",
+                ref_momentum);
+    a.ref_state = &r;
+    a.prm.running = true;
+  }
   a.found_inf = check_found_inf(op, found_inf, d.device());
   return a;
 }

@@ -26,26 +26,59 @@ LWKD_HD T lwkd_maximum(T a, T b) {
 // =============================================================================================
 // The per-layer learning-rate rule (SPEC section 4)
 //
-//   F     = { j : D_j finite }
-//   r_j   = |F| D_j / sum_{k in F} D_k   if that sum > eps, else 1          (j in F)
-//   s_j   = clamp(r_j ^ gamma, s_min, s_max)  (j in F);  s_j = m_j  (j not in F)
-//   m_j  <- mu m_j + (1 - mu) s_j
+//   V     = { j : D_j finite and D_j >= 0 }                 (usable discrepancies)
+//   x_j   = D_j                                              (normalize "none")
+//   x_j   = D_j / R_j  (1 if R_j = 0), R_j = a_j / w_j       (normalize "running"; j in V) after
+//           a_j <- rho a_j + (1 - rho) D_j,  w_j <- rho w_j + (1 - rho)
+//   r_j   = |V| x_j / sum_{k in V} x_k   if that sum > eps, else 1          (j in V)
+//   s_j   = clamp(r_j ^ gamma, s_min, s_max)                                (j in V)
+//   m_j  <- mu m_j + (1 - mu) s_j                                           (j in V)
 //   eta_j = eta0 m_j
 //
-// A layer outside F keeps m_j bit-for-bit (mu m + (1 - mu) m is m in exact arithmetic; the
-// kernels skip the rounding instead of hoping it cancels).
+// A layer outside V keeps m_j, a_j and w_j bit-for-bit (the kernels skip the stores instead of
+// hoping that mu m + (1 - mu) m rounds back to m).  R_j is the bias-corrected running mean of
+// the layer's own usable discrepancies (a_j: the exponential moving average started at 0, w_j:
+// the total weight it has accumulated, 1 - rho^n after n usable steps), so x_j -- and with it
+// every rate -- is unchanged when a layer's D is multiplied by a constant at every step.
+// Every backend evaluates these functions in double, in this order, and rounds once on store.
 // =============================================================================================
 struct RuleParams {
-  double momentum;  // mu in [0, 1)
-  double gamma;     // >= 0
+  double momentum;      // mu in [0, 1)
+  double gamma;         // >= 0
   double s_min;
   double s_max;
-  double eps;       // the "sum > eps" threshold
+  double eps;           // the "sum > eps" threshold
+  double ref_momentum;  // rho in [0, 1): decay of the running reference (normalize "running")
+  bool running;         // normalize "running" (a reference state is given) or "none"
 };
 
-// Contribution of one discrepancy to the two reductions of the rule.
-LWKD_HD double rule_sum_term(double d) { return lwkd_isfinite(d) ? d : 0.0; }
-LWKD_HD int64_t rule_count_term(double d) { return lwkd_isfinite(d) ? 1 : 0; }
+// Whether the rule can use a discrepancy: finite and >= 0 (SPEC: D_j >= 0).  A negative D (a
+// broken metric, or a caller's bug) is treated like a non-finite one: skipped and counted,
+// decided on the device, because refusing it would need a host read.  NaN fails `d >= 0`.
+LWKD_HD bool rule_usable(double d) { return lwkd_isfinite(d) && d >= 0.0; }
+
+// The running reference of one layer after this step's (usable) discrepancy d.
+struct RuleReference {
+  double a;  // new moving average (not bias-corrected)
+  double w;  // new accumulated weight
+  double x;  // the normalised discrepancy D_j / R_j (1 while R_j = 0)
+};
+
+LWKD_HD RuleReference rule_reference(double d, double a, double w, double rho) {
+  RuleReference ref;
+  ref.a = rho * a + (1.0 - rho) * d;
+  ref.w = rho * w + (1.0 - rho);
+  const double R = ref.a / ref.w;  // w > 0 after any update since rho < 1
+  ref.x = R > 0.0 ? d / R : 1.0;
+  return ref;
+}
+
+// The value x_j the rule normalises (0 for an unusable discrepancy, which then contributes to
+// neither reduction), from the layer's stored reference (a, w) -- unused for "none".
+LWKD_HD double rule_input(double d, double a, double w, const RuleParams& prm) {
+  if (!rule_usable(d)) return 0.0;
+  return prm.running ? rule_reference(d, a, w, prm.ref_momentum).x : d;
+}
 
 // r_j ^ gamma with pow(r, 0) = 1 (also for r = 0) as std::pow and torch.pow define it.
 LWKD_HD double rule_power(double r, double gamma) {
@@ -54,13 +87,11 @@ LWKD_HD double rule_power(double r, double gamma) {
   return lwkd_pow(r, gamma);
 }
 
-// The new momentum state m_j given the two reductions (sum of finite D, number of finite D).
-LWKD_HD double rule_update(double d, double m, double sum_finite, int64_t n_finite,
-                           const RuleParams& prm) {
-  if (!lwkd_isfinite(d)) return m;
-  const double r = sum_finite > prm.eps ? double(n_finite) * d / sum_finite : 1.0;
+// The new momentum state m_j of a usable layer given its x_j and the two reductions (sum of
+// the usable x, number of usable layers).
+LWKD_HD double rule_update(double x, double m, double sum_usable, int64_t n_usable, const RuleParams& prm) {
+  const double r = sum_usable > prm.eps ? double(n_usable) * x / sum_usable : 1.0;
   double s = rule_power(r, prm.gamma);
-  // clamp with NaN passing through, as torch.clamp does
   s = s < prm.s_min ? prm.s_min : (s > prm.s_max ? prm.s_max : s);
   return prm.momentum * m + (1.0 - prm.momentum) * s;
 }

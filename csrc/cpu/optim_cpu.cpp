@@ -34,9 +34,10 @@ at::Tensor layerwise_rates_cpu(const at::Tensor& d, at::Tensor& state,
                                at::ArrayRef<double> base_lr,
                                const std::optional<at::Tensor>& base_lr_tensor, double momentum,
                                double gamma, double s_min, double s_max, double eps,
-                               const std::optional<at::Tensor>& found_inf) {
+                               const std::optional<at::Tensor>& found_inf,
+                               const std::optional<at::Tensor>& ref_state, double ref_momentum) {
   const RatesArgs a = check_rates_args(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min,
-                                       s_max, eps, found_inf);
+                                       s_max, eps, found_inf, ref_state, ref_momentum);
   const int64_t K = a.K;
   at::Tensor eta = at::empty_like(state, at::MemoryFormat::Contiguous);
   if (K == 0) return eta;
@@ -58,36 +59,49 @@ at::Tensor layerwise_rates_cpu(const at::Tensor& d, at::Tensor& state,
     for (int64_t j = 0; j < K; ++j) lr[j] = base_lr[a.lr_per_layer ? j : 0];
   }
 
-  // skipped step (the flag is host memory here): eta = base_lr * m with m and the counter unchanged
-  if (a.found_inf != nullptr && *a.found_inf != 0.0f) {
-    AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "lwkd_rates_skip", [&] {
-      const scalar_t* m = state.const_data_ptr<scalar_t>();
-      scalar_t* out = eta.mutable_data_ptr<scalar_t>();
-      const int64_t s = state.stride(0);
-      for (int64_t j = 0; j < K; ++j) out[j] = scalar_t(lr[j] * double(m[j * s]));
-    });
-    return eta;
-  }
-
-  double sum = 0.0;
-  int64_t count = 0;
-  for (int64_t j = 0; j < K; ++j) {
-    sum += rule_sum_term(dv[j]);
-    count += rule_count_term(dv[j]);
-  }
+  // skipped step (the flag is host memory here): eta = base_lr * m, no state changes
+  const bool skip = a.found_inf != nullptr && *a.found_inf != 0.0f;
   AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "lwkd_rates_update", [&] {
     scalar_t* m = state.mutable_data_ptr<scalar_t>();
     scalar_t* out = eta.mutable_data_ptr<scalar_t>();
     const int64_t s = state.stride(0);
+    // the running reference: row 0 the moving averages a, row 1 the accumulated weights w
+    scalar_t* ra = nullptr;
+    int64_t rs0 = 0, rs1 = 0;
+    if (a.ref_state != nullptr) {
+      ra = a.ref_state->mutable_data_ptr<scalar_t>();
+      rs0 = a.ref_state->stride(0);
+      rs1 = a.ref_state->stride(1);
+    }
+    auto ref_a = [&](int64_t j) { return ra == nullptr ? 0.0 : double(ra[j * rs1]); };
+    auto ref_w = [&](int64_t j) { return ra == nullptr ? 0.0 : double(ra[rs0 + j * rs1]); };
+    if (skip) {
+      for (int64_t j = 0; j < K; ++j) out[j] = scalar_t(lr[j] * double(m[j * s]));
+      return;
+    }
+    double sum = 0.0;
+    int64_t count = 0;
+    std::vector<double> x(K);
     for (int64_t j = 0; j < K; ++j) {
-      const scalar_t mj = scalar_t(rule_update(dv[j], double(m[j * s]), sum, count, a.prm));
-      m[j * s] = mj;
-      out[j] = scalar_t(lr[j] * double(mj));
+      x[j] = rule_input(dv[j], ref_a(j), ref_w(j), a.prm);
+      sum += x[j];
+      count += rule_usable(dv[j]) ? 1 : 0;
+    }
+    for (int64_t j = 0; j < K; ++j) {
+      if (rule_usable(dv[j])) {
+        m[j * s] = scalar_t(rule_update(x[j], double(m[j * s]), sum, count, a.prm));
+        if (ra != nullptr) {
+          const RuleReference r = rule_reference(dv[j], ref_a(j), ref_w(j), a.prm.ref_momentum);
+          ra[j * rs1] = scalar_t(r.a);
+          ra[rs0 + j * rs1] = scalar_t(r.w);
+        }
+      }
+      out[j] = scalar_t(lr[j] * double(m[j * s]));
+    }
+    if (count < K && nonfinite.has_value() && nonfinite->defined()) {
+      *nonfinite->mutable_data_ptr<int64_t>() += 1;
     }
   });
-  if (count < K && nonfinite.has_value() && nonfinite->defined()) {
-    *nonfinite->mutable_data_ptr<int64_t>() += 1;
-  }
   return eta;
 }
 

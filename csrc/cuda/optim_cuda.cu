@@ -1,8 +1,9 @@
 // CUDA kernels of the optimizer ops (SPEC sections 4-5).
 //
-// lwkd::layerwise_rates   one block: two deterministic tree reductions (sum of the finite
-//                         discrepancies, their count), then one thread per layer applies the
-//                         rule; the non-finite counter is bumped on the device.
+// lwkd::layerwise_rates   one block: two deterministic tree reductions (sum of the usable
+//                         normalised discrepancies x_j, their count), then one thread per layer
+//                         applies the rule (and updates its running reference); the counter of
+//                         steps with an unusable discrepancy is bumped on the device.
 // lwkd::layerwise_step    multi-tensor apply: the host packs a table (groups, tensors, and one
 //                         (tensor, chunk) task per block) into pinned memory, copies it with one
 //                         asynchronous H2D transfer, and ONE kernel launch updates every chunk of
@@ -68,18 +69,23 @@ __global__ void __launch_bounds__(kRuleThreads)
 rates_kernel(const d_t* __restrict__ d, int64_t ds, m_t* __restrict__ m, int64_t ms, int64_t K,
              m_t* __restrict__ eta, int64_t* __restrict__ nonfinite, const void* lr_ptr,
              int lr_kind /*0 host list, 1 float tensor, 2 double tensor*/, int64_t lr_stride,
-             const double* __restrict__ lr_list, RuleParams prm, const float* __restrict__ found_inf) {
+             const double* __restrict__ lr_list, RuleParams prm, const float* __restrict__ found_inf,
+             m_t* __restrict__ ref, int64_t ref_s0, int64_t ref_s1) {
   // skipped step (device-side flag, uniform over the block): eta = lr * m, nothing is written
-  // back to m or the counter
+  // back to m, the reference or the counter
   const bool skip = found_inf != nullptr && *found_inf != 0.0f;
   __shared__ double s_sum[kRuleThreads];
   __shared__ long long s_cnt[kRuleThreads];
+  // Thread t owns layers t, t + blockDim, ...: it reads their reference in both passes and
+  // writes it only in the second, so no other thread ever sees a half-updated reference.
   double sum = 0.0;
   long long cnt = 0;
   for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
     const double dj = double(d[j * ds]);
-    sum += rule_sum_term(dj);
-    cnt += rule_count_term(dj);
+    const double aj = ref != nullptr ? double(ref[j * ref_s1]) : 0.0;
+    const double wj = ref != nullptr ? double(ref[ref_s0 + j * ref_s1]) : 0.0;
+    sum += rule_input(dj, aj, wj, prm);
+    cnt += rule_usable(dj) ? 1 : 0;
   }
   s_sum[threadIdx.x] = sum;
   s_cnt[threadIdx.x] = cnt;
@@ -92,17 +98,28 @@ rates_kernel(const d_t* __restrict__ d, int64_t ds, m_t* __restrict__ m, int64_t
     __syncthreads();
   }
   const double total = s_sum[0];
-  const int64_t n_finite = s_cnt[0];
+  const int64_t n_usable = s_cnt[0];
   for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
-    const m_t mj = skip ? m[j * ms] : m_t(rule_update(double(d[j * ds]), double(m[j * ms]), total, n_finite, prm));
-    if (!skip) m[j * ms] = mj;
+    const double dj = double(d[j * ds]);
+    m_t mj = m[j * ms];
+    if (!skip && rule_usable(dj)) {
+      const double aj = ref != nullptr ? double(ref[j * ref_s1]) : 0.0;
+      const double wj = ref != nullptr ? double(ref[ref_s0 + j * ref_s1]) : 0.0;
+      mj = m_t(rule_update(rule_input(dj, aj, wj, prm), double(mj), total, n_usable, prm));
+      m[j * ms] = mj;
+      if (ref != nullptr) {
+        const RuleReference r = rule_reference(dj, aj, wj, prm.ref_momentum);
+        ref[j * ref_s1] = m_t(r.a);
+        ref[ref_s0 + j * ref_s1] = m_t(r.w);
+      }
+    }
     double lr;
     if (lr_kind == 1) lr = double(static_cast<const float*>(lr_ptr)[j * lr_stride]);
     else if (lr_kind == 2) lr = static_cast<const double*>(lr_ptr)[j * lr_stride];
     else lr = lr_list[j * lr_stride];
     eta[j] = m_t(lr * double(mj));
   }
-  if (threadIdx.x == 0 && !skip && nonfinite != nullptr && n_finite < K) *nonfinite += 1;
+  if (threadIdx.x == 0 && !skip && nonfinite != nullptr && n_usable < K) *nonfinite += 1;
 }
 
 at::Tensor layerwise_rates_cuda(const at::Tensor& d, at::Tensor& state,
@@ -110,9 +127,10 @@ at::Tensor layerwise_rates_cuda(const at::Tensor& d, at::Tensor& state,
                                 at::ArrayRef<double> base_lr,
                                 const std::optional<at::Tensor>& base_lr_tensor, double momentum,
                                 double gamma, double s_min, double s_max, double eps,
-                                const std::optional<at::Tensor>& found_inf) {
+                                const std::optional<at::Tensor>& found_inf,
+                                const std::optional<at::Tensor>& ref_state, double ref_momentum) {
   const RatesArgs a = check_rates_args(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min,
-                                       s_max, eps, found_inf);
+                                       s_max, eps, found_inf, ref_state, ref_momentum);
   const c10::cuda::CUDAGuard guard(d.device());
   at::Tensor eta = at::empty_like(state, at::MemoryFormat::Contiguous);
   const int64_t K = a.K;
@@ -149,9 +167,13 @@ at::Tensor layerwise_rates_cuda(const at::Tensor& d, at::Tensor& state,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "lwkd_rates_cuda", [&] {
     using d_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "lwkd_rates_cuda_state", [&] {
+      scalar_t* ref = a.ref_state != nullptr ? a.ref_state->mutable_data_ptr<scalar_t>() : nullptr;
+      const int64_t ref_s0 = a.ref_state != nullptr ? a.ref_state->stride(0) : 0;
+      const int64_t ref_s1 = a.ref_state != nullptr ? a.ref_state->stride(1) : 0;
       rates_kernel<d_t, scalar_t><<<1, kRuleThreads, 0, stream>>>(
           d.const_data_ptr<d_t>(), d.stride(0), state.mutable_data_ptr<scalar_t>(), state.stride(0), K,
-          eta.mutable_data_ptr<scalar_t>(), nf, lr_ptr, lr_kind, lr_stride, lr_list, a.prm, a.found_inf);
+          eta.mutable_data_ptr<scalar_t>(), nf, lr_ptr, lr_kind, lr_stride, lr_list, a.prm, a.found_inf,
+          ref, ref_s0, ref_s1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

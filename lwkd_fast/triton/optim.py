@@ -148,8 +148,9 @@ def _zero(x):
 
 @triton.jit
 def _rates_kernel(d_ptr, d_stride, m_ptr, m_stride, eta_ptr, nf_ptr, lr_ptr, lr_stride, K, prm_ptr, fi_ptr,
+                  ref_ptr, ref_s0, ref_s1,
                   HAS_NF: tl.constexpr, LR_FROM_PTR: tl.constexpr, GAMMA_MODE: tl.constexpr,
-                  M_F64: tl.constexpr, HAS_FI: tl.constexpr, BLOCK: tl.constexpr):
+                  M_F64: tl.constexpr, HAS_FI: tl.constexpr, RUNNING: tl.constexpr, BLOCK: tl.constexpr):
     # float64 scalars come through memory (scalar kernel arguments would be float32)
     base_lr = tl.load(prm_ptr + 0)
     momentum = tl.load(prm_ptr + 1)
@@ -157,15 +158,35 @@ def _rates_kernel(d_ptr, d_stride, m_ptr, m_stride, eta_ptr, nf_ptr, lr_ptr, lr_
     s_min = tl.load(prm_ptr + 3)
     s_max = tl.load(prm_ptr + 4)
     eps = tl.load(prm_ptr + 5)
+    rho = tl.load(prm_ptr + 6)
     offs = tl.arange(0, BLOCK)
     inb = offs < K
     d = tl.load(d_ptr + offs * d_stride, mask=inb, other=0.0).to(tl.float64)
-    fin = ((d - d) == 0.0) & inb
-    dz = tl.where(fin, d, 0.0)
-    total = tl.sum(dz, axis=0)
-    count = tl.sum(fin.to(tl.float64), axis=0)
+    ok = ((d - d) == 0.0) & (d >= 0.0) & inb  # usable: finite and >= 0 (csrc/common: rule_usable)
+    dz = tl.where(ok, d, 0.0)
+    if HAS_FI:  # skipped step: nothing is stored but eta (from the unchanged m)
+        store = ok & _zero(tl.load(fi_ptr))
+    else:
+        store = ok
+    if RUNNING:  # csrc/common: rule_reference (same operations, same order)
+        a_old = tl.load(ref_ptr + offs * ref_s1, mask=inb, other=0.0).to(tl.float64)
+        w_old = tl.load(ref_ptr + ref_s0 + offs * ref_s1, mask=inb, other=0.0).to(tl.float64)
+        a_new = rho * a_old + (1.0 - rho) * dz
+        w_new = rho * w_old + (1.0 - rho)
+        R = a_new / w_new
+        x = tl.where(ok, tl.where(R > 0.0, dz / tl.where(R > 0.0, R, 1.0), 1.0), 0.0)
+        if M_F64:
+            tl.store(ref_ptr + offs * ref_s1, a_new, mask=store)
+            tl.store(ref_ptr + ref_s0 + offs * ref_s1, w_new, mask=store)
+        else:
+            tl.store(ref_ptr + offs * ref_s1, a_new.to(tl.float32), mask=store)
+            tl.store(ref_ptr + ref_s0 + offs * ref_s1, w_new.to(tl.float32), mask=store)
+    else:
+        x = dz
+    total = tl.sum(x, axis=0)
+    count = tl.sum(ok.to(tl.float64), axis=0)
     safe_total = tl.where(total > eps, total, 1.0)
-    r = tl.where(total > eps, count * dz / safe_total, 1.0)
+    r = tl.where(total > eps, count * x / safe_total, 1.0)
     if GAMMA_MODE == 0:      # gamma == 0: r ** 0 = 1
         s = tl.full([BLOCK], 1.0, tl.float64)
     elif GAMMA_MODE == 1:    # gamma == 1
@@ -174,24 +195,21 @@ def _rates_kernel(d_ptr, d_stride, m_ptr, m_stride, eta_ptr, nf_ptr, lr_ptr, lr_
         s = tl.where(r > 0.0, tl.exp(gamma * tl.log(tl.where(r > 0.0, r, 1.0))), 0.0)
     s = tl.where(s < s_min, s_min, tl.where(s > s_max, s_max, s))
     m_old = tl.load(m_ptr + offs * m_stride, mask=inb, other=1.0).to(tl.float64)
-    m_new = tl.where(fin, momentum * m_old + (1.0 - momentum) * s, m_old)
+    m_new = momentum * m_old + (1.0 - momentum) * s
     if M_F64:
         m_q = m_new
     else:
         m_q = m_new.to(tl.float32).to(tl.float64)
-    if HAS_FI:  # skipped step: m keeps its (exactly representable) old value, nothing is stored
-        keep = _zero(tl.load(fi_ptr))
-        m_q = tl.where(keep, m_q, m_old)
-        tl.store(m_ptr + offs * m_stride, m_q, mask=inb & keep)
-    else:
-        tl.store(m_ptr + offs * m_stride, m_q, mask=inb)
+    # unusable layers and skipped steps keep m (exactly representable) and store nothing
+    m_q = tl.where(store, m_q, m_old)
+    tl.store(m_ptr + offs * m_stride, m_q, mask=store)
     if LR_FROM_PTR:
         lr = tl.load(lr_ptr + offs * lr_stride, mask=inb, other=0.0).to(tl.float64)
     else:
         lr = base_lr
     tl.store(eta_ptr + offs, lr * m_q, mask=inb)
     if HAS_NF:
-        bad = tl.sum((inb & ~fin).to(tl.int32), axis=0)
+        bad = tl.sum((inb & ~ok).to(tl.int32), axis=0)
         old = tl.load(nf_ptr)
         if HAS_FI:
             tl.store(nf_ptr, old + (bad > 0).to(tl.int64), mask=_zero(tl.load(fi_ptr)))
@@ -199,15 +217,18 @@ def _rates_kernel(d_ptr, d_stride, m_ptr, m_stride, eta_ptr, nf_ptr, lr_ptr, lr_
             tl.store(nf_ptr, old + (bad > 0).to(tl.int64))
 
 
-@torch.library.custom_op("lwkd_triton::layerwise_rates", mutates_args=("state", "nonfinite"))
+@torch.library.custom_op("lwkd_triton::layerwise_rates", mutates_args=("state", "nonfinite", "ref_state"))
 def layerwise_rates(d: torch.Tensor, state: torch.Tensor, nonfinite: Optional[torch.Tensor],
                     base_lr: List[float], base_lr_tensor: Optional[torch.Tensor], momentum: float,
                     gamma: float, s_min: float, s_max: float, eps: float,
-                    found_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    found_inf: Optional[torch.Tensor] = None, ref_state: Optional[torch.Tensor] = None,
+                    ref_momentum: float = 0.99) -> torch.Tensor:
     """Triton implementation of ``lwkd::layerwise_rates`` (same arguments, checks and result)."""
-    _check_rates_args(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps, found_inf)
+    _check_rates_args(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps, found_inf,
+                      ref_state, ref_momentum)
     with on_device(state.device, _RATES):
-        return _rates(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps, found_inf)
+        return _rates(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps, found_inf,
+                      ref_state, ref_momentum)
 
 
 _RATES = "layerwise_rates"
@@ -247,7 +268,7 @@ def _host_values(t: torch.Tensor, device: torch.device, op: str, what: str) -> O
 
 
 def _check_rates_args(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps,
-                      found_inf) -> None:
+                      found_inf, ref_state=None, ref_momentum=0.99) -> None:
     """The checks of csrc/common/optim_host.h's check_rates_args."""
     op = _RATES
     if d.dim() != 1 or not d.is_floating_point():
@@ -286,9 +307,21 @@ def _check_rates_args(d, state, nonfinite, base_lr, base_lr_tensor, momentum, ga
     if K > 65536:
         _fail(op, f"K={K} layers exceeds the single-program limit 65536")
     _check_found_inf(op, found_inf, d.device)
+    if ref_state is not None:
+        r = ref_state
+        if r.dim() != 2 or tuple(r.shape) != (2, K):
+            _fail(op, f"ref_state must have shape (2, {K}) (running mean; accumulated weight) for K={K} "
+                      f"discrepancies, got {tuple(r.shape)}")
+        if r.dtype != state.dtype:
+            _fail(op, f"ref_state has dtype {r.dtype} but state has dtype {state.dtype}; they must match")
+        if r.device != d.device:
+            _fail(op, f"ref_state is on {r.device} but the discrepancies are on {d.device}")
+        if not 0.0 <= ref_momentum < 1.0:
+            _fail(op, f"ref_momentum must lie in [0, 1), got {ref_momentum}")
 
 
-def _rates(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps, found_inf):
+def _rates(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps, found_inf,
+           ref_state=None, ref_momentum=0.99):
     K = d.shape[0]
     device = state.device
     eta = torch.empty(K, dtype=state.dtype, device=device)
@@ -308,21 +341,24 @@ def _rates(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min,
     scalar_lr = float(host_lr[0]) if host_lr else 1.0
     gamma_mode = 0 if gamma == 0.0 else (1 if gamma == 1.0 else 2)
     nf = nonfinite if nonfinite is not None else eta
-    prm = _as_table([scalar_lr, momentum, gamma, s_min, s_max, eps], torch.float64, device)
+    prm = _as_table([scalar_lr, momentum, gamma, s_min, s_max, eps, ref_momentum], torch.float64, device)
+    ref = ref_state if ref_state is not None else state
     with _quiet():
         _common.launch(
             _rates_kernel, (1,),
             d, d.stride(0), state, state.stride(0), eta, nf, lr_ptr, lr_stride, K, prm,
-            found_inf if found_inf is not None else eta,
+            found_inf if found_inf is not None else eta, ref,
+            ref.stride(0) if ref_state is not None else 0, ref.stride(-1),
             HAS_NF=nonfinite is not None, LR_FROM_PTR=from_ptr, GAMMA_MODE=gamma_mode,
-            M_F64=state.dtype == torch.float64, HAS_FI=found_inf is not None,
+            M_F64=state.dtype == torch.float64, HAS_FI=found_inf is not None, RUNNING=ref_state is not None,
             BLOCK=max(16, triton.next_power_of_2(K)),
         )
     return eta
 
 
 @layerwise_rates.register_fake
-def _(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps, found_inf=None):
+def _(d, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min, s_max, eps, found_inf=None,
+      ref_state=None, ref_momentum=0.99):
     return torch.empty(d.shape[0], dtype=state.dtype, device=state.device)
 
 
