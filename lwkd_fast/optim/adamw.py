@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from .. import rule
-from .base import DEFAULT_RATE_NORMALIZE, _LayerwiseOptimizer
+from .base import DEFAULT_RATE_NORMALIZE, _LayerwiseOptimizer, _split_arguments
 from .tensors import _is_number, _local
 from .worklist import _WorkList
 
@@ -24,6 +24,7 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
     __module__ = "lwkd_fast.optim"  # where pickles (and old checkpoints' pickles) find the class
     _algorithm = "adamw"
     _name = "LayerwiseAdamW"
+    _DEFAULT_KEYS = ('lr', 'betas', 'eps', 'weight_decay', 'amsgrad', 'maximize')  # torch.optim's defaults, in this order
     _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, groups, lr: Union[float, torch.Tensor], betas: Tuple[float, float] = (0.9, 0.999),
@@ -32,10 +33,8 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
                  sync: Optional[str] = None, *, num_layers: Optional[int] = None, rate_eps: float = 1e-12,
                  process_group=None, rate_normalize: str = DEFAULT_RATE_NORMALIZE,
                  rate_ref_momentum: float = rule.DEFAULT_REF_MOMENTUM) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-        super().__init__(groups, defaults, rate_momentum=rate_momentum, gamma=gamma, s_min=s_min, s_max=s_max,
-                         sync=sync, num_layers=num_layers, rate_eps=rate_eps, process_group=process_group,
-                         rate_normalize=rate_normalize, rate_ref_momentum=rate_ref_momentum)
+        defaults, options = _split_arguments(locals(), self._DEFAULT_KEYS)
+        super().__init__(groups, defaults, **options)
 
     def _check_group(self, i: int, group: Dict[str, Any]) -> None:
         super()._check_group(i, group)
@@ -60,15 +59,11 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
         return bool(group["amsgrad"])
 
     def _gather(self, flat, grads) -> _WorkList:
-        op = f"{self._name}.step"
-        owners, params, gs, ms, vs, ws, steps, tgroup, created = [], [], [], [], [], [], [], [], []
+        owners, gs, ms, vs, ws, steps, tgroup, created = [], [], [], [], [], [], [], []
         any_ams = False
         state = self.state
         groups = self.param_groups
-        for (p, gi), g in zip(flat, grads):
-            if g is None:
-                continue
-            self._check_grad(op, gi, p, g)
+        for op, p, gi, g in self._with_grads(flat, grads):
             ams = bool(groups[gi]["amsgrad"])
             any_ams |= ams
             s = state[p]
@@ -82,14 +77,13 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
             if ams and "max_exp_avg_sq" not in s:
                 s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             owners.append(p)
-            params.append(_local(p))
-            gs.append(_local(g))
+            gs.append(g)
             ms.append(_local(s["exp_avg"]))
             vs.append(_local(s["exp_avg_sq"]))
             ws.append(_local(s["max_exp_avg_sq"]) if ams else self._placeholder)
             steps.append(s["step"])
             tgroup.append(gi)
-        return _WorkList(owners, params, gs, ms, vs, ws if any_ams else [], steps, tgroup, created=created)
+        return _WorkList(owners, gs, ms, vs, ws if any_ams else [], steps, tgroup, created=created)
 
     def _check_adamw_state(self, op: str, gi: int, p: torch.Tensor, s: Dict[str, Any]) -> None:
         missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in s]

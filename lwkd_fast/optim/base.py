@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,10 +14,20 @@ from .groups import _Groups
 from .placement import _Placement
 from .skipping import _SkipTracking, _Unsettled
 from .step_op import OP, _run_step
-from .worklist import _WorkList
+from .worklist import _WorkList, _group_args
 
 DEFAULT_RATE_NORMALIZE = "none"  # the rule of the optimizers unless told otherwise (SPEC section 4)
 _SYNC_CHOICES = (None, "all_reduce")
+# the keyword options of _LayerwiseOptimizer.__init__, which every optimizer's constructor takes
+_RULE_OPTIONS = ("rate_momentum", "gamma", "s_min", "s_max", "sync", "num_layers", "rate_eps", "process_group",
+                 "rate_normalize", "rate_ref_momentum")
+
+
+def _split_arguments(arguments: Dict[str, Any], default_keys: Sequence[str]
+                     ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """An optimizer constructor's arguments (its ``locals()``) as torch.optim's ``defaults`` (the
+    algorithm's hyper-parameters, ``default_keys`` in that order) and the rule's keyword options."""
+    return {k: arguments[k] for k in default_keys}, {k: arguments[k] for k in _RULE_OPTIONS}
 
 
 class _LayerwiseOptimizer(_Checkpointing, _SkipTracking, _Placement, _Groups, torch.optim.Optimizer):
@@ -170,6 +180,16 @@ class _LayerwiseOptimizer(_Checkpointing, _SkipTracking, _Placement, _Groups, to
         creating state that is due (slow path, run when the set of gradients changes)."""
         raise NotImplementedError
 
+    def _with_grads(self, flat, grads):
+        """``(op, p, gi, g)`` for each ``(p, gi)`` of ``flat`` whose gradient ``g`` is not None, the
+        gradient checked against its parameter as it is reached (in the pass that builds the work
+        list, so errors come in parameter order)."""
+        op = f"{self._name}.step"
+        for (p, gi), g in zip(flat, grads):
+            if g is not None:
+                self._check_grad(op, gi, p, g)
+                yield op, p, gi, g
+
     def _work_list(self) -> Tuple["_WorkList", List[torch.Tensor]]:
         """The work list of this step and the gradients of its tensors.
 
@@ -282,28 +302,17 @@ class _LayerwiseOptimizer(_Checkpointing, _SkipTracking, _Placement, _Groups, to
                 self._settle()
             if d is not None:
                 self._update_rates(d, fi, skip)
-            group_layer, group_lr, group_lr_tensor, hyper = [], [], [], []
-            for group in self.param_groups:
-                group_layer.append(-1 if group["layer"] is None else int(group["layer"]))
-                lr = group["lr"]
-                if isinstance(lr, torch.Tensor):
-                    group_lr.append(0.0)
-                    group_lr_tensor.append(lr)
-                else:
-                    group_lr.append(float(lr))
-                    group_lr_tensor.append(None)
-                hyper.extend(self._hyper(group))
+            groups_args = _group_args(self.param_groups, self._hyper)
             self._zero_fresh = fi is not None
             work, grads = self._work_list()
             if work.params:
                 params, grads, copies = work.kernel_inputs(grads)
                 backend = ops.select_backend(OP, dev)
-                groups_args = (group_layer, group_lr, group_lr_tensor, hyper)
                 if self._unsettled and self._algorithm == "sgd" and work.s1:
                     self._split_step(backend, work, params, grads, groups_args, fi, skip)
                 else:
                     _run_step(backend, self._algorithm, params, grads, work.s1, work.s2, work.s3, work.steps,
-                              self._factors, work.tgroup, work.fresh, *groups_args, *([fi] if fi is not None else []))
+                              self._factors, work.tgroup, work.fresh, *groups_args, found_inf=fi)
                 for param, dense in copies:  # copy-out of the non-dense parameters' working copies
                     param.copy_(dense)
             created = work.commit(self.state)

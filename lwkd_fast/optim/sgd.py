@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from .. import rule
-from .base import DEFAULT_RATE_NORMALIZE, _LayerwiseOptimizer
+from .base import DEFAULT_RATE_NORMALIZE, _LayerwiseOptimizer, _split_arguments
 from .tensors import _is_number, _local
 from .worklist import _WorkList
 
@@ -34,6 +34,7 @@ class LayerwiseSGD(_LayerwiseOptimizer):
     __module__ = "lwkd_fast.optim"  # where pickles (and old checkpoints' pickles) find the class
     _algorithm = "sgd"
     _name = "LayerwiseSGD"
+    _DEFAULT_KEYS = ('lr', 'momentum', 'dampening', 'weight_decay', 'nesterov', 'maximize')  # torch.optim's defaults, in this order
     _STATE_KEYS = ("momentum_buffer",)
 
     def __init__(self, groups, lr: Union[float, torch.Tensor], momentum: float = 0.0,
@@ -43,11 +44,8 @@ class LayerwiseSGD(_LayerwiseOptimizer):
                  num_layers: Optional[int] = None, rate_eps: float = 1e-12, process_group=None,
                  rate_normalize: str = DEFAULT_RATE_NORMALIZE,
                  rate_ref_momentum: float = rule.DEFAULT_REF_MOMENTUM) -> None:
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize)
-        super().__init__(groups, defaults, rate_momentum=rate_momentum, gamma=gamma, s_min=s_min, s_max=s_max,
-                         sync=sync, num_layers=num_layers, rate_eps=rate_eps, process_group=process_group,
-                         rate_normalize=rate_normalize, rate_ref_momentum=rate_ref_momentum)
+        defaults, options = _split_arguments(locals(), self._DEFAULT_KEYS)
+        super().__init__(groups, defaults, **options)
 
     def _check_group(self, i: int, group: Dict[str, Any]) -> None:
         super()._check_group(i, group)
@@ -71,15 +69,11 @@ class LayerwiseSGD(_LayerwiseOptimizer):
         return group["momentum"] != 0
 
     def _gather(self, flat, grads) -> _WorkList:
-        op = f"{self._name}.step"
-        owners, params, gs, bufs, tgroup, fresh, pending = [], [], [], [], [], [], []
+        owners, gs, bufs, tgroup, fresh, pending = [], [], [], [], [], []
         any_mom = False
         state = self.state
         groups = self.param_groups
-        for (p, gi), g in zip(flat, grads):
-            if g is None:
-                continue
-            self._check_grad(op, gi, p, g)
+        for op, p, gi, g in self._with_grads(flat, grads):
             if groups[gi]["momentum"] != 0:
                 any_mom = True
                 st = state.get(p)  # (a plain lookup: does not create an entry)
@@ -88,7 +82,7 @@ class LayerwiseSGD(_LayerwiseOptimizer):
                     # (zeros when the step may be skipped: the buffer then stays unused but defined)
                     new = torch.zeros_like if self._zero_fresh else torch.empty_like
                     buf = new(p, memory_format=torch.preserve_format)
-                    fresh.append(len(params))
+                    fresh.append(len(owners))
                     pending.append((p, buf))
                 else:
                     buf = st["momentum_buffer"] = self._placed_state(op, gi, p, "momentum_buffer", buf)
@@ -96,8 +90,7 @@ class LayerwiseSGD(_LayerwiseOptimizer):
             else:
                 bufs.append(self._placeholder)
             owners.append(p)
-            params.append(_local(p))
-            gs.append(_local(g))
+            gs.append(g)
             tgroup.append(gi)
         # buffers enter the state only once the step has run (see _WorkList.commit)
-        return _WorkList(owners, params, gs, bufs if any_mom else [], [], [], [], tgroup, fresh, pending)
+        return _WorkList(owners, gs, bufs if any_mom else [], [], [], [], tgroup, fresh, pending)

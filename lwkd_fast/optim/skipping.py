@@ -136,7 +136,7 @@ class _SkipTracking:
             pos = {i: k for k, i in enumerate(idx)}
             _run_step(backend, "sgd", [params[i] for i in idx], [grads[i] for i in idx],
                       [work.s1[i] for i in idx], [], [], [], self._factors, [work.tgroup[i] for i in idx],
-                      [pos[i] for i in fresh], *groups_args, *([flag] if flag is not None else []))
+                      [pos[i] for i in fresh], *groups_args, found_inf=flag)
 
         if rest:
             call(rest, [i for i in rest if i in fresh_set], fi)

@@ -14,7 +14,10 @@ if OP not in ops._EXTRA_NATIVE_OPS:
     ops._EXTRA_NATIVE_OPS.append(OP)
 
 
-def _run_step(backend: str, *args) -> None:
+def _run_step(backend: str, *args, found_inf=None) -> None:
+    """``layerwise_step(*args)`` on ``backend``; ``found_inf`` is passed (last) only when given."""
+    if found_inf is not None:
+        args = (*args, found_inf)
     if backend in ops.NATIVE_NAMESPACES:
         ops.native_ops(backend).layerwise_step(*args)
     elif backend == "triton":

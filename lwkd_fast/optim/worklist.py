@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .tensors import _is_dense, _is_dtensor, _local
 
 HYPER = 6  # doubles per group in the step op's `group_hyper` (see csrc/ops.cpp)
+
+
+def _group_args(groups: Sequence[Dict[str, Any]], hyper_of: Callable[[Dict[str, Any]], List[float]]
+                ) -> Tuple[List[int], List[float], List[Optional[torch.Tensor]], List[float]]:
+    """The per-group arguments of the step op: each group's layer (-1 for the head), its base rate
+    (a float; 0.0 where it is a tensor), the tensor rate (or None) and its ``HYPER`` doubles
+    (``hyper_of(group)``, the algorithm's hyper-parameters)."""
+    group_layer, group_lr, group_lr_tensor, hyper = [], [], [], []
+    for group in groups:
+        group_layer.append(-1 if group["layer"] is None else int(group["layer"]))
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            group_lr.append(0.0)
+            group_lr_tensor.append(lr)
+        else:
+            group_lr.append(float(lr))
+            group_lr_tensor.append(None)
+        hyper.extend(hyper_of(group))
+    return group_layer, group_lr, group_lr_tensor, hyper
 
 
 class _WorkList:
@@ -26,8 +45,10 @@ class _WorkList:
     __slots__ = ("owners", "params", "grads", "s1", "s2", "s3", "steps", "tgroup", "fresh", "pending", "present",
                  "created", "special", "shapes", "dtypes", "plain", "ptrs", "special_ptrs")
 
-    def __init__(self, owners, params, grads, s1, s2, s3, steps, tgroup, fresh=(), pending=(), created=()):
-        self.owners, self.params, self.grads, self.s1, self.s2, self.s3 = owners, params, grads, s1, s2, s3
+    def __init__(self, owners, grads, s1, s2, s3, steps, tgroup, fresh=(), pending=(), created=()):
+        # (``params`` / ``grads``: the owners' and their gradients' local tensors, see _local)
+        self.owners, self.params, self.grads = owners, [_local(p) for p in owners], [_local(g) for g in grads]
+        self.s1, self.s2, self.s3 = s1, s2, s3
         self.steps, self.tgroup = steps, tgroup
         self.fresh, self.pending = list(fresh), list(pending)
         self.created = list(created) + [p for p, _ in self.pending]
