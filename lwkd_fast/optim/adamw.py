@@ -36,9 +36,7 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
         defaults, options = _split_arguments(locals(), self._DEFAULT_KEYS)
         super().__init__(groups, defaults, **options)
 
-    def _check_group(self, i: int, group: Dict[str, Any]) -> None:
-        super()._check_group(i, group)
-        n = self._name
+    def _check_hyper(self, n: str, i: int, group: Dict[str, Any]) -> None:
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_number(b) for b in betas):
             raise ValueError(f"{n}: group {i}: betas must be a pair of numbers, got {betas!r}")

@@ -69,6 +69,11 @@ class _Groups:
                                  f"got shape {tuple(lr.shape)} dtype {lr.dtype}")
         elif not _is_number(lr) or not lr >= 0.0:
             raise ValueError(f"{self._name}: group {i}: invalid learning rate {lr!r}")
+        self._check_hyper(self._name, i, group)
+
+    def _check_hyper(self, n: str, i: int, group: Dict[str, Any]) -> None:
+        """The algorithm's own hyper-parameters of group ``i`` (``n``: the optimizer's name)."""
+        raise NotImplementedError
 
     def _layer_base_lrs(self) -> Tuple[List[float], Optional[torch.Tensor]]:
         """Base rate of each layer: the lr of its first group (else of group 0).  Returns

@@ -47,9 +47,7 @@ class LayerwiseSGD(_LayerwiseOptimizer):
         defaults, options = _split_arguments(locals(), self._DEFAULT_KEYS)
         super().__init__(groups, defaults, **options)
 
-    def _check_group(self, i: int, group: Dict[str, Any]) -> None:
-        super()._check_group(i, group)
-        n = self._name
+    def _check_hyper(self, n: str, i: int, group: Dict[str, Any]) -> None:
         for key in ("momentum", "dampening", "weight_decay"):
             v = group[key]
             if not _is_number(v) or math.isnan(v):
