@@ -56,7 +56,7 @@ TORCH_LIBRARY(lwkd, m) {
   // `ref_state` (optional): the (2, K) running reference of normalize "running" (row 0 the moving
   // averages of D, row 1 their accumulated weights; zeros at the start), same dtype as `state`,
   // updated in place with decay `ref_momentum`; absent: normalize "none" (ref_momentum unused).
-  // Fake kernels: lwkd_fast/rule.py and lwkd_fast/optim.py (set_python_module applies to the
+  // Fake kernels: lwkd_fast/rule.py and lwkd_fast/optim/__init__.py (set_python_module applies to the
   // definitions that follow it).
   m.set_python_module("lwkd_fast.rule");
   m.def(

@@ -1,4 +1,4 @@
-"""Stream discipline of the optimizer's host-side read of a device skip flag (lwkd_fast/optim.py,
+"""Stream discipline of the optimizer's host-side read of a device skip flag (lwkd_fast/optim/skipping.py,
 _Unsettled), checked without a GPU: the torch.cuda calls it makes are recorded by stand-ins."""
 
 from __future__ import annotations
