@@ -1,5 +1,5 @@
-"""Stream discipline of the optimizer's host-side read of a device skip flag (lwkd_fast/optim/skipping.py,
-_Unsettled), checked without a GPU: the torch.cuda calls it makes are recorded by stand-ins."""
+"""Stream discipline of the optimizer's host-side read of a device skip flag
+(lwkd_fast/optim/skipping.py, _Unsettled), checked without a GPU: the torch.cuda calls it makes are recorded by stand-ins."""
 
 from __future__ import annotations
 
