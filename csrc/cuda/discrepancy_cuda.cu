@@ -2,10 +2,11 @@
 //
 // Launch structure: every phase is ONE launch for all layers of the call (up to kMaxLayers = 32
 // layers per launch; longer lists are processed 32 layers at a time).  The work list travels in
-// the kernel arguments (a `__grid_constant__` table of per-layer pointers, strides, sizes and the
-// index of each layer's first tile, apex multi-tensor-apply style), so a launch needs no
-// host-to-device copy and no host synchronisation.  A block finds its layer by binary search over
-// the first-tile column.
+// the kernel arguments (a `__grid_constant__` LayerTable of per-layer pointers, strides, sizes and
+// the index of each layer's first tile, cuda/work_table.cuh), so a launch needs no host-to-device
+// copy and no host synchronisation.  A block finds its layer by binary search over the first-tile
+// column.  The host picks the accumulation type once per launch batch (dispatch_acc) and runs
+// one templated host function per kernel family (launch_attn_forward, ..., launch_map_backward).
 //
 //   attention forward   attn_maps_kernel      tile = (layer, sample, <= 1024 positions): channel
 //                                             reduction a[i] = mean_c |x[c, i]|^p of student and
@@ -48,12 +49,12 @@
 #include "common/host_prep.h"
 #include "common/lwkd_common.h"
 #include "cuda/device_utils.cuh"
+#include "cuda/work_table.cuh"
 
 namespace lwkd {
 namespace cuda {
 namespace {
 
-constexpr int kMaxLayers = 32;      // layers per launch (kernel-argument table)
 constexpr int kMaxChunk = 1024;     // positions per attention tile
 constexpr int64_t kTileElems = 32768;  // target elements (positions x channels) per attention tile
 constexpr int kRowScal = 8;         // per-(layer, sample) scalars of the attention backward
@@ -82,12 +83,7 @@ struct AttnLayer {
   int64_t k;          // layer index in the call
 };
 
-struct AttnParams {
-  int32_t num_layers;
-  int64_t B;
-  int64_t tile_start[kMaxLayers + 1];
-  AttnLayer layer[kMaxLayers];
-};
+using AttnParams = LayerTable<AttnLayer>;
 
 struct MapLayer {     // flat per-sample vectors: element (b, i) at ptr + b * N + i
   const void* s;
@@ -97,25 +93,10 @@ struct MapLayer {     // flat per-sample vectors: element (b, i) at ptr + b * N 
   int32_t ds, dt, vs, vt, vg, pad_;
 };
 
-struct MapParams {
-  int32_t num_layers;
-  int64_t B;
-  int64_t tile_start[kMaxLayers + 1];
-  MapLayer layer[kMaxLayers];
-};
+using MapParams = LayerTable<MapLayer>;
 
 static_assert(sizeof(AttnParams) < 32000, "kernel parameter space is 32 KB (sm_70+, CUDA >= 12.1)");
 static_assert(sizeof(MapParams) < 32000, "kernel parameter space is 32 KB");
-
-template <class P>
-__device__ __forceinline__ int find_layer(const P& prm, int64_t tile) {
-  int lo = 0, hi = prm.num_layers - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (prm.tile_start[mid] <= tile) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
 
 struct AttnTile {
   int l;
@@ -699,10 +680,6 @@ int32_t dtype_code(at::ScalarType st, const char* op) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Layout class and vector eligibility of a (B, C, N) view (same classification as the Triton
 // backend: strides of size-1 dimensions are irrelevant and normalised).
 Feat make_feat(const at::Tensor& x3, const char* op) {
@@ -757,12 +734,7 @@ int64_t fill_attn(AttnParams& P, int64_t B, int64_t k0, int64_t k1, const std::v
                   const std::vector<Feat>& fy, const std::vector<at::Tensor>& ms,
                   const std::vector<at::Tensor>& mt, const std::vector<at::Tensor>& masks,
                   const std::vector<int64_t>& Ns, bool teacher_channels) {
-  P = AttnParams{};
-  P.num_layers = static_cast<int32_t>(k1 - k0);
-  P.B = B;
-  int64_t tiles = 0;
-  for (int64_t k = k0; k < k1; ++k) {
-    AttnLayer& L = P.layer[k - k0];
+  return fill_layer_table(P, B, k0, k1, [&](AttnLayer& L, int64_t k) {
     L.x = fx[k];
     L.y = fy[k];
     L.maps_s = ms[k].data_ptr();
@@ -772,11 +744,78 @@ int64_t fill_attn(AttnParams& P, int64_t B, int64_t k0, int64_t k1, const std::v
     L.chunk = attn_chunk(Ns[k], fx[k].C + (teacher_channels ? fy[k].C : 0));
     L.nchunks = cdiv(Ns[k], L.chunk);
     L.k = k;
-    P.tile_start[k - k0] = tiles;
-    tiles += B * L.nchunks;
-  }
-  P.tile_start[k1 - k0] = tiles;
-  return tiles;
+    return L.nchunks;
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launches, templated on the accumulation type (float32, or float64 when an input is float64)
+// ---------------------------------------------------------------------------------------------
+// Runs f(acc_t tag) with acc_t = double for a float64 accumulation dtype, float otherwise.
+template <typename F>
+void dispatch_acc(at::ScalarType acc, F&& f) {
+  if (acc == at::kDouble) f(double());
+  else f(float());
+}
+
+// attn_maps_kernel -> attn_rows_fwd_kernel: maps and d (K, B) of one launch batch
+template <typename acc_t>
+void launch_attn_forward(const AttnParams& P, int64_t tiles, const MetricParams& prm, double p, PowMode pm,
+                         at::Tensor& d, cudaStream_t stream) {
+  const unsigned rows = grid_of(int64_t(P.num_layers) * P.B);
+  LWKD_CUDA_POW(pm, attn_maps_kernel<acc_t, kM><<<grid_of(tiles), kThreads, 0, stream>>>(P, static_cast<acc_t>(p)));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  attn_rows_fwd_kernel<acc_t><<<rows, kThreads, 0, stream>>>(P, prm, d.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// attn_rows_bwd_kernel -> attn_grad_kernel: the student gradients of one launch batch
+template <typename acc_t>
+void launch_attn_backward(const AttnParams& P, int64_t tiles, const MetricParams& prm, double p, PowMode pm,
+                          const at::Tensor& g, at::Tensor& rowscal, cudaStream_t stream) {
+  const unsigned rows = grid_of(int64_t(P.num_layers) * P.B);
+  attn_rows_bwd_kernel<acc_t><<<rows, kThreads, 0, stream>>>(P, prm, g.const_data_ptr<acc_t>(),
+                                                              rowscal.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  LWKD_CUDA_POW(pm, attn_grad_kernel<acc_t, kM><<<grid_of(tiles), kThreads, 0, stream>>>(
+                        P, prm, rowscal.const_data_ptr<acc_t>(), p));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// map_stats_kernel: per-tile sums of both vectors -> part (2 per tile)
+template <typename acc_t>
+void launch_map_stats(const MapParams& P, int64_t tiles, int32_t mcode, at::Tensor& part, cudaStream_t stream) {
+  map_stats_kernel<acc_t><<<grid_of(tiles), kThreads, 0, stream>>>(P, mcode, part.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// map_stats_kernel -> map_terms_kernel -> map_rows_kernel: d (K, B) of one launch batch
+template <typename acc_t>
+void launch_map_forward(const MapParams& P, int64_t tiles, const MetricParams& prm, at::Tensor& part,
+                        at::Tensor& part2, at::Tensor& d, cudaStream_t stream) {
+  const unsigned row_blocks = grid_of(cdiv(int64_t(P.num_layers) * P.B, kThreads));
+  launch_map_stats<acc_t>(P, tiles, static_cast<int32_t>(prm.metric), part, stream);
+  map_terms_kernel<acc_t><<<grid_of(tiles), kThreads, 0, stream>>>(P, prm, part.const_data_ptr<acc_t>(),
+                                                                   part2.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  map_rows_kernel<acc_t><<<row_blocks, kThreads, 0, stream>>>(P, part2.const_data_ptr<acc_t>(),
+                                                              d.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// map_stats_kernel -> map_proj_kernel -> map_grad_kernel: the student gradients of one launch batch
+template <typename acc_t>
+void launch_map_backward(const MapParams& P, int64_t tiles, const MetricParams& prm, const at::Tensor& g,
+                         at::Tensor& part, at::Tensor& part2, cudaStream_t stream) {
+  launch_map_stats<acc_t>(P, tiles, static_cast<int32_t>(prm.metric), part, stream);
+  map_proj_kernel<acc_t><<<grid_of(tiles), kThreads, 0, stream>>>(P, prm, part.const_data_ptr<acc_t>(),
+                                                                  g.const_data_ptr<acc_t>(),
+                                                                  part2.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  map_grad_kernel<acc_t><<<grid_of(tiles), kThreads, 0, stream>>>(P, prm, part.const_data_ptr<acc_t>(),
+                                                                  g.const_data_ptr<acc_t>(),
+                                                                  part2.const_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> attention_discrepancy_cuda(
@@ -810,22 +849,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> attenti
   const std::vector<at::Tensor> mk = check_masks(masks, K, B, Ns, student[0].device(), out_dt, "attention_discrepancy");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const PowMode pm = pow_mode(p);
-  for (int64_t k0 = 0; k0 < K; k0 += kMaxLayers) {
-    const int64_t k1 = std::min<int64_t>(K, k0 + kMaxLayers);
+  for_each_layer_batch(K, [&](int64_t k0, int64_t k1) {
     AttnParams P;
     const int64_t tiles = fill_attn(P, B, k0, k1, fs, ft, maps_s, maps_t, mk, Ns, /*teacher_channels=*/true);
-    const unsigned rows = grid_of((k1 - k0) * B);
-    if (out_dt == at::kDouble) {
-      LWKD_CUDA_POW(pm, attn_maps_kernel<double, kM><<<grid_of(tiles), kThreads, 0, stream>>>(P, p));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      attn_rows_fwd_kernel<double><<<rows, kThreads, 0, stream>>>(P, prm, d.mutable_data_ptr<double>());
-    } else {
-      LWKD_CUDA_POW(pm, attn_maps_kernel<float, kM><<<grid_of(tiles), kThreads, 0, stream>>>(P, static_cast<float>(p)));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      attn_rows_fwd_kernel<float><<<rows, kThreads, 0, stream>>>(P, prm, d.mutable_data_ptr<float>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+    dispatch_acc(out_dt, [&](auto acc) {
+      launch_attn_forward<decltype(acc)>(P, tiles, prm, p, pm, d, stream);
+    });
+  });
   return {d, maps_s, maps_t};
 }
 
@@ -865,26 +895,13 @@ std::vector<at::Tensor> attention_discrepancy_backward_cuda(
       check_masks(masks, K, B, Ns, student[0].device(), acc, "attention_discrepancy_backward");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const PowMode pm = pow_mode(p);
-  for (int64_t k0 = 0; k0 < K; k0 += kMaxLayers) {
-    const int64_t k1 = std::min<int64_t>(K, k0 + kMaxLayers);
+  for_each_layer_batch(K, [&](int64_t k0, int64_t k1) {
     AttnParams P;
     const int64_t tiles = fill_attn(P, B, k0, k1, fx, fg, ms, mt, mk, Ns, /*teacher_channels=*/false);
-    const unsigned rows = grid_of((k1 - k0) * B);
-    if (acc == at::kDouble) {
-      attn_rows_bwd_kernel<double><<<rows, kThreads, 0, stream>>>(P, prm, g.const_data_ptr<double>(),
-                                                                   rowscal.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      LWKD_CUDA_POW(pm, attn_grad_kernel<double, kM><<<grid_of(tiles), kThreads, 0, stream>>>(
-                            P, prm, rowscal.const_data_ptr<double>(), p));
-    } else {
-      attn_rows_bwd_kernel<float><<<rows, kThreads, 0, stream>>>(P, prm, g.const_data_ptr<float>(),
-                                                                  rowscal.mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      LWKD_CUDA_POW(pm, attn_grad_kernel<float, kM><<<grid_of(tiles), kThreads, 0, stream>>>(
-                            P, prm, rowscal.const_data_ptr<float>(), p));
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+    dispatch_acc(acc, [&](auto tag) {
+      launch_attn_backward<decltype(tag)>(P, tiles, prm, p, pm, g, rowscal, stream);
+    });
+  });
   std::vector<at::Tensor> grads(K);
   for (int64_t k = 0; k < K; ++k) {
     gbuf[k].finish();  // a stream-ordered copy when the layout forced a separate work buffer
@@ -902,12 +919,7 @@ int32_t flat_vec(const at::Tensor& x, int64_t N) {
 
 int64_t fill_map(MapParams& P, int64_t B, int64_t k0, int64_t k1, const std::vector<FlatPair>& fp,
                  const std::vector<at::Tensor>* grads) {
-  P = MapParams{};
-  P.num_layers = static_cast<int32_t>(k1 - k0);
-  P.B = B;
-  int64_t tiles = 0;
-  for (int64_t k = k0; k < k1; ++k) {
-    MapLayer& L = P.layer[k - k0];
+  return fill_layer_table(P, B, k0, k1, [&](MapLayer& L, int64_t k) {
     const int64_t N = fp[k].N;
     L.s = fp[k].s.data_ptr();
     L.t = fp[k].t.data_ptr();
@@ -922,11 +934,8 @@ int64_t fill_map(MapParams& P, int64_t B, int64_t k0, int64_t k1, const std::vec
     L.vs = flat_vec(fp[k].s, N);
     L.vt = flat_vec(fp[k].t, N);
     L.vg = grads ? flat_vec((*grads)[k], N) : 0;
-    P.tile_start[k - k0] = tiles;
-    tiles += B * L.nchunks;
-  }
-  P.tile_start[k1 - k0] = tiles;
-  return tiles;
+    return L.nchunks;
+  });
 }
 
 at::Tensor map_discrepancy_cuda(at::TensorList student, at::TensorList teacher, c10::string_view metric,
@@ -943,33 +952,15 @@ at::Tensor map_discrepancy_cuda(at::TensorList student, at::TensorList teacher, 
   const auto opts = student[0].options().dtype(out_dt);
   at::Tensor d = at::empty({K, B}, opts);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int32_t mcode = static_cast<int32_t>(prm.metric);
-  for (int64_t k0 = 0; k0 < K; k0 += kMaxLayers) {
-    const int64_t k1 = std::min<int64_t>(K, k0 + kMaxLayers);
+  for_each_layer_batch(K, [&](int64_t k0, int64_t k1) {
     MapParams P;
     const int64_t tiles = fill_map(P, B, k0, k1, fp, nullptr);
     at::Tensor part = at::empty({2 * tiles}, opts);
     at::Tensor part2 = at::empty({tiles}, opts);
-    const unsigned row_blocks = grid_of(cdiv((k1 - k0) * B, kThreads));
-    if (out_dt == at::kDouble) {
-      map_stats_kernel<double><<<grid_of(tiles), kThreads, 0, stream>>>(P, mcode, part.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      map_terms_kernel<double><<<grid_of(tiles), kThreads, 0, stream>>>(P, prm, part.const_data_ptr<double>(),
-                                                               part2.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      map_rows_kernel<double><<<row_blocks, kThreads, 0, stream>>>(P, part2.const_data_ptr<double>(),
-                                                                   d.mutable_data_ptr<double>());
-    } else {
-      map_stats_kernel<float><<<grid_of(tiles), kThreads, 0, stream>>>(P, mcode, part.mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      map_terms_kernel<float><<<grid_of(tiles), kThreads, 0, stream>>>(P, prm, part.const_data_ptr<float>(),
-                                                              part2.mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      map_rows_kernel<float><<<row_blocks, kThreads, 0, stream>>>(P, part2.const_data_ptr<float>(),
-                                                                  d.mutable_data_ptr<float>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+    dispatch_acc(out_dt, [&](auto acc) {
+      launch_map_forward<decltype(acc)>(P, tiles, prm, part, part2, d, stream);
+    });
+  });
   return d;
 }
 
@@ -995,36 +986,15 @@ std::vector<at::Tensor> map_discrepancy_backward_cuda(const at::Tensor& grad, at
     work[k] = gbuf[k].work;
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int32_t mcode = static_cast<int32_t>(prm.metric);
-  for (int64_t k0 = 0; k0 < K; k0 += kMaxLayers) {
-    const int64_t k1 = std::min<int64_t>(K, k0 + kMaxLayers);
+  for_each_layer_batch(K, [&](int64_t k0, int64_t k1) {
     MapParams P;
     const int64_t tiles = fill_map(P, B, k0, k1, fp, &work);
     at::Tensor part = at::empty({2 * tiles}, g.options());
     at::Tensor part2 = at::empty({tiles}, g.options());
-    if (acc == at::kDouble) {
-      map_stats_kernel<double><<<grid_of(tiles), kThreads, 0, stream>>>(P, mcode, part.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      map_proj_kernel<double><<<grid_of(tiles), kThreads, 0, stream>>>(P, prm, part.const_data_ptr<double>(),
-                                                              g.const_data_ptr<double>(),
-                                                              part2.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      map_grad_kernel<double><<<grid_of(tiles), kThreads, 0, stream>>>(P, prm, part.const_data_ptr<double>(),
-                                                              g.const_data_ptr<double>(),
-                                                              part2.const_data_ptr<double>());
-    } else {
-      map_stats_kernel<float><<<grid_of(tiles), kThreads, 0, stream>>>(P, mcode, part.mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      map_proj_kernel<float><<<grid_of(tiles), kThreads, 0, stream>>>(P, prm, part.const_data_ptr<float>(),
-                                                             g.const_data_ptr<float>(),
-                                                             part2.mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      map_grad_kernel<float><<<grid_of(tiles), kThreads, 0, stream>>>(P, prm, part.const_data_ptr<float>(),
-                                                             g.const_data_ptr<float>(),
-                                                             part2.const_data_ptr<float>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+    dispatch_acc(acc, [&](auto tag) {
+      launch_map_backward<decltype(tag)>(P, tiles, prm, g, part, part2, stream);
+    });
+  });
   std::vector<at::Tensor> grads(K);
   for (int64_t k = 0; k < K; ++k) {
     gbuf[k].finish();

@@ -5,11 +5,12 @@
 //                         applies the rule (and updates its running reference); the counter of
 //                         steps with an unusable discrepancy is bumped on the device.
 // lwkd::layerwise_step    multi-tensor apply: the host packs a table (groups, tensors, and one
-//                         (tensor, chunk) task per block) into pinned memory, copies it with one
-//                         asynchronous H2D transfer, and ONE kernel launch updates every chunk of
-//                         every tensor of every group (one launch per parameter dtype present;
-//                         AdamW adds one tiny launch before it that increments the per-parameter
-//                         step counts on the device, as torch's fused AdamW does).  Each block
+//                         (tensor, chunk) task per block) into one DeviceTable (cuda/work_table.cuh:
+//                         pinned memory, one asynchronous H2D transfer), and ONE kernel launch
+//                         updates every chunk of every tensor of every group (one launch per
+//                         parameter dtype present; AdamW adds one tiny launch before it that
+//                         increments the per-parameter step counts on the device, as torch's
+//                         fused AdamW does).  Each block
 //                         reads its group's rate (base rate x factor of its layer) from device
 //                         memory: nothing waits on the host.
 // Both take an optional device-side skip flag `found_inf` (apex's noop flag): every kernel
@@ -28,36 +29,15 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <vector>
 
 #include "common/optim_host.h"
+#include "cuda/work_table.cuh"
 
 namespace lwkd {
 namespace {
 
-// ---------------------------------------------------------------------------------------------
-// Host helper: ship a host byte buffer to the device without blocking the host.  The pinned
-// staging block comes from the caching host allocator, which keeps it alive until the copy
-// has completed on the current stream.
-// ---------------------------------------------------------------------------------------------
-at::Tensor to_device_async(const std::vector<char>& bytes, const at::Device& device) {
-  const int64_t n = static_cast<int64_t>(bytes.size());
-  at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.mutable_data_ptr(), bytes.data(), bytes.size());
-  at::Tensor dev = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(device));
-  dev.copy_(host, /*non_blocking=*/true);
-  return dev;
-}
-
-template <typename T>
-size_t append_bytes(std::vector<char>& buf, const T* data, size_t count) {
-  const size_t align = alignof(T) < 16 ? 16 : alignof(T);
-  size_t off = (buf.size() + align - 1) / align * align;
-  buf.resize(off + sizeof(T) * count);
-  if (count) std::memcpy(buf.data() + off, data, sizeof(T) * count);
-  return off;
-}
+using cuda::DeviceTable;
 
 // ---------------------------------------------------------------------------------------------
 // The rule
@@ -157,10 +137,10 @@ at::Tensor layerwise_rates_cuda(const at::Tensor& d, at::Tensor& state,
   at::Tensor lr_dev;
   const double* lr_list = nullptr;
   if (lr_kind == 0) {
-    std::vector<char> bytes;
-    append_bytes(bytes, lr_host.data(), lr_host.size());
-    lr_dev = to_device_async(bytes, d.device());
-    lr_list = reinterpret_cast<const double*>(lr_dev.const_data_ptr());
+    DeviceTable table;
+    const size_t off = table.add(lr_host);
+    lr_dev = table.upload(d.device());
+    lr_list = DeviceTable::view<double>(lr_dev, off);
   }
   int64_t* nf = (nonfinite.has_value() && nonfinite->defined()) ? nonfinite->mutable_data_ptr<int64_t>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -387,7 +367,7 @@ void layerwise_step_cuda(c10::string_view algorithm, at::TensorList params, at::
     const size_t first = tasks.size();
     for (size_t i = 0; i < N; ++i) {
       if (plan.dtypes[i] != k) continue;
-      const int64_t chunks = (plan.tensors[i].numel + kChunk - 1) / kChunk;
+      const int64_t chunks = cuda::cdiv(plan.tensors[i].numel, kChunk);
       TORCH_CHECK(chunks < (int64_t(1) << 31), "lwkd::layerwise_step: params[", i, "] is too large");
       for (int64_t c = 0; c < chunks; ++c) tasks.push_back(BlockTask{static_cast<int32_t>(i), static_cast<int32_t>(c)});
     }
@@ -397,20 +377,19 @@ void layerwise_step_cuda(c10::string_view algorithm, at::TensorList params, at::
   // (as the CPU kernels, the Triton kernels and torch.optim do); the step launches below skip
   // dtypes without tasks
 
-  std::vector<char> bytes;
-  const size_t off_groups = append_bytes(bytes, plan.groups.data(), plan.groups.size());
-  const size_t off_tensors = append_bytes(bytes, plan.tensors.data(), plan.tensors.size());
-  const size_t off_tasks = append_bytes(bytes, tasks.data(), tasks.size());
-  const at::Tensor table = to_device_async(bytes, factors.device());
-  const char* base = static_cast<const char*>(table.const_data_ptr());
-  const auto* d_groups = reinterpret_cast<const StepGroup*>(base + off_groups);
-  const auto* d_tensors = reinterpret_cast<const StepTensor*>(base + off_tensors);
-  const auto* d_tasks = reinterpret_cast<const BlockTask*>(base + off_tasks);
+  DeviceTable work;
+  const size_t off_groups = work.add(plan.groups);
+  const size_t off_tensors = work.add(plan.tensors);
+  const size_t off_tasks = work.add(tasks);
+  const at::Tensor table = work.upload(factors.device());
+  const auto* d_groups = DeviceTable::view<StepGroup>(table, off_groups);
+  const auto* d_tensors = DeviceTable::view<StepTensor>(table, off_tensors);
+  const auto* d_tasks = DeviceTable::view<BlockTask>(table, off_tasks);
 
   const int algo = static_cast<int>(plan.algo);
   if (plan.algo == Algorithm::kAdamW) {
     const int threads = 128;
-    const int blocks = static_cast<int>(std::min<int64_t>((int64_t(N) + threads - 1) / threads, 1024));
+    const int blocks = static_cast<int>(std::min<int64_t>(cuda::cdiv(int64_t(N), threads), 1024));
     bump_steps_kernel<<<blocks, threads, 0, stream>>>(d_tensors, static_cast<int64_t>(N), fi);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
