@@ -231,7 +231,10 @@ def test_bfloat16_params(backend, kind, cfg, wd):
         assert ps[i].dtype == torch.bfloat16
         # torch's fused step rounds once per store like the native and Triton kernels (the
         # reference backend rounds after every foreach op, like eager torch): a few bf16 ulps
-        if backend != "reference":
+        # (only where torch's fused step itself holds the float64 rule: torch 2.13's fused bf16
+        # SGD on the CPU does not -- found by .ci/second-torch -- and the float64 run is the oracle)
+        fused_ok = compare(ps_fused[i].detach(), ps64[i].detach(), torch.bfloat16, eager=ps_eager[i].detach()).ok
+        if backend != "reference" and fused_ok:
             torch.testing.assert_close(ps[i].float(), ps_fused[i].float(), rtol=3 * 2 ** -8, atol=1e-3,
                                        msg=lambda m, i=i: f"param {i}: {m}")
 
