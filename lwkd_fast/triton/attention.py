@@ -28,6 +28,29 @@ from ._host import (CONFIG, _TL_DTYPES, _Table, _acc_dtype, _blocks, _cdiv, _che
 
 
 @triton.jit
+def _feat_tile(tab, n_layers, tile0, KPAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's feature tile: (layer row, sample b, positions N, and the chunk's begin, end
+    and end of its full BLOCK_N blocks)."""
+    gt = tl.program_id(0).to(tl.int64) + tile0
+    row = tab + _find_layer(tab, n_layers, gt, _A_TSTART, _A_NCOL, KPAD) * _A_NCOL
+    local = gt - tl.load(row + _A_TSTART)
+    N = tl.load(row + _A_N)
+    chunk = tl.load(row + _A_CHUNK)
+    nch = tl.load(row + _A_NCH)
+    b = local // nch
+    i_begin = tl.multiple_of((local - b * nch) * chunk, BLOCK_N)  # chunk is a multiple of BLOCK_N
+    i_end = tl.minimum(i_begin + chunk, N)
+    i_full = i_begin + (i_end - i_begin) // BLOCK_N * BLOCK_N
+    return row, b, N, i_begin, i_end, i_full
+
+
+@triton.jit
+def _strides(row, COL_SC: tl.constexpr, COL_SN: tl.constexpr, DIV: tl.constexpr):
+    """(channel stride, position stride) of a tensor of the layer row, with their divisibility."""
+    return tl.multiple_of(tl.load(row + COL_SC), DIV), tl.multiple_of(tl.load(row + COL_SN), DIV)
+
+
+@triton.jit
 def _maps_block(offs, mask, MASK_N: tl.constexpr, s_base, s_C, s_sc, s_sn, t_base, t_C, t_sc, t_sn,
                 ms, mt, p, S_BF16: tl.constexpr, T_BF16: tl.constexpr, ACC: tl.constexpr,
                 POW_MODE: tl.constexpr, S_LAYOUT: tl.constexpr, T_LAYOUT: tl.constexpr,
@@ -47,26 +70,15 @@ def _attn_maps_kernel(hdr, tab, n_layers, tile0, maps_s, maps_t,
                       S_LAYOUT: tl.constexpr, T_LAYOUT: tl.constexpr, S_DIV: tl.constexpr,
                       S_ALIGN: tl.constexpr, T_DIV: tl.constexpr, T_ALIGN: tl.constexpr,
                       KPAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    gt = tl.program_id(0).to(tl.int64) + tile0
-    row = tab + _find_layer(tab, n_layers, gt, _A_TSTART, _A_NCOL, KPAD) * _A_NCOL
-    local = gt - tl.load(row + _A_TSTART)
-    N = tl.load(row + _A_N)
-    chunk = tl.load(row + _A_CHUNK)
-    nch = tl.load(row + _A_NCH)
-    b = local // nch
-    i_begin = tl.multiple_of((local - b * nch) * chunk, BLOCK_N)  # chunk is a multiple of BLOCK_N
-    i_end = tl.minimum(i_begin + chunk, N)
-    i_full = i_begin + (i_end - i_begin) // BLOCK_N * BLOCK_N
+    row, b, N, i_begin, i_end, i_full = _feat_tile(tab, n_layers, tile0, KPAD, BLOCK_N)
     p = _param(hdr, _H_P, ACC)
 
     s_base = _base(row, _A_SPTR, _A_SSB, b, S_DT, S_DIV, S_ALIGN)
     s_C = tl.load(row + _A_SC)
-    s_sc = tl.multiple_of(tl.load(row + _A_SSC), S_DIV)
-    s_sn = tl.multiple_of(tl.load(row + _A_SSN), S_DIV)
+    s_sc, s_sn = _strides(row, _A_SSC, _A_SSN, S_DIV)
     t_base = _base(row, _A_TPTR, _A_TSB, b, T_DT, T_DIV, T_ALIGN)
     t_C = tl.load(row + _A_TC)
-    t_sc = tl.multiple_of(tl.load(row + _A_TSC), T_DIV)
-    t_sn = tl.multiple_of(tl.load(row + _A_TSN), T_DIV)
+    t_sc, t_sn = _strides(row, _A_TSC, _A_TSN, T_DIV)
     moff = tl.load(row + _A_MOFF) + b * N
     ms = maps_s + moff
     mt = maps_t + moff
@@ -324,17 +336,8 @@ def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, masks, rowsc
                       BLOCK_C: tl.constexpr):
     """Student gradient of one (layer, sample, chunk of positions) tile; the table's second
     tensor slot holds the gradient buffer (B, C, N) view."""
-    gt = tl.program_id(0).to(tl.int64) + tile0
-    row = tab + _find_layer(tab, n_layers, gt, _A_TSTART, _A_NCOL, KPAD) * _A_NCOL
-    local = gt - tl.load(row + _A_TSTART)
-    N = tl.load(row + _A_N)
-    chunk = tl.load(row + _A_CHUNK)
-    nch = tl.load(row + _A_NCH)
+    row, b, N, i_begin, i_end, i_full = _feat_tile(tab, n_layers, tile0, KPAD, BLOCK_N)
     k = tl.load(row + _A_ORIG)
-    b = local // nch
-    i_begin = tl.multiple_of((local - b * nch) * chunk, BLOCK_N)  # chunk is a multiple of BLOCK_N
-    i_end = tl.minimum(i_begin + chunk, N)
-    i_full = i_begin + (i_end - i_begin) // BLOCK_N * BLOCK_N
     p = _param(hdr, _H_P, OPT)
     inv_tau = 1.0 / _param(hdr, _H_TAU, ACC)
     beta = _param(hdr, _H_BETA, ACC)
@@ -350,11 +353,9 @@ def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, masks, rowsc
 
     x_base = _base(row, _A_SPTR, _A_SSB, b, S_DT, X_DIV, X_ALIGN)
     C = tl.load(row + _A_SC)
-    x_sc = tl.multiple_of(tl.load(row + _A_SSC), X_DIV)
-    x_sn = tl.multiple_of(tl.load(row + _A_SSN), X_DIV)
+    x_sc, x_sn = _strides(row, _A_SSC, _A_SSN, X_DIV)
     g_base = _base(row, _A_TPTR, _A_TSB, b, S_DT, G_DIV, G_ALIGN)
-    g_sc = tl.multiple_of(tl.load(row + _A_TSC), G_DIV)
-    g_sn = tl.multiple_of(tl.load(row + _A_TSN), G_DIV)
+    g_sc, g_sn = _strides(row, _A_TSC, _A_TSN, G_DIV)
     moff = tl.load(row + _A_MOFF) + b * N
     ms = maps_s + moff
     mt = maps_t + moff
