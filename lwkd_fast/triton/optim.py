@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
-import os
 from typing import List, Optional
 
 import torch
@@ -53,10 +52,11 @@ import triton.language as tl
 
 from . import _common
 from ._common import div_rn, is_dense, on_device, same_layout, sqrt_rn
+from ._host import _interpreting
 
 __all__ = ["layerwise_rates", "layerwise_step", "OPS", "INTERPRETED"]
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+INTERPRETED = _interpreting()
 
 OPS = ("layerwise_rates", "layerwise_step")
 
