@@ -78,38 +78,31 @@ except ImportError:
     HAS_MDISTILLER = False
 
     class _DistillerBase(nn.Module):
-        """Stand-in with mdistiller's documented ``Distiller`` interface."""
+        """Used without mdistiller: the interface its trainer relies on -- ``student`` and
+        ``teacher`` attributes, a teacher that stays in eval mode, ``forward(**batch)`` that
+        trains while ``self.training`` and otherwise returns the student's logits, and the two
+        parameter queries."""
 
         def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
             super().__init__()
-            self.student = student
-            self.teacher = teacher
+            self.student, self.teacher = student, teacher
 
         def train(self, mode: bool = True):
-            if not isinstance(mode, bool):
-                raise ValueError("training mode is expected to be boolean")
-            self.training = mode
-            for module in self.children():
-                module.train(mode)
+            super().train(mode)  # (nn.Module.train refuses a non-bool mode)
             self.teacher.eval()
             return self
 
         def get_learnable_parameters(self):
-            return [v for _k, v in self.student.named_parameters()]
+            return list(self.student.parameters())
 
         def get_extra_parameters(self):
             return 0
-
-        def forward_train(self, **kwargs):
-            raise NotImplementedError()
 
         def forward_test(self, image):
             return self.student(image)[0]
 
         def forward(self, **kwargs):
-            if self.training:
-                return self.forward_train(**kwargs)
-            return self.forward_test(kwargs["image"])
+            return self.forward_train(**kwargs) if self.training else self.forward_test(kwargs["image"])
 
 
 __all__ = ["LWKD", "HAS_MDISTILLER", "CFG_DEFAULTS", "feature_modules", "register", "cfg_node"]

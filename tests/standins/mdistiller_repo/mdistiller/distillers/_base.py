@@ -3,39 +3,30 @@ import torch.nn.functional as F
 
 
 class Distiller(nn.Module):
-    """Student + teacher; train() keeps the teacher in eval; forward(**kwargs) dispatches on
-    self.training to forward_train(image, target, **kwargs) / forward_test(image)."""
+    """The behaviour of mdistiller's base class that its trainer and distillers rely on: student +
+    teacher; train() keeps the teacher in eval; forward(**kwargs) dispatches on self.training to
+    forward_train(image, target, **kwargs) / forward_test(image)."""
 
     def __init__(self, student, teacher):
         super().__init__()
-        self.student = student
-        self.teacher = teacher
+        self.student, self.teacher = student, teacher
 
     def train(self, mode=True):
-        if not isinstance(mode, bool):
-            raise ValueError("training mode is expected to be boolean")
-        self.training = mode
-        for module in self.children():
-            module.train(mode)
+        super().train(mode)  # (refuses a non-bool mode)
         self.teacher.eval()
         return self
 
     def get_learnable_parameters(self):
-        return [v for _, v in self.student.named_parameters()]
+        return list(self.student.parameters())
 
     def get_extra_parameters(self):
         return 0
-
-    def forward_train(self, **kwargs):
-        raise NotImplementedError()
 
     def forward_test(self, image):
         return self.student(image)[0]
 
     def forward(self, **kwargs):
-        if self.training:
-            return self.forward_train(**kwargs)
-        return self.forward_test(kwargs["image"])
+        return self.forward_train(**kwargs) if self.training else self.forward_test(kwargs["image"])
 
 
 class Vanilla(Distiller):
