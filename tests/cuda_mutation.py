@@ -37,6 +37,7 @@ class Mutant:
     old: str
     new: str
     why: str
+    also: tuple = ()  # further (old, new) edits of the same file, for a bug that takes two
 
 
 MUTANTS = [
@@ -69,10 +70,14 @@ MUTANTS = [
            "r.cnt = static_cast<int>(L.chunk < L.N - r.i0 ? L.chunk : L.N - r.i0);",
            "r.cnt = static_cast<int>(L.chunk < L.N - r.i0 ? L.chunk : L.N - r.i0 - 1);",
            "the last attention tile of a sample drops its last position"),
+    # (either barrier alone is redundant: the scratch is used only with several channel groups,
+    # which means one pass of the tile loop, and that pass ends with a barrier -- so both go)
     Mutant("attn-maps-no-sync-between-tensors", "discrepancy_cuda.cu",
            "    chan_mean_tile<decltype(tag), acc_t, M>(L.x, tl.b, tl.i0, tl.cnt, p, ms, sc);\n  });\n  __syncthreads();\n",
            "    chan_mean_tile<decltype(tag), acc_t, M>(L.x, tl.b, tl.i0, tl.cnt, p, ms, sc);\n  });\n\n",
-           "student and teacher channel reductions share the scratch without a barrier"),
+           "student and teacher channel reductions share the scratch without a barrier",
+           also=(("            out[base + e] = s * inv_c;\n          }\n        }\n        __syncthreads();\n",
+                  "            out[base + e] = s * inv_c;\n          }\n        }\n\n"),)),
     Mutant("map-rows-bound-off-by-one", "discrepancy_cuda.cu",
            "if (row >= P.num_layers * P.B) return;", "if (row > P.num_layers * P.B) return;",
            "one thread too many writes a per-sample value past the end"),
@@ -123,11 +128,14 @@ def main() -> int:
         shutil.copytree(pristine, src)
         target = src / m.file
         text = target.read_text()
-        if text.count(m.old) != 1:
+        edits = ((m.old, m.new),) + tuple(m.also)
+        if any(text.count(old) != 1 for old, _ in edits):
             rows.append((m.name, "STALE (the mutated text is not in the source once)", 0.0))
             print(f"{m.name}: stale", flush=True)
             continue
-        target.write_text(text.replace(m.old, m.new))
+        for old, new in edits:
+            text = text.replace(old, new)
+        target.write_text(text)
         log = WORK / f"{m.name}.log"
         code, secs = run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "cuda_emu", *SUITE],
                          env, log)

@@ -50,8 +50,12 @@ def layout_channels_last(dtype):
 def layout_strided(dtype):
     # slices and a transpose: neither channel nor spatial stride is 1
     big = _rand(3, 12, 9, 16, dtype=dtype)
-    s = [big[:, ::2, :, ::2], _rand(3, 11, 6, dtype=dtype).transpose(1, 2).transpose(1, 2)[:, :, 1:]]
-    t = [_rand(3, 4, 9, 8, dtype=dtype)[:, :, :, :], _rand(3, 7, 13, dtype=dtype)[:, :, ::2][:, :, :5]]
+    # the third student: rows of 13 positions 16 elements apart -- 16-byte aligned rows (vector
+    # loads), while its gradient, laid out densely (13 apart), is not (no vector stores)
+    s = [big[:, ::2, :, ::2], _rand(3, 11, 6, dtype=dtype).transpose(1, 2).transpose(1, 2)[:, :, 1:],
+         _rand(3, 5, 16, dtype=dtype)[:, :, :13]]
+    t = [_rand(3, 4, 9, 8, dtype=dtype)[:, :, :, :], _rand(3, 7, 13, dtype=dtype)[:, :, ::2][:, :, :5],
+         _rand(3, 6, 13, dtype=dtype)]
     return s, t, 1
 
 
