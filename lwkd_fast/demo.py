@@ -316,8 +316,11 @@ def _run_in_worker(job) -> RunResult:
     return train_student(*run, _WORKER["data"], _WORKER["teacher"], cfg, _QueueTicks(_WORKER["queue"]))
 
 
-def train_students(runs, data, teacher: nn.Module, cfg: Dict, jobs: int, bar=None) -> List[RunResult]:
-    """Train every (setting, loss, arm, seed) run; results in the order of ``runs``."""
+def train_students(runs, data, teacher: nn.Module, cfg: Dict, jobs: int, bar=None,
+                   on_done=None) -> List[RunResult]:
+    """Train every (setting, loss, arm, seed) run; results in the order of ``runs``.
+    ``on_done(result)`` is called in this process as each run finishes (the run record)."""
+    on_done = on_done or (lambda r: None)
     if jobs <= 1:
         torch.set_num_threads(1)
         out = []
@@ -325,6 +328,7 @@ def train_students(runs, data, teacher: nn.Module, cfg: Dict, jobs: int, bar=Non
             if bar is not None:
                 bar.set_description("/".join(map(str, run)))
             out.append(train_student(*run, data, teacher, cfg, bar))
+            on_done(out[-1])
         return out
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -346,8 +350,48 @@ def train_students(runs, data, teacher: nn.Module, cfg: Dict, jobs: int, bar=Non
             except queue_mod.Empty:
                 pass
             for f in done:
-                f.result()  # a failed run fails the demo, with its traceback
+                on_done(f.result())  # a failed run fails the demo, with its traceback
         return [f.result() for f in futures]
+
+
+# ------------------------------------------------------------------------------------------------
+# The run record: every finished run, so that a long evidence run survives an interruption
+# ------------------------------------------------------------------------------------------------
+#
+# <out>/runs.jsonl gets one line per run as it finishes: the run and the fingerprint of everything
+# that determines it besides its seed (the teacher's and the students' configuration, the setting,
+# the versions of lwkd_fast and torch).  A run is a deterministic function of these and its seed
+# (the same numbers with any number of jobs), so `--resume` takes the recorded runs whose
+# fingerprint matches instead of training them again: `--full`, hours on 2 cores, can be stopped
+# and continued.  Lines of other configurations, and a line cut short by an interruption, are
+# ignored.
+
+RUN_RECORD = "runs.jsonl"
+
+
+def run_fingerprint(cfg: Dict, setting: str) -> str:
+    blob = json.dumps({"teacher": TEACHER_CFG, "student": {k: v for k, v in cfg.items() if k != "settings"},
+                       "setting": cfg["settings"][setting], "lwkd_fast": __version__, "torch": torch.__version__},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_run_record(path: str, cfg: Dict) -> Dict[Tuple, RunResult]:
+    """The runs recorded in ``path`` for ``cfg``'s settings, keyed (setting, loss, arm, seed)."""
+    want = {st: run_fingerprint(cfg, st) for st in cfg["settings"]}
+    found: Dict[Tuple, RunResult] = {}
+    if not os.path.exists(path):
+        return found
+    with open(path) as fh:
+        for line in fh:
+            try:
+                entry = json.loads(line)
+                r = RunResult(**entry["run"])
+            except (ValueError, TypeError, KeyError):
+                continue
+            if want.get(r.setting) == entry.get("fingerprint"):
+                found[(r.setting, r.loss, r.arm, r.seed)] = r
+    return found
 
 
 # ------------------------------------------------------------------------------------------------
@@ -724,6 +768,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="lwkd_results", help="directory for demo.json and demo.png (default ./lwkd_results)")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1),
                    help="worker processes, one thread each (default: min(2, cores))")
+    p.add_argument("--resume", action="store_true",
+                   help=f"take the runs of this configuration already recorded in OUT/{RUN_RECORD} (each run is "
+                        "recorded as it finishes) instead of training them again: an interrupted run continues")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -769,15 +816,28 @@ def run_demo(args: argparse.Namespace) -> int:
     for st, sc in settings.items():  # the exact number of images each setting's students see
         sc["train_images"] = len(student_subset(data, sc["train_images"])[0])
     print(f"lwkd-fast demo: sklearn digits, {len(data[0])} train / {len(data[2])} test images; {how}")
-    # the slowest runs first, so the workers finish together
+    # seed by seed (an interrupted run leaves whole seeds recorded), the slowest runs of a seed first
     cost = {"hessian": 8, "jacobian": 4}
     runs = sorted(((st, loss, arm, seed) for st in settings for loss in losses for arm in arms_of(loss)
                    for seed in range(seeds)),
-                  key=lambda r: -cost.get(r[1], 1) * settings[r[0]]["epochs"] * settings[r[0]]["train_images"])
-    overall = bar(sum(settings[r[0]]["epochs"] for r in runs), f"{len(runs)} students, {args.jobs} jobs")
-    results = train_students(runs, data, teacher, cfg, args.jobs, overall)
+                  key=lambda r: (r[3], -cost.get(r[1], 1) * settings[r[0]]["epochs"] * settings[r[0]]["train_images"]))
+    record_path = os.path.join(args.out, RUN_RECORD)
+    done = load_run_record(record_path, cfg) if args.resume else {}
+    todo = [r for r in runs if r not in done]
+    if args.resume:
+        print(f"resumed {len(runs) - len(todo)} of {len(runs)} runs from {record_path}")
+    fingerprint = {st: run_fingerprint(cfg, st) for st in settings}
+    overall = bar(sum(settings[r[0]]["epochs"] for r in todo), f"{len(todo)} students, {args.jobs} jobs")
+    with open(record_path, "a" if args.resume else "w") as rec:
+        def record(r: RunResult) -> None:
+            rec.write(json.dumps({"fingerprint": fingerprint[r.setting], "run": asdict(r)}) + "\n")
+            rec.flush()
+
+        for r in train_students(todo, data, teacher, cfg, args.jobs, overall, on_done=record):
+            done[(r.setting, r.loss, r.arm, r.seed)] = r
     if overall is not None:
         overall.close()
+    results = [done[r] for r in runs]
     summary = summarize(results, resolution=100 / len(data[2]))
     lines = {st: f"{sc['train_images']} training images, {sc['about']}; batch {sc['batch']}, {sc['epochs']} epochs, "
                  f"{seeds} seed{'s' if seeds != 1 else ''}" for st, sc in settings.items()}
@@ -792,7 +852,7 @@ def run_demo(args: argparse.Namespace) -> int:
     png_path = os.path.join(args.out, "demo.png")
     with open(json_path, "w") as fh:
         json.dump({"teacher_acc": teacher_acc, "teacher_cfg": TEACHER_CFG, "student_cfg": cfg, "seeds": seeds,
-                   "summary": summary, "runs": [asdict(r) for r in results],
+                   "summary": summary, "runs": [asdict(r) for r in results], "resumed_runs": len(runs) - len(todo),
                    "seconds": time.perf_counter() - t0, "lwkd_fast": __version__, "torch": torch.__version__},
                   fh, indent=1)
     plot(results, summary, png_path, teacher_acc, settings)

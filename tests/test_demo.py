@@ -197,3 +197,79 @@ def test_plot_legend_covers_no_data_and_each_encoding_has_one_meaning(tmp_path):
         values = [v for ln in ax.get_lines() if (ln.get_gid() or "").startswith("acc|") for v in ln.get_ydata()]
         assert ax.get_yscale() == "log" and lo <= min(values) and max(values) <= hi <= 100.0
         assert min(min(values), 100 * (1 - 0.995)) < 1.3 * lo  # fitted to the curves and the teacher
+
+
+# ------------------------------------------------------------------------------------------------
+# The command, end to end (tiny: 1 epoch, 1-2 seeds)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_setting_or_loss_is_refused(capsys):
+    assert cli.main(["demo", "--settings", "scarce,tiny", "--no-progress"]) == 2
+    assert "--settings 'scarce,tiny': unknown setting 'tiny'" in capsys.readouterr().err
+    assert cli.main(["demo", "--losses", "mse", "--no-progress"]) == 2
+    assert "--losses 'mse': unknown loss 'mse'" in capsys.readouterr().err
+
+
+def _run(out, jobs, seeds=1, resume=False):
+    code = cli.main(["demo", "--losses", "ce,hessian", "--seeds", str(seeds), "--epochs", "1", "--settings", "scarce",
+                     "--jobs", str(jobs), "--no-progress", "--out", str(out)] + (["--resume"] if resume else []))
+    assert code == 0
+    return json.loads((out / "demo.json").read_text())
+
+
+def _key(r):
+    return (r["setting"], r["loss"], r["arm"], r["seed"])
+
+
+def _numbers(r):
+    return (r["test_acc"], r["curve"], r["factor_traj"])
+
+
+def test_tiny_demo_end_to_end_and_independent_of_jobs(tiny, capsys):
+    r1 = _run(tiny / "one", 1)
+    text = capsys.readouterr().out
+    assert "paired differences" in text and "layer-wise, rule 'running'" in text and "rate factors" in text
+    assert "not enough seeds" in text and "helped" not in text
+    assert (tiny / "one" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the exact number of images the students saw
+    assert r1["student_cfg"]["settings"]["scarce"]["train_images"] == 50
+    assert "scarce': 50 training images" in text
+    runs = r1["runs"]
+    assert sorted((r["loss"], r["arm"]) for r in runs) == [
+        ("ce", "fixed"), ("hessian", "fixed"), ("hessian", "none"), ("hessian", "running")]
+    for r in runs:
+        assert len(r["curve"]) == 1 and all(0.0 <= a <= 1.0 for a in r["curve"])
+        assert len(r["factor_traj"]) == 1 and len(r["factor_traj"][0]) == 3
+        if r["arm"] == "fixed":  # gamma = 0: every factor stays exactly 1
+            assert all(m == 1.0 for row in r["factor_traj"] for m in row)
+        else:
+            assert any(m != 1.0 for row in r["factor_traj"] for m in row)
+    assert [c["verdict"] for c in r1["summary"]["comparisons"]] == ["not enough seeds"] * 3
+    r2 = _run(tiny / "two", 2)
+    for a, b in zip(sorted(r1["runs"], key=_key), sorted(r2["runs"], key=_key)):
+        assert _key(a) == _key(b) and _numbers(a) == _numbers(b)
+
+
+def test_resume_takes_the_recorded_runs_of_the_same_configuration(tiny, capsys):
+    out = tiny / "run"
+    first = _run(out, 1)
+    record = (out / demo.RUN_RECORD).read_text().splitlines()
+    assert len(record) == 4 and first["resumed_runs"] == 0
+    # an interruption: the last run's line cut short, as a kill mid-write leaves it
+    (out / demo.RUN_RECORD).write_text("\n".join(record[:-1] + [record[-1][:40]]) + "\n")
+    capsys.readouterr()
+    second = _run(out, 1, seeds=2, resume=True)
+    assert "resumed 3 of 8 runs" in capsys.readouterr().out and second["resumed_runs"] == 3
+    by_key = {_key(r): r for r in second["runs"]}
+    assert sorted(by_key) == sorted((("scarce",) + k[1:3] + (s,)) for k in map(_key, first["runs"]) for s in (0, 1))
+    for r in first["runs"]:  # resumed or trained again: the same numbers
+        assert _numbers(by_key[_key(r)]) == _numbers(r)
+    # every run of both seeds is now recorded: nothing left to train
+    assert _run(out, 1, seeds=2, resume=True)["resumed_runs"] == 8
+    # another configuration (2 epochs) takes none of them; without --resume the record starts over
+    code = cli.main(["demo", "--losses", "ce", "--seeds", "1", "--epochs", "2", "--settings", "scarce",
+                     "--jobs", "1", "--no-progress", "--out", str(out), "--resume"])
+    assert code == 0 and json.loads((out / "demo.json").read_text())["resumed_runs"] == 0
+    _run(out, 1)
+    assert len((out / demo.RUN_RECORD).read_text().splitlines()) == 4
