@@ -121,8 +121,8 @@ OP_FAMILIES = (("discrepancy ops", "attention_discrepancy"), ("rate rule + optim
 
 
 def _load_ops():
-    """lwkd_fast.ops with every module that registers native ops (the rule, the optimizer)."""
-    from . import ops, optim, rule  # noqa: F401 - optim and rule name their native ops to ops
+    """lwkd_fast.ops, imported on first use (the CLI starts without torch)."""
+    from . import ops
 
     return ops
 

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -105,11 +106,14 @@ def _no_cuda_reason() -> str:
     return "built without CUDA kernels"
 
 
+# every op of csrc/ops.cpp that has kernels per device type (not the pool / ISA utilities)
 NATIVE_OPS = (
     "attention_discrepancy",
     "attention_discrepancy_backward",
     "map_discrepancy",
     "map_discrepancy_backward",
+    "layerwise_rates",
+    "layerwise_step",
 )
 
 
@@ -135,19 +139,8 @@ def _has_native_kernel(op: str, dispatch_key: str, namespace: str = "lwkd") -> b
 
 def native_kernels() -> Dict[str, List[str]]:
     """``{op: [dispatch keys with a native kernel]}`` for every ``lwkd::`` op."""
-    return {op: [k for k in ("CPU", "CUDA") if _has_native_kernel(op, k)] for op in _native_op_names()}
+    return {op: [k for k in ("CPU", "CUDA") if _has_native_kernel(op, k)] for op in NATIVE_OPS}
 
-
-def _native_op_names() -> List[str]:
-    names = list(NATIVE_OPS)
-    for extra in _EXTRA_NATIVE_OPS:
-        if extra not in names:
-            names.append(extra)
-    return names
-
-
-# other modules (the optimizer) add the names of their native ops here
-_EXTRA_NATIVE_OPS: List[str] = []
 
 # ------------------------------------------------------------------------------------------------
 # Backend selection
@@ -289,6 +282,49 @@ def backends() -> Dict[str, Dict[str, object]]:
         out[b] = {"available": bool(devices), "devices": devices, "reason": "; ".join(reasons)}
     out["native"]["kernels"] = native_kernels()
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The dispatch table: how each backend runs each op
+# ------------------------------------------------------------------------------------------------
+#
+# Every backend takes an op's arguments as its csrc/ops.cpp schema names them (lists positional,
+# options by schema name or position).  A native backend runs torch.ops.<namespace>.<op>; Triton
+# and the reference name a function "module:attribute", imported on first use (lwkd_fast.triton
+# imports triton only then).  ``result``: the native output that is the op's result (the attention
+# forward also returns the maps its backward reuses); None for the whole output.
+
+
+@dataclass(frozen=True)
+class OpRow:
+    triton: str
+    reference: str
+    result: Optional[int] = None
+
+
+OP_TABLE: Dict[str, OpRow] = {
+    "attention_discrepancy": OpRow("lwkd_fast.triton:attention_discrepancy",
+                                   "lwkd_fast.reference:attention_discrepancy", result=0),
+    "map_discrepancy": OpRow("lwkd_fast.triton:map_discrepancy", "lwkd_fast.reference:map_discrepancy"),
+    "layerwise_rates": OpRow("lwkd_fast.triton.optim:layerwise_rates", "lwkd_fast.rule:reference_rates"),
+    "layerwise_step": OpRow("lwkd_fast.triton.optim:layerwise_step",
+                            "lwkd_fast.optim.reference:reference_step"),
+}
+
+
+def run_op(backend: str, op: str, *args, **kwargs):
+    """``op(*args, **kwargs)`` on ``backend`` (a name :func:`select_backend` returns)."""
+    row = OP_TABLE[op]
+    if backend in NATIVE_NAMESPACES:
+        out = getattr(native_ops(backend), op)(*args, **kwargs)
+        return out if row.result is None else out[row.result]
+    module, attr = getattr(row, backend).split(":")
+    return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+
+
+def dispatch(op: str, device: torch.device, *args, **kwargs):
+    """``op`` on the backend :func:`select_backend` picks for ``device``."""
+    return run_op(select_backend(op, device), op, *args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -619,40 +655,39 @@ def _check_mask(op: str, k: int, m, ref: torch.Tensor, ref_name: str, shapes: Se
     return mask_as_bool(op, f"pair {k}: {name}", m)
 
 
-def _feature_masks(op: str, mask: MaskArg, s: List[torch.Tensor], channel_dim: int) -> Optional[List[Optional[torch.Tensor]]]:
-    """(B, N) bool masks of the K pairs' locations (after any resize), or None without masks."""
+def _per_pair_masks(op: str, mask: MaskArg, s: List[torch.Tensor], one) -> Optional[List[Optional[torch.Tensor]]]:
+    """``one(k, m, s[k])`` for every pair given a mask (a pair without one stays None); None when
+    no pair has a mask."""
     if mask is None:
         return None
-    out: List[Optional[torch.Tensor]] = []
-    for k, (m, a) in enumerate(zip(_mask_list(op, mask, len(s)), s)):
-        if m is None:
-            out.append(None)
-            continue
+    out = [None if m is None else one(k, m, a) for k, (m, a) in enumerate(zip(_mask_list(op, mask, len(s)), s))]
+    return out if any(m is not None for m in out) else None
+
+
+def _feature_masks(op: str, mask: MaskArg, s: List[torch.Tensor], channel_dim: int) -> Optional[List[Optional[torch.Tensor]]]:
+    """(B, N) bool masks of the K pairs' locations (after any resize), or None without masks."""
+    def one(k: int, m, a: torch.Tensor) -> torch.Tensor:
         cd = channel_dim % a.dim()
         B, S = a.shape[0], _spatial(a, cd)
         N = reference.bcn_locations(a, channel_dim)
         shapes = {(B, N), (B, *S)}
         expected = f"(B, N) = ({B}, {N}) or (B, *S) = {(B, *S)} (one entry per location, True = valid)"
-        out.append(_check_mask(op, k, m, a, "student_feats", shapes, expected).reshape(B, N))
-    return out if any(m is not None for m in out) else None
+        return _check_mask(op, k, m, a, "student_feats", shapes, expected).reshape(B, N)
+
+    return _per_pair_masks(op, mask, s, one)
 
 
 def _map_masks(op: str, mask: MaskArg, s: List[torch.Tensor]) -> Optional[List[Optional[torch.Tensor]]]:
     """Masks of the K pairs' map entries, each broadcastable to its map: (B, *P) with P a leading
     part of the map's per-sample shape (e.g. (B, T) for (B, T, r) token maps)."""
-    if mask is None:
-        return None
-    out: List[Optional[torch.Tensor]] = []
-    for k, (m, a) in enumerate(zip(_mask_list(op, mask, len(s)), s)):
-        if m is None:
-            out.append(None)
-            continue
+    def one(k: int, m, a: torch.Tensor) -> torch.Tensor:
         shapes = [tuple(a.shape[:d]) for d in range(min(2, a.dim()), a.dim() + 1)]
         expected = (f"(B, *P) with P a leading part of the map's per-sample shape {tuple(a.shape[1:])}, "
                     f"e.g. {shapes[0]} (True = valid)")
         m = _check_mask(op, k, m, a, "student_maps", shapes, expected)
-        out.append(m.reshape(*m.shape, *([1] * (a.dim() - m.dim()))))
-    return out if any(m is not None for m in out) else None
+        return m.reshape(*m.shape, *([1] * (a.dim() - m.dim())))
+
+    return _per_pair_masks(op, mask, s, one)
 
 
 def _reduce(d: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -727,20 +762,8 @@ def attention_discrepancy(
         return _empty_result(reduction)
     s, t = _check_features(op, s, t, channel_dim, resize)
     masks = _feature_masks(op, mask, s, channel_dim)
-    p, beta, tau, eps = float(p), float(beta), float(tau), float(eps)
-    backend = select_backend(op, s[0].device)
-    if backend in NATIVE_NAMESPACES:
-        d = native_ops(backend).attention_discrepancy(s, t, p, metric, beta, normalize, tau, eps, channel_dim,
-                                                      masks)[0]
-    elif backend == "triton":
-        d = importlib.import_module("lwkd_fast.triton").attention_discrepancy(
-            s, t, p, metric, beta, normalize, tau, eps, channel_dim, masks
-        )
-    else:
-        d = reference.attention_discrepancy(
-            s, t, p=p, metric=metric, beta=beta, normalize=normalize, tau=tau, channel_dim=channel_dim, eps=eps,
-            masks=masks,
-        )
+    d = dispatch(op, s[0].device, s, t, p=float(p), metric=metric, beta=float(beta), normalize=normalize,
+                 tau=float(tau), eps=float(eps), channel_dim=channel_dim, masks=masks)
     return _reduce(d, reduction)
 
 
@@ -786,12 +809,5 @@ def map_discrepancy(
     if masks is not None:  # dropping entries == zeroing them in both maps, on every backend
         s = [a if m is None else a * m.to(a.dtype) for a, m in zip(s, masks)]
         t = [b if m is None else b.detach() * m.to(b.dtype) for b, m in zip(t, masks)]
-    beta, eps = float(beta), float(eps)
-    backend = select_backend(op, s[0].device)
-    if backend in NATIVE_NAMESPACES:
-        d = native_ops(backend).map_discrepancy(s, t, metric, beta, eps)
-    elif backend == "triton":
-        d = importlib.import_module("lwkd_fast.triton").map_discrepancy(s, t, metric, beta, eps)
-    else:
-        d = reference.map_discrepancy(s, t, metric=metric, beta=beta, eps=eps)
+    d = dispatch(op, s[0].device, s, t, metric=metric, beta=float(beta), eps=float(eps))
     return _reduce(d, reduction)

@@ -349,7 +349,7 @@ def sketch_memory(vocab: int = 50257, batch: int = 8, length: int = 64, rank: in
     def gib(n):
         return n * 4 / 2 ** 30
 
-    out(f"memory per map (float32): exact one-hot B*T*V, sketched B*T*r (+ one (D, r) matrix per model)")
+    out("memory per map (float32): exact one-hot B*T*V, sketched B*T*r (+ one (D, r) matrix per model)")
     for bt, v in ((batch * length, vocab), (4096, 128256)):
         out(f"  B*T = {bt}, V = {v}: exact {gib(bt * v):.3f} GiB, sketched r = {rank}: {gib(bt * rank) * 1024:.2f} MiB")
     res = {}

@@ -5,6 +5,7 @@ no torch for --help and argument errors."""
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -74,8 +75,8 @@ def test_check_passes_and_prints_table(capsys):
 
 
 def _planted(monkeypatch, *cases):
-    monkeypatch.setattr(check, "lwkd_checks", lambda backend, device: iter(cases))
-    monkeypatch.setattr(check, "PROVIDERS", ("lwkd_fast.check",))
+    planted = types.SimpleNamespace(lwkd_checks=lambda backend, device: iter(cases))
+    monkeypatch.setattr(check, "PROVIDERS", (planted,))
 
 
 def test_check_exits_nonzero_on_failure(monkeypatch, capsys):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import lwkd_fast as lw
 from lwkd_fast import derivatives as D
+from lwkd_fast.check import derivatives as check_derivatives
 from lwkd_fast.testing import compare
 
 F64 = torch.float64
@@ -668,12 +669,12 @@ def test_error_options():
 
 
 def test_check_cases_pass_and_only_for_reference():
-    cases = list(D.lwkd_checks("reference", torch.device("cpu")))
+    cases = list(check_derivatives.lwkd_checks("reference", torch.device("cpu")))
     assert len(cases) == 8 and {c.op for c in cases} == {"derivatives"}
     for case in cases:
         verdicts = case.run()
         assert verdicts and all(v.ok for v in verdicts.values()), (case.label, case.dtype, verdicts)
-    assert list(D.lwkd_checks("native", torch.device("cpu"))) == []
+    assert list(check_derivatives.lwkd_checks("native", torch.device("cpu"))) == []
 
 
 # ------------------------------------------------------------------------------------------------

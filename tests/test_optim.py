@@ -17,6 +17,7 @@ import torch
 
 import lwkd_fast as lw
 from lwkd_fast import optim, rule
+from lwkd_fast.check import step as check_step
 from lwkd_fast.optim import LayerwiseAdamW, LayerwiseSGD
 from lwkd_fast.testing import compare
 
@@ -623,7 +624,7 @@ def test_native_step_opcheck():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_step_check_cases_pass(backend):
     """The `lwkd-fast check` cases of the fused step pass on this backend."""
-    for case in optim.lwkd_checks(backend, torch.device("cpu")):
+    for case in check_step.lwkd_checks(backend, torch.device("cpu")):
         with lw.use_backend(backend):
             verdicts = case.run()
         bad = {k: str(v) for k, v in verdicts.items() if not v.ok}

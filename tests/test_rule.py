@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import lwkd_fast as lw
 from lwkd_fast import ops, rule
+from lwkd_fast.check import rule as check_rule
 from lwkd_fast.testing import compare
 
 from conftest import requires_native
@@ -253,7 +254,7 @@ def test_native_kernels_registered():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rule_check_cases_pass(backend):
     """The `lwkd-fast check` cases of the rule pass on this backend."""
-    for case in rule.lwkd_checks(backend, torch.device("cpu")):
+    for case in check_rule.lwkd_checks(backend, torch.device("cpu")):
         with lw.use_backend(backend):
             verdicts = case.run()
         bad = {k: str(v) for k, v in verdicts.items() if not v.ok}

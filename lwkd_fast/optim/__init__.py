@@ -106,7 +106,6 @@ _EAGER_HOST_READ = True  # learn skip flags on the host as soon as that costs no
 
 from .adamw import LayerwiseAdamW  # noqa: E402
 from .base import DEFAULT_RATE_NORMALIZE, _SYNC_CHOICES, _LayerwiseOptimizer  # noqa: E402
-from .checks import _STEP_CASES, _check_params, _check_run, _check_skip, lwkd_checks  # noqa: E402
 from .reference import _group_rate, _reference_step, _scale, reference_step  # noqa: E402
 from .sgd import LayerwiseSGD  # noqa: E402
 from .skipping import _Unsettled  # noqa: E402

@@ -70,10 +70,9 @@ def status(op: str, device_type: str) -> Tuple[bool, str]:
         return False, problem
     import sys
 
-    for mod in (rel, "._common"):  # the op's kernels and the helpers they call
-        loaded = sys.modules.get(__name__ + mod)
-        if loaded is not None and getattr(loaded, "INTERPRETED", _interpreting()) != _interpreting():
-            return False, (f"lwkd_fast.triton{mod} was imported with TRITON_INTERPRET="
+    for mod, loaded in list(sys.modules.items()):  # every kernel module already created
+        if mod.startswith(__name__ + ".") and getattr(loaded, "INTERPRETED", _interpreting()) != _interpreting():
+            return False, (f"{mod} was imported with TRITON_INTERPRET="
                            f"{'1' if loaded.INTERPRETED else '0'} but it is now "
                            f"{os.environ.get('TRITON_INTERPRET', 'unset')}; set it before the first use")
     if device_type == "cuda":

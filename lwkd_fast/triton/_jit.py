@@ -277,3 +277,8 @@ def _chan_mean(base, C, sc, sn, offs_n, mask_n, p, IS_BF16: tl.constexpr, ACC: t
             acc = _chan_acc(acc, base, c0 + offs_c, C, sc, sn, offs_n, mask_n, p, IS_BF16, ACC, POW_MODE,
                             LAYOUT, True, MASK_N)
     return _sum(acc) * (1.0 / C.to(ACC))
+
+
+# True when these helpers were created by the Triton interpreter (TRITON_INTERPRET=1 at import);
+# lwkd_fast.triton.status compares it with the environment now
+INTERPRETED = type(_sum).__name__ == "InterpretedFunction"

@@ -1,4 +1,4 @@
-"""`lwkd-fast check`: the fused step against torch.optim in float64 with the oracle's rates, and
+"""`lwkd-fast check` cases of the fused step (``layerwise_step``) against torch.optim in float64 with the oracle's rates, and
 the device-side skip flag against the run that omits the skipped steps."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from typing import Any, Dict, Iterable
 import torch
 
 from .. import rule
-from .adamw import LayerwiseAdamW
-from .sgd import LayerwiseSGD
-from .step_op import OP
+from ..optim import LayerwiseAdamW, LayerwiseSGD
+from ..optim.step_op import OP
+from ..testing import Verdict, compare
+from .case import Case
 
 
 def _check_params(device, dtype):
@@ -24,8 +25,6 @@ def _check_params(device, dtype):
 
 
 def _check_run(kind: str, cfg: Dict[str, Any], device, dtype, steps: int = 4):
-    from ..testing import compare
-
     base, layers, no_grad = _check_params(device, dtype)
     K = 3
     gen = torch.Generator().manual_seed(5)
@@ -102,7 +101,6 @@ def _check_skip(kind: str, cfg: Dict[str, Any], device, steps: int = 5, skipped=
     """Steps with ``found_inf=1`` (and NaN gradients and discrepancies) against the same run
     without them: parameters, optimizer state, factors and rates must agree bit for bit (the
     skipped steps include the first, which creates the state)."""
-    from ..testing import Verdict
 
     base, layers, no_grad = _check_params(device, torch.float32)
     K = 3
@@ -151,8 +149,6 @@ def lwkd_checks(backend: str, device: torch.device) -> Iterable:
     """Cases for ``lwkd-fast check``: 4 fused steps against torch.optim in float64 (rates from the
     rule's Python oracle) on a ragged ResNet-like parameter list with a grad=None parameter; and
     the device-side skip flag (``found_inf``) against the run that omits the skipped steps."""
-    from ..check import Case
-
     for dtype in (torch.float32, torch.bfloat16):
         for kind, label, cfg in _STEP_CASES:
             yield Case(OP, f"{kind} {label}", dtype,
