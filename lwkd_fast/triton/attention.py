@@ -417,6 +417,8 @@ def _check_saved_maps(op, maps_s, maps_t, K, B, Ns, dev):
 
 
 def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks=None):
+    """(d (K, B), maps_s, maps_t): the per-layer (B, N_k) maps, kept for the backward.  ``masks``:
+    one (B, N_k) 0/1 mask of valid locations, or None, per pair (SPEC section 2)."""
     op = "attention_discrepancy"
     mcode = _metric_code(metric, True)
     _check_params(op, beta, tau, eps, normalize, p)
@@ -539,24 +541,19 @@ SCHEMAS = {
 }
 
 
-def _attention_forward(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks=None):
-    """(d (K, B), maps_s, maps_t): the per-layer (B, N_k) maps, kept for the backward.  ``masks``:
-    one (B, N_k) 0/1 mask of valid locations, or None, per pair (SPEC section 2)."""
-    with _guard(student, "attention_discrepancy"):
-        return _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks)
+def _under_guard(op, impl, student_pos):
+    """``impl`` run under the device guard of its students (argument ``student_pos``)."""
+    def run(*args, **kwargs):
+        with _guard(args[student_pos], op):
+            return impl(*args, **kwargs)
 
-
-def _attention_backward(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau, eps, channel_dim,
-                        masks=None):
-    with _guard(student, "attention_discrepancy_backward"):
-        return _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau, eps,
-                                        channel_dim, masks)
+    return run
 
 
 _LIB = torch.library.Library("lwkd_triton", "FRAGMENT")
-for _name, _fn in (("attention_discrepancy", _attention_forward),
-                   ("attention_discrepancy_backward", _attention_backward)):
+for _name, _impl, _student_pos in (("attention_discrepancy", _attention_forward_impl, 0),
+                                   ("attention_discrepancy_backward", _attention_backward_impl, 1)):
     _LIB.define(SCHEMAS[_name])
     for _key in ("CPU", "CUDA"):
-        _LIB.impl(_name, _fn, _key)
+        _LIB.impl(_name, _under_guard(_name, _impl, _student_pos), _key)
 ops._register_attention_ops("lwkd_triton")

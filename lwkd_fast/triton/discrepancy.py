@@ -9,9 +9,9 @@ callers and tests use; the code lives by concern in four modules of this package
                   layout / divisibility, the work table (_Table), gradient buffers, the launch wrapper
     attention.py  the attention kernels, their host code, the lwkd_triton::attention_discrepancy
                   ops: the native schema (csrc/ops.cpp), fakes and autograd of lwkd_fast.ops
-    maps.py       the same for the derivative-map op (lwkd_triton::map_discrepancy), a custom op
-                  with its own schema, fakes and autograd (its backward reuses the forward's row
-                  statistics; the native backward recomputes them)
+    maps.py       the derivative-map kernels, their host code, the lwkd_triton::map_discrepancy
+                  custom ops with their own schema, fakes and autograd (the backward reuses the
+                  forward's row statistics; the native backward recomputes them)
 
 Design
 ======
@@ -19,7 +19,8 @@ Design
 *One launch per phase for all K layers.*  Every call builds one int64 **work table** on the host:
 a header with the float parameters (p, beta, tau, eps stored as float64 bit patterns, so float64
 inputs see the exact float64 values -- Triton would pass Python floats as float32), then one row
-per layer with its base pointers, strides, sizes and the index of its first tile.  A program of a
+per layer with its base pointers, strides, sizes and the index of its first tile (an attention
+row also holds the addresses of the layer's two (B, N) maps, one tensor each).  A program of a
 tile kernel finds its layer by comparing its tile index with the layers' first-tile column (a
 vectorised search over at most a few dozen entries), then reads everything else from that row.
 The table is built once per call and copied to the device in one transfer.  The alternative --
