@@ -357,8 +357,32 @@ def register_native_backend(name: str, namespace: str, device_types: Sequence[st
         register(namespace)
 
 
-def _register_discrepancy_ops(ns: str) -> None:
-    """Fake kernels and autograd of the discrepancy ops of one native library."""
+def _no_double_backward(ns: str, op: str) -> None:
+    """Differentiating ``ns::op`` (a backward op) raises."""
+    def setup(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"lwkd_fast: differentiating {ns}::{op} (double backward through a discrepancy kernel) "
+            "is not supported; run that computation under lwkd_fast.use_backend('reference')"
+        )
+
+    torch.library.register_autograd(f"{ns}::{op}", backward, setup_context=setup)
+
+
+def _masks_grad(ctx) -> tuple:
+    """The attention backward's masks slot mirrors how torch flattened the input: no slot when the
+    call omitted the argument; a list holding any None is one leaf, a list of tensors only a list."""
+    if not ctx.has_masks_arg:
+        return ()
+    whole = ctx.masks is None or any(m is None for m in ctx.masks)
+    return (None if whole else [None] * len(ctx.masks),)
+
+
+def _register_attention_ops(ns: str) -> None:
+    """Fake kernels and autograd of ``ns::attention_discrepancy`` (and its backward) in one library
+    of the native schema: the native ones, and lwkd_fast.triton.attention's (``lwkd_triton``)."""
     lib = getattr(torch.ops, ns)
 
     @torch.library.register_fake(f"{ns}::attention_discrepancy")
@@ -375,18 +399,10 @@ def _register_discrepancy_ops(ns: str) -> None:
                             masks=None):
         return [torch.empty_like(x) for x in student]
 
-    @torch.library.register_fake(f"{ns}::map_discrepancy")
-    def _map_fake(student, teacher, metric, beta, eps):
-        dt = reference.acc_dtype(*student, *teacher)
-        return student[0].new_empty((len(student), student[0].shape[0]), dtype=dt)
-
-    @torch.library.register_fake(f"{ns}::map_discrepancy_backward")
-    def _map_bwd_fake(grad, student, teacher, metric, beta, eps):
-        return [torch.empty_like(x) for x in student]
-
     def _attention_setup(ctx, inputs, output):
         student, _teacher, p, metric, beta, normalize, tau, eps, channel_dim, *masks = inputs
         _d, maps_s, maps_t = output
+        ctx.mark_non_differentiable(*maps_s, *maps_t)  # kept for the backward only
         ctx.K = len(student)
         ctx.args = (p, metric, beta, normalize, tau, eps, channel_dim)
         ctx.masks = masks[0] if masks else None  # constants (no gradient)
@@ -401,12 +417,27 @@ def _register_discrepancy_ops(ns: str) -> None:
             grads = [None] * K
         else:
             grads = lib.attention_discrepancy_backward(grad_d, student, maps_s, maps_t, *ctx.args, ctx.masks)
-        rest = (None if ctx.masks is None else [None] * len(ctx.masks),) if ctx.has_masks_arg else ()
-        return (list(grads), [None] * K, None, None, None, None, None, None, None) + rest
+        return (list(grads), [None] * K, None, None, None, None, None, None, None) + _masks_grad(ctx)
 
     torch.library.register_autograd(
         f"{ns}::attention_discrepancy", _attention_backward, setup_context=_attention_setup
     )
+    _no_double_backward(ns, "attention_discrepancy_backward")
+
+
+def _register_map_ops(ns: str) -> None:
+    """Fake kernels and autograd of the native ``ns::map_discrepancy`` (lwkd_triton's map op has
+    its own schema, fake and autograd: its backward reuses the forward's row statistics)."""
+    lib = getattr(torch.ops, ns)
+
+    @torch.library.register_fake(f"{ns}::map_discrepancy")
+    def _map_fake(student, teacher, metric, beta, eps):
+        dt = reference.acc_dtype(*student, *teacher)
+        return student[0].new_empty((len(student), student[0].shape[0]), dtype=dt)
+
+    @torch.library.register_fake(f"{ns}::map_discrepancy_backward")
+    def _map_bwd_fake(grad, student, teacher, metric, beta, eps):
+        return [torch.empty_like(x) for x in student]
 
     def _map_setup(ctx, inputs, output):
         student, teacher, metric, beta, eps = inputs
@@ -421,24 +452,11 @@ def _register_discrepancy_ops(ns: str) -> None:
         return list(grads), [None] * K, None, None, None
 
     torch.library.register_autograd(f"{ns}::map_discrepancy", _map_backward, setup_context=_map_setup)
-
-    def _no_double_backward(op):
-        def setup(ctx, inputs, output):
-            pass
-
-        def backward(ctx, *grads):
-            raise RuntimeError(
-                f"lwkd_fast: differentiating {ns}::{op} (double backward through a native discrepancy) "
-                "is not supported; run that computation under lwkd_fast.use_backend('reference')"
-            )
-
-        torch.library.register_autograd(f"{ns}::{op}", backward, setup_context=setup)
-
-    _no_double_backward("attention_discrepancy_backward")
-    _no_double_backward("map_discrepancy_backward")
+    _no_double_backward(ns, "map_discrepancy_backward")
 
 
-on_native_namespace(_register_discrepancy_ops)
+on_native_namespace(_register_attention_ops)
+on_native_namespace(_register_map_ops)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -295,6 +295,15 @@ def test_launch_groups_follow_dtype_and_layout(launches):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(not hasattr(torch.ops.lwkd, "attention_discrepancy"), reason="the native extension is not built")
+def test_attention_ops_have_the_native_schema():
+    """One contract: the Triton attention ops are defined with csrc/ops.cpp's schemas (and so
+    served by the fakes and autograd that lwkd_fast.ops registers for every such namespace)."""
+    for op in ("attention_discrepancy", "attention_discrepancy_backward"):
+        native = str(getattr(torch.ops.lwkd, op).default._schema)
+        assert str(getattr(torch.ops.lwkd_triton, op).default._schema) == native.replace("lwkd::", "lwkd_triton::")
+
+
 def test_opcheck():
     s = [_rand(2, 3, 4, 5, seed=1).requires_grad_(), _rand(2, 4, 3, seed=2).requires_grad_()]
     t = [_rand(2, 2, 4, 5, seed=3), _rand(2, 5, 3, seed=4)]
@@ -310,7 +319,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.lwkd_triton.attention_discrepancy_backward.default,
                           (torch.ones_like(d), [x.detach() for x in s], ms, mt, 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1,
                            [None, None]))
-    assert not ms.requires_grad and not mt.requires_grad  # auxiliary outputs are not differentiable
+    assert not any(m.requires_grad for m in ms + mt)  # auxiliary outputs are not differentiable
     u = [_rand(2, 6, seed=5).requires_grad_(), _rand(2, 2, 3, seed=6).requires_grad_()]
     w = [_rand(2, 6, seed=7), _rand(2, 2, 3, seed=8)]
     torch.library.opcheck(torch.ops.lwkd_triton.map_discrepancy.default, (u, w, "jsd", 0.3, 1e-12))
@@ -446,9 +455,9 @@ def test_empty_feature_maps_are_refused(shape, channel_dim, what):
         D.attention_discrepancy([ok_s], [bad], 2.0, "jsd", 0.5, "sum", 1.0, 1e-12, channel_dim)
     maps = torch.zeros(2 * 12, device=DEVICE)
     with pytest.raises(ValueError, match="lwkd_triton::attention_discrepancy_backward: pair 1: student tensor"):
-        torch.ops.lwkd_triton.attention_discrepancy_backward(torch.ones(2, 2, device=DEVICE), [ok_s, bad], maps, maps,
-                                                             2.0, "at", 0.5, "sum", 1.0, 1e-12, channel_dim,
-                                                             [None, None])
+        torch.ops.lwkd_triton.attention_discrepancy_backward(torch.ones(2, 2, device=DEVICE), [ok_s, bad],
+                                                             [maps, maps], [maps, maps], 2.0, "at", 0.5, "sum", 1.0,
+                                                             1e-12, channel_dim, [None, None])
 
 
 @pytest.mark.parametrize("shape", [(2, 0), (2, 3, 0), (2, 0, 5, 5)])
@@ -470,8 +479,8 @@ def test_backward_refuses_saved_tensors_that_do_not_fit():
                                                              1.0, 1e-12, 1, [None])
     g = torch.ones(1, 2, device=DEVICE)
     with pytest.raises(ValueError, match="maps_t must be a contiguous torch.float32 tensor of 40 elements"):
-        torch.ops.lwkd_triton.attention_discrepancy_backward(g, s, ms, mt[:20], 2.0, "at", 0.5, "sum", 1.0, 1e-12, 1,
-                                                             [None])
+        torch.ops.lwkd_triton.attention_discrepancy_backward(g, s, ms, [mt[0][:1]], 2.0, "at", 0.5, "sum", 1.0, 1e-12,
+                                                             1, [None])
     u, w = [_rand(2, 6, seed=3)], [_rand(2, 6, seed=4)]
     _, st = torch.ops.lwkd_triton.map_discrepancy(u, w, "cos", 0.5, 1e-12)
     with pytest.raises(ValueError, match="rowstats has dtype torch.float64 but the maps accumulate in torch.float32"):

@@ -92,13 +92,12 @@ def status(op: str, device_type: str) -> Tuple[bool, str]:
     return False, f"the Triton backend does not run on device type {device_type!r}"
 
 
-def attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks=None):
-    """Per-sample (K, B) attention discrepancy through the Triton kernels (see .discrepancy)."""
-    mod = importlib.import_module(".discrepancy", __name__)
-    return mod.attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks)
+def attention_discrepancy(*args, **kwargs):
+    """Per-sample (K, B) attention discrepancy through the Triton kernels: the arguments of
+    lwkd_triton::attention_discrepancy (the native schema), by position or name (see .discrepancy)."""
+    return importlib.import_module(".discrepancy", __name__).attention_discrepancy(*args, **kwargs)
 
 
-def map_discrepancy(student, teacher, metric, beta, eps):
+def map_discrepancy(*args, **kwargs):
     """Per-sample (K, B) derivative-map discrepancy through the Triton kernels (see .discrepancy)."""
-    mod = importlib.import_module(".discrepancy", __name__)
-    return mod.map_discrepancy(student, teacher, metric, beta, eps)
+    return importlib.import_module(".discrepancy", __name__).map_discrepancy(*args, **kwargs)

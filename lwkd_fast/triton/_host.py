@@ -128,7 +128,7 @@ def _check_maps_nonempty(student, teacher, op: str) -> None:
 
 
 def _check_saved(op: str, name: str, x: torch.Tensor, dtype: torch.dtype, device: torch.device, numel: int) -> None:
-    """A tensor the forward saved for the backward: the kernels read it as one flat buffer."""
+    """A tensor the forward saved for the backward: the kernels read it as one contiguous buffer."""
     if x.dtype != dtype or x.device != device or x.numel() != numel or not x.is_contiguous():
         raise ValueError(f"lwkd_triton::{op}: {name} must be a contiguous {dtype} tensor of {numel} elements on "
                          f"{device} (as the forward returns it), got shape {tuple(x.shape)}, dtype {x.dtype}, "

@@ -26,18 +26,20 @@ _A_N = tl.constexpr(1)        # positions per sample
 _A_CHUNK = tl.constexpr(2)    # positions per tile
 _A_NCH = tl.constexpr(3)      # tiles per sample
 _A_ORIG = tl.constexpr(4)     # layer index k in the caller's order
-_A_MOFF = tl.constexpr(5)     # element offset of the layer's (B, N) maps in the map buffers
-_A_SPTR = tl.constexpr(6)     # student (B, C, N): pointer, C, strides
-_A_SC = tl.constexpr(7)
-_A_SSB = tl.constexpr(8)
-_A_SSC = tl.constexpr(9)
-_A_SSN = tl.constexpr(10)
-_A_TPTR = tl.constexpr(11)    # teacher (forward) / gradient (backward) (B, C, N)
-_A_TC = tl.constexpr(12)
-_A_TSB = tl.constexpr(13)
-_A_TSC = tl.constexpr(14)
-_A_TSN = tl.constexpr(15)
-A_NCOL = 16
+_A_KOFF = tl.constexpr(5)     # element offset of the layer's (B, N) block in the flat mask buffer
+_A_MSPTR = tl.constexpr(6)    # the layer's contiguous (B, N) maps: student, teacher (pointers)
+_A_MTPTR = tl.constexpr(7)
+_A_SPTR = tl.constexpr(8)     # student (B, C, N): pointer, C, strides
+_A_SC = tl.constexpr(9)
+_A_SSB = tl.constexpr(10)
+_A_SSC = tl.constexpr(11)
+_A_SSN = tl.constexpr(12)
+_A_TPTR = tl.constexpr(13)    # teacher (forward) / gradient (backward) (B, C, N)
+_A_TC = tl.constexpr(14)
+_A_TSB = tl.constexpr(15)
+_A_TSC = tl.constexpr(16)
+_A_TSN = tl.constexpr(17)
+A_NCOL = 18
 _A_NCOL = tl.constexpr(A_NCOL)
 
 # map-op layer rows
@@ -206,6 +208,12 @@ def _base(row, COL_PTR: tl.constexpr, COL_SB: tl.constexpr, b, DT: tl.constexpr,
     goes on the pointer (in bytes): int-to-pointer casts drop an integer's divisibility."""
     ptr = tl.multiple_of(tl.load(row + COL_PTR).to(tl.pointer_type(DT)), ALIGN)
     return ptr + b * tl.multiple_of(tl.load(row + COL_SB), DIV)
+
+
+@triton.jit
+def _map_row(row, COL_PTR: tl.constexpr, b, N, ACC: tl.constexpr):
+    """Pointer to row b of the contiguous (B, N) map whose address is in table column COL_PTR."""
+    return tl.load(row + COL_PTR).to(tl.pointer_type(ACC)) + b * N
 
 
 @triton.jit

@@ -1,22 +1,21 @@
 """Attention discrepancy on Triton (SPEC section 1): the map, row and gradient kernels, their
-host code (forward / backward), and the ``lwkd_triton::attention_discrepancy`` custom ops with
-their fakes and autograd.  The design is described in lwkd_fast.triton.discrepancy.
+host code (forward / backward), and the ``lwkd_triton::attention_discrepancy`` ops, defined with
+the native schema and served by the native fake kernels and autograd (lwkd_fast.ops).  The
+design is described in lwkd_fast.triton.discrepancy.
 """
 
 from __future__ import annotations
-
-from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import ops, reference
 from ._common import sqrt_rn
-from ._jit import (A_NCOL, JSD, _A_CHUNK, _A_MOFF, _A_N, _A_NCH, _A_NCOL, _A_ORIG, _A_SC, _A_SPTR, _A_SSB,
-    _A_SSC, _A_SSN, _A_TC, _A_TPTR, _A_TSB, _A_TSC, _A_TSN, _A_TSTART, _H_BETA, _H_EPS, _H_P, _H_TAU,
-    _abs_pow_grad, _base, _chan_mean, _find_layer, _from_acc, _inv_clamp, _jsd_grad_ps, _jsd_term,
-    _load_tile, _max, _param, _store_tile, _sum, _tile_ptrs, _to_acc, _unless_overflow)
+from ._jit import (A_NCOL, JSD, _A_CHUNK, _A_KOFF, _A_MSPTR, _A_MTPTR, _A_N, _A_NCH, _A_NCOL, _A_ORIG, _A_SC,
+    _A_SPTR, _A_SSB, _A_SSC, _A_SSN, _A_TC, _A_TPTR, _A_TSB, _A_TSC, _A_TSN, _A_TSTART, _H_BETA, _H_EPS, _H_P,
+    _H_TAU, _abs_pow_grad, _base, _chan_mean, _find_layer, _from_acc, _inv_clamp, _jsd_grad_ps, _jsd_term,
+    _load_tile, _map_row, _max, _param, _store_tile, _sum, _tile_ptrs, _to_acc, _unless_overflow)
 from ._host import (CONFIG, _TL_DTYPES, _Table, _acc_dtype, _blocks, _cdiv, _check_features_nonempty,
     _check_params, _check_saved, _feat_desc, _grad_view, _guard, _launch, _metric_code, _next_pow2,
     _pair_lists, _pos_chunk, _pow_mode, _scatter_back, _store_mode)
@@ -64,7 +63,7 @@ def _maps_block(offs, mask, MASK_N: tl.constexpr, s_base, s_C, s_sc, s_sn, t_bas
 
 
 @triton.jit
-def _attn_maps_kernel(hdr, tab, n_layers, tile0, maps_s, maps_t,
+def _attn_maps_kernel(hdr, tab, n_layers, tile0,
                       S_DT: tl.constexpr, T_DT: tl.constexpr, S_BF16: tl.constexpr,
                       T_BF16: tl.constexpr, ACC: tl.constexpr, POW_MODE: tl.constexpr,
                       S_LAYOUT: tl.constexpr, T_LAYOUT: tl.constexpr, S_DIV: tl.constexpr,
@@ -79,9 +78,8 @@ def _attn_maps_kernel(hdr, tab, n_layers, tile0, maps_s, maps_t,
     t_base = _base(row, _A_TPTR, _A_TSB, b, T_DT, T_DIV, T_ALIGN)
     t_C = tl.load(row + _A_TC)
     t_sc, t_sn = _strides(row, _A_TSC, _A_TSN, T_DIV)
-    moff = tl.load(row + _A_MOFF) + b * N
-    ms = maps_s + moff
-    mt = maps_t + moff
+    ms = _map_row(row, _A_MSPTR, b, N, ACC)
+    mt = _map_row(row, _A_MTPTR, b, N, ACC)
 
     for i0 in range(i_begin, i_full, BLOCK_N):  # full position blocks: no mask along positions
         offs = i0 + tl.arange(0, BLOCK_N)
@@ -184,21 +182,20 @@ def _at_scale(nv, METRIC: tl.constexpr):
 
 
 @triton.jit
-def _attn_rows_fwd_kernel(hdr, tab, B, maps_s, maps_t, masks, d, ACC: tl.constexpr, METRIC: tl.constexpr,
+def _attn_rows_fwd_kernel(hdr, tab, B, masks, d, ACC: tl.constexpr, METRIC: tl.constexpr,
                           SOFTMAX: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     j = pid // B
     b = pid - j * B
     row = tab + j * _A_NCOL
     N = tl.load(row + _A_N)
-    moff = tl.load(row + _A_MOFF) + b * N
     k = tl.load(row + _A_ORIG)
     eps = _param(hdr, _H_EPS, ACC)
     beta = _param(hdr, _H_BETA, ACC)
     inv_tau = 1.0 / _param(hdr, _H_TAU, ACC)
-    ms = maps_s + moff
-    mt = maps_t + moff
-    mk = masks + moff
+    ms = _map_row(row, _A_MSPTR, b, N, ACC)
+    mt = _map_row(row, _A_MTPTR, b, N, ACC)
+    mk = masks + tl.load(row + _A_KOFF) + b * N
     inv_s, inv_t, r_s, r_t, mx_s, mx_t, nv = _row_stats(ms, mt, mk, N, eps, inv_tau, ACC, METRIC, SOFTMAX,
                                                         MASKED, BLOCK)
 
@@ -229,7 +226,7 @@ _RS = tl.constexpr(8)  # values per row in the backward row-scalar buffer
 
 
 @triton.jit
-def _attn_rows_bwd_kernel(hdr, tab, B, maps_s, maps_t, masks, grad, rowscal, ACC: tl.constexpr,
+def _attn_rows_bwd_kernel(hdr, tab, B, masks, grad, rowscal, ACC: tl.constexpr,
                           METRIC: tl.constexpr, SOFTMAX: tl.constexpr, MASKED: tl.constexpr,
                           BLOCK: tl.constexpr):
     """Row statistics and the projection <g_P, P> (JSD) or [r_s >= eps] <q_s, g_q> (at)."""
@@ -238,15 +235,14 @@ def _attn_rows_bwd_kernel(hdr, tab, B, maps_s, maps_t, masks, grad, rowscal, ACC
     b = pid - j * B
     row = tab + j * _A_NCOL
     N = tl.load(row + _A_N)
-    moff = tl.load(row + _A_MOFF) + b * N
     k = tl.load(row + _A_ORIG)
     eps = _param(hdr, _H_EPS, ACC)
     beta = _param(hdr, _H_BETA, ACC)
     inv_tau = 1.0 / _param(hdr, _H_TAU, ACC)
     gd = tl.load(grad + k * B + b).to(ACC)
-    ms = maps_s + moff
-    mt = maps_t + moff
-    mk = masks + moff
+    ms = _map_row(row, _A_MSPTR, b, N, ACC)
+    mt = _map_row(row, _A_MTPTR, b, N, ACC)
+    mk = masks + tl.load(row + _A_KOFF) + b * N
     inv_s, inv_t, r_s, r_t, mx_s, mx_t, nv = _row_stats(ms, mt, mk, N, eps, inv_tau, ACC, METRIC, SOFTMAX,
                                                         MASKED, BLOCK)
     tsg = 2.0 * gd * _at_scale(nv, METRIC)
@@ -327,7 +323,7 @@ def _grad_block(offs, mask, MASK_N: tl.constexpr, ms, mt, mk, inv_s, inv_t, proj
 
 
 @triton.jit
-def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, masks, rowscal,
+def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, masks, rowscal,
                       S_DT: tl.constexpr, S_BF16: tl.constexpr, STORE: tl.constexpr, ACC: tl.constexpr,
                       OPT: tl.constexpr, POW_MODE: tl.constexpr, METRIC: tl.constexpr,
                       SOFTMAX: tl.constexpr, MASKED: tl.constexpr, X_LAYOUT: tl.constexpr, G_LAYOUT: tl.constexpr,
@@ -356,10 +352,9 @@ def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, masks, rowsc
     x_sc, x_sn = _strides(row, _A_SSC, _A_SSN, X_DIV)
     g_base = _base(row, _A_TPTR, _A_TSB, b, S_DT, G_DIV, G_ALIGN)
     g_sc, g_sn = _strides(row, _A_TSC, _A_TSN, G_DIV)
-    moff = tl.load(row + _A_MOFF) + b * N
-    ms = maps_s + moff
-    mt = maps_t + moff
-    mk = masks + moff
+    ms = _map_row(row, _A_MSPTR, b, N, ACC)
+    mt = _map_row(row, _A_MTPTR, b, N, ACC)
+    mk = masks + tl.load(row + _A_KOFF) + b * N
     inv_c = 1.0 / C.to(ACC)
 
     for i0 in range(i_begin, i_full, BLOCK_N):
@@ -378,8 +373,9 @@ def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, maps_s, maps_t, masks, rowsc
 
 
 def _mask_buffer(op, masks, Ns, B, acc, dev):
-    """The masks of the K pairs as one flat 0/1 buffer laid out like the map buffers (ones for a
-    pair without mask), or None when no pair has one."""
+    """The masks of the K pairs as one flat 0/1 buffer, layer k's (B, N_k) block at offset
+    B * sum_{j<k} N_j (table column _A_KOFF; ones for a pair without mask), or None when no pair
+    has one."""
     if masks is None or all(m is None for m in masks):
         return None
     if len(masks) != len(Ns):
@@ -396,7 +392,33 @@ def _mask_buffer(op, masks, Ns, B, acc, dev):
     return torch.cat(parts)
 
 
+def _mask_offsets(Ns, B):
+    """Offset of each layer's (B, N_k) block in the flat mask buffer."""
+    offs, off = [], 0
+    for N in Ns:
+        offs.append(off)
+        off += B * N
+    return offs
+
+
+def _check_saved_maps(op, maps_s, maps_t, K, B, Ns, dev):
+    """The per-layer (B, N_k) maps the forward returned: K of each side, contiguous, in the
+    accumulation dtype (float32 or float64, the dtype of maps_s[0]), on the students' device."""
+    for name, maps in (("maps_s", maps_s), ("maps_t", maps_t)):
+        if len(maps) != K:
+            raise ValueError(f"lwkd_triton::{op}: {len(maps)} {name} tensors for {K} layer pairs")
+    acc = maps_s[0].dtype
+    if acc not in (torch.float32, torch.float64):
+        raise ValueError(f"lwkd_triton::{op}: maps_s has dtype {acc}; the forward saves float32 or float64 maps")
+    for k in range(K):
+        for name, maps in (("maps_s", maps_s), ("maps_t", maps_t)):
+            _check_saved(op, f"pair {k}: {name}", maps[k], acc, dev, B * Ns[k])
+    return acc
+
+
 def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks=None):
+    """(d (K, B), maps_s, maps_t): the per-layer (B, N_k) maps, kept for the backward.  ``masks``:
+    one (B, N_k) 0/1 mask of valid locations, or None, per pair (SPEC section 2)."""
     op = "attention_discrepancy"
     mcode = _metric_code(metric, True)
     _check_params(op, beta, tau, eps, normalize, p)
@@ -414,24 +436,22 @@ def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, e
             raise ValueError(f"lwkd_triton::{op}: pair {k}: student has {s3[k].shape[2]} locations but "
                              f"teacher has {t3[k].shape[2]}")
         Ns.append(s3[k].shape[2])
-    ntot = sum(Ns)
-    maps_s = torch.empty(B * ntot, dtype=acc, device=dev)
-    maps_t = torch.empty(B * ntot, dtype=acc, device=dev)
+    maps_s = [torch.empty((B, N), dtype=acc, device=dev) for N in Ns]
+    maps_t = [torch.empty((B, N), dtype=acc, device=dev) for N in Ns]
     d = torch.empty((K, B), dtype=acc, device=dev)
     mbuf = _mask_buffer(op, masks, Ns, B, acc, dev)
 
     table = _Table(A_NCOL, (p, beta, tau, eps))
     keyed = []
-    moff = 0
-    for k in range(K):
+    for k, koff in enumerate(_mask_offsets(Ns, B)):
         sd, sl, sdiv, salign = _feat_desc(s3[k])
         td, tlay, tdiv, talign = _feat_desc(t3[k])
         bn, bc = _blocks(sl, tlay)
         chunk = _pos_chunk(Ns[k], s3[k].shape[1] + t3[k].shape[1], bn)
         nch = _cdiv(Ns[k], chunk)
         key = (str(student[k].dtype), str(teacher[k].dtype), sl, tlay, sdiv, salign, tdiv, talign)
-        keyed.append((key, [0, Ns[k], chunk, nch, k, moff] + sd + td, B * nch))
-        moff += B * Ns[k]
+        maps = [maps_s[k].data_ptr(), maps_t[k].data_ptr()]
+        keyed.append((key, [0, Ns[k], chunk, nch, k, koff] + maps + sd + td, B * nch))
     table.build(keyed, dev, n_hints=4)
 
     pm = _pow_mode(p)
@@ -439,13 +459,13 @@ def _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, e
         sdt, tdt = getattr(torch, key[0][6:]), getattr(torch, key[1][6:])
         bn, bc = _blocks(key[2], key[3])
         _launch(_attn_maps_kernel, (ntiles,), table.hdr, table.group_rows(r0, r1), r1 - r0, tile0,
-                maps_s, maps_t, S_DT=_TL_DTYPES[sdt], T_DT=_TL_DTYPES[tdt],
+                S_DT=_TL_DTYPES[sdt], T_DT=_TL_DTYPES[tdt],
                 S_BF16=sdt == torch.bfloat16, T_BF16=tdt == torch.bfloat16, ACC=_TL_DTYPES[acc],
                 POW_MODE=pm, S_LAYOUT=key[2], T_LAYOUT=key[3], S_DIV=key[4], S_ALIGN=key[5],
                 T_DIV=key[6], T_ALIGN=key[7], KPAD=_next_pow2(r1 - r0), BLOCK_N=bn, BLOCK_C=bc)
-    _launch(_attn_rows_fwd_kernel, (K * B,), table.hdr, table.all_rows, B, maps_s, maps_t,
-            maps_s if mbuf is None else mbuf, d, ACC=_TL_DTYPES[acc], METRIC=mcode,
-            SOFTMAX=(mcode == JSD and normalize == "softmax"), MASKED=mbuf is not None, BLOCK=CONFIG.block_rows)
+    _launch(_attn_rows_fwd_kernel, (K * B,), table.hdr, table.all_rows, B, d if mbuf is None else mbuf, d,
+            ACC=_TL_DTYPES[acc], METRIC=mcode, SOFTMAX=(mcode == JSD and normalize == "softmax"),
+            MASKED=mbuf is not None, BLOCK=CONFIG.block_rows)
     return d, maps_s, maps_t
 
 
@@ -457,22 +477,17 @@ def _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, nor
     B = _pair_lists(student, student, op)
     _check_features_nonempty(student, op, "student", channel_dim)
     K = len(student)
-    acc = maps_s.dtype
     dev = student[0].device
     if tuple(grad.shape) != (K, B):
         raise ValueError(f"lwkd_triton::{op}: grad must be ({K}, {B}), got {tuple(grad.shape)}")
     s3 = [reference.to_bcn(x, channel_dim) for x in student]
     Ns = [x.shape[2] for x in s3]
-    if acc not in (torch.float32, torch.float64):
-        raise ValueError(f"lwkd_triton::{op}: maps_s has dtype {acc}; the forward saves float32 or float64 maps")
-    for name, m in (("maps_s", maps_s), ("maps_t", maps_t)):
-        _check_saved(op, name, m, acc, dev, B * sum(Ns))
+    acc = _check_saved_maps(op, maps_s, maps_t, K, B, Ns, dev)
     grad = grad.to(device=dev, dtype=acc).contiguous()
     grads, bufs = [], []
     table = _Table(A_NCOL, (p, beta, tau, eps))
     keyed = []
-    moff = 0
-    for k in range(K):
+    for k, koff in enumerate(_mask_offsets(Ns, B)):
         g, g3, copy_back = _grad_view(student[k], channel_dim)
         grads.append(g)
         bufs.append((g3, copy_back))
@@ -482,24 +497,23 @@ def _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, nor
         chunk = _pos_chunk(Ns[k], s3[k].shape[1], bn)
         nch = _cdiv(Ns[k], chunk)
         key = (str(student[k].dtype), xl, gl, xdiv, xalign, gdiv, galign)
-        keyed.append((key, [0, Ns[k], chunk, nch, k, moff] + xd + gdsc, B * nch))
-        moff += B * Ns[k]
+        maps = [maps_s[k].data_ptr(), maps_t[k].data_ptr()]
+        keyed.append((key, [0, Ns[k], chunk, nch, k, koff] + maps + xd + gdsc, B * nch))
     table.build(keyed, dev, n_hints=4)
 
     softmax = mcode == JSD and normalize == "softmax"
     mbuf = _mask_buffer(op, masks, Ns, B, acc, dev)
-    mptr = maps_s if mbuf is None else mbuf
     rowscal = torch.empty(K * B * 8, dtype=acc, device=dev)
-    _launch(_attn_rows_bwd_kernel, (K * B,), table.hdr, table.all_rows, B, maps_s, maps_t, mptr, grad,
-            rowscal, ACC=_TL_DTYPES[acc], METRIC=mcode, SOFTMAX=softmax, MASKED=mbuf is not None,
-            BLOCK=CONFIG.block_rows)
+    mptr = rowscal if mbuf is None else mbuf
+    _launch(_attn_rows_bwd_kernel, (K * B,), table.hdr, table.all_rows, B, mptr, grad, rowscal,
+            ACC=_TL_DTYPES[acc], METRIC=mcode, SOFTMAX=softmax, MASKED=mbuf is not None, BLOCK=CONFIG.block_rows)
     pm = _pow_mode(p)
     for key, r0, r1, tile0, ntiles in table.groups:
         sdt = getattr(torch, key[0][6:])
         opt = torch.float64 if sdt == torch.float64 else torch.float32
         bn, bc = _blocks(key[1], key[2])
         _launch(_attn_grad_kernel, (ntiles,), table.hdr, table.group_rows(r0, r1), r1 - r0, tile0, B,
-                maps_s, maps_t, mptr, rowscal, S_DT=_TL_DTYPES[sdt], S_BF16=sdt == torch.bfloat16,
+                mptr, rowscal, S_DT=_TL_DTYPES[sdt], S_BF16=sdt == torch.bfloat16,
                 STORE=_store_mode(sdt), ACC=_TL_DTYPES[acc], OPT=_TL_DTYPES[opt], POW_MODE=pm,
                 METRIC=mcode, SOFTMAX=softmax, MASKED=mbuf is not None, X_LAYOUT=key[1], G_LAYOUT=key[2], X_DIV=key[3],
                 X_ALIGN=key[4], G_DIV=key[5], G_ALIGN=key[6], KPAD=_next_pow2(r1 - r0), BLOCK_N=bn,
@@ -512,70 +526,34 @@ def _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, nor
 
 
 # ------------------------------------------------------------------------------------------------
-# torch.library custom ops (fake kernels + autograd), and the entry points used by lwkd_fast.ops
+# The ops: the native schema (csrc/ops.cpp), implemented here for CPU tensors (interpreter) and
+# CUDA tensors; their fake kernels and autograd are the native ones (lwkd_fast.ops)
 # ------------------------------------------------------------------------------------------------
 
-
-@torch.library.custom_op("lwkd_triton::attention_discrepancy", mutates_args=())
-def attention_discrepancy_op(student: List[torch.Tensor], teacher: List[torch.Tensor], p: float,
-                             metric: str, beta: float, normalize: str, tau: float, eps: float,
-                             channel_dim: int, masks: List[Optional[torch.Tensor]]
-                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (d (K, B), maps_s, maps_t); the maps of layer k are the (B, N_k) block at offset
-    B * sum_{j<k} N_j of the flat map buffers (kept for the backward).  ``masks``: one (B, N_k)
-    0/1 mask of valid locations, or None, per pair (SPEC section 2)."""
-    with _guard(student, "attention_discrepancy"):
-        return _attention_forward_impl(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks)
+SCHEMAS = {
+    "attention_discrepancy": (
+        "attention_discrepancy(Tensor[] student, Tensor[] teacher, float p, str metric, float beta, "
+        "str normalize, float tau, float eps, int channel_dim, Tensor?[]? masks=None) -> (Tensor, Tensor[], Tensor[])"),
+    "attention_discrepancy_backward": (
+        "attention_discrepancy_backward(Tensor grad, Tensor[] student, Tensor[] maps_s, "
+        "Tensor[] maps_t, float p, str metric, float beta, str normalize, float tau, float eps, "
+        "int channel_dim, Tensor?[]? masks=None) -> Tensor[]"),
+}
 
 
-@attention_discrepancy_op.register_fake
-def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks):
-    acc = _acc_dtype(list(student) + list(teacher))
-    B = student[0].shape[0]
-    ntot = sum(reference.bcn_locations(x, channel_dim) for x in student)
-    d = student[0].new_empty((len(student), B), dtype=acc)
-    return d, student[0].new_empty((B * ntot,), dtype=acc), student[0].new_empty((B * ntot,), dtype=acc)
+def _under_guard(op, impl, student_pos):
+    """``impl`` run under the device guard of its students (argument ``student_pos``)."""
+    def run(*args, **kwargs):
+        with _guard(args[student_pos], op):
+            return impl(*args, **kwargs)
+
+    return run
 
 
-@torch.library.custom_op("lwkd_triton::attention_discrepancy_backward", mutates_args=())
-def attention_discrepancy_backward_op(grad: torch.Tensor, student: List[torch.Tensor],
-                                      maps_s: torch.Tensor, maps_t: torch.Tensor, p: float,
-                                      metric: str, beta: float, normalize: str, tau: float,
-                                      eps: float, channel_dim: int,
-                                      masks: List[Optional[torch.Tensor]]) -> List[torch.Tensor]:
-    with _guard(student, "attention_discrepancy_backward"):
-        return _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau,
-                                        eps, channel_dim, masks)
-
-
-@attention_discrepancy_backward_op.register_fake
-def _attention_backward_fake(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau, eps,
-                             channel_dim, masks):
-    return [torch.empty_like(x) for x in student]
-
-
-def _attention_setup(ctx, inputs, output):
-    student, _teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks = inputs
-    _d, maps_s, maps_t = output
-    ctx.mark_non_differentiable(maps_s, maps_t)  # kept for the backward only
-    ctx.K = len(student)
-    ctx.args = (p, metric, beta, normalize, tau, eps, channel_dim)
-    ctx.masks = masks  # constants (no gradient)
-    ctx.save_for_backward(*student, maps_s, maps_t)
-
-
-def _attention_backward(ctx, grad_d, _grad_maps_s, _grad_maps_t):
-    K = ctx.K
-    saved = ctx.saved_tensors
-    if grad_d is None:
-        grads = [None] * K
-    else:
-        grads = torch.ops.lwkd_triton.attention_discrepancy_backward(
-            grad_d, list(saved[:K]), saved[K], saved[K + 1], *ctx.args, ctx.masks)
-    # the masks slot mirrors how torch flattened the input: a list holding any None is one leaf,
-    # a list of tensors only is a list
-    no_masks = [None] * K if all(m is not None for m in ctx.masks) else None
-    return list(grads), [None] * K, None, None, None, None, None, None, None, no_masks
-
-
-attention_discrepancy_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+_LIB = torch.library.Library("lwkd_triton", "FRAGMENT")
+for _name, _impl, _student_pos in (("attention_discrepancy", _attention_forward_impl, 0),
+                                   ("attention_discrepancy_backward", _attention_backward_impl, 1)):
+    _LIB.define(SCHEMAS[_name])
+    for _key in ("CPU", "CUDA"):
+        _LIB.impl(_name, _under_guard(_name, _impl, _student_pos), _key)
+ops._register_attention_ops("lwkd_triton")

@@ -8,8 +8,10 @@ callers and tests use; the code lives by concern in four modules of this package
     _host.py      host helpers: block sizes (CONFIG), validation, (B, C, N) views and their
                   layout / divisibility, the work table (_Table), gradient buffers, the launch wrapper
     attention.py  the attention kernels, their host code, the lwkd_triton::attention_discrepancy
-                  custom ops with their fakes and autograd
-    maps.py       the same for the derivative-map op (lwkd_triton::map_discrepancy)
+                  ops: the native schema (csrc/ops.cpp), fakes and autograd of lwkd_fast.ops
+    maps.py       the derivative-map kernels, their host code, the lwkd_triton::map_discrepancy
+                  custom ops with their own schema, fakes and autograd (the backward reuses the
+                  forward's row statistics; the native backward recomputes them)
 
 Design
 ======
@@ -17,7 +19,8 @@ Design
 *One launch per phase for all K layers.*  Every call builds one int64 **work table** on the host:
 a header with the float parameters (p, beta, tau, eps stored as float64 bit patterns, so float64
 inputs see the exact float64 values -- Triton would pass Python floats as float32), then one row
-per layer with its base pointers, strides, sizes and the index of its first tile.  A program of a
+per layer with its base pointers, strides, sizes and the index of its first tile (an attention
+row also holds the addresses of the layer's two (B, N) maps, one tensor each).  A program of a
 tile kernel finds its layer by comparing its tile index with the layers' first-tile column (a
 vectorised search over at most a few dozen entries), then reads everything else from that row.
 The table is built once per call and copied to the device in one transfer.  The alternative --
@@ -87,9 +90,8 @@ import torch
 # re-exported: callers, tests and tests/triton_aot_compile.py reach these through this module
 from ._host import CONFIG, Config
 from ._jit import AT, CHAN_CONTIG, COS, GENERAL, JSD, POS_CONTIG, STORE_BF16, STORE_BF16_RNE, STORE_CAST  # noqa: F401
-from .attention import (_attention_backward_impl, _attention_forward_impl, _attn_grad_kernel,  # noqa: F401
-                        _attn_maps_kernel, _attn_rows_bwd_kernel, _attn_rows_fwd_kernel,  # noqa: F401
-                        attention_discrepancy_backward_op, attention_discrepancy_op)  # noqa: F401
+from .attention import (SCHEMAS, _attention_backward_impl, _attention_forward_impl, _attn_grad_kernel,  # noqa: F401
+                        _attn_maps_kernel, _attn_rows_bwd_kernel, _attn_rows_fwd_kernel)  # noqa: F401
 from .maps import (_map_backward_impl, _map_forward_impl, _map_grad_kernel, _map_proj_kernel,  # noqa: F401
                    _map_rows_kernel, _map_stats_kernel, _map_terms_kernel, map_discrepancy_backward_op,  # noqa: F401
                    map_discrepancy_op)  # noqa: F401
@@ -101,10 +103,11 @@ INTERPRETED = type(_attn_maps_kernel).__name__ == "InterpretedFunction"
 
 
 def attention_discrepancy(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks=None):
-    """Per-sample (K, B) attention discrepancy; differentiable w.r.t. the student features."""
+    """Per-sample (K, B) attention discrepancy; differentiable w.r.t. the student features.  The
+    op returns (D, maps_s, maps_t) as the native one does; the maps serve its backward."""
     return torch.ops.lwkd_triton.attention_discrepancy(
         list(student), [t.detach() for t in teacher], float(p), metric, float(beta), normalize,
-        float(tau), float(eps), int(channel_dim), [None] * len(student) if masks is None else list(masks))[0]
+        float(tau), float(eps), int(channel_dim), None if masks is None else list(masks))[0]
 
 
 def map_discrepancy(student, teacher, metric, beta, eps):
