@@ -135,6 +135,27 @@ def test_mask_list_with_none_entries_and_reshaped_masks():
     assert torch.equal(d[0], plain[0]) and torch.equal(d[1], spatial[0])
 
 
+@pytest.mark.parametrize("backend", ATT_BACKENDS)
+def test_mask_list_with_none_entries_differentiates_on_every_backend(backend):
+    """A mask list holding None (pair 0 unmasked, pair 1 masked): values and gradients of every
+    backend against the reference backend in float64 (the native autograd once failed on the
+    structure of such a list)."""
+    s, t, masks = _case()
+    sp, tp = [s[1], s[1].flip(0)], [t[1], t[1].flip(0)]
+    w = torch.linspace(0.5, 1.5, 4, dtype=F64)
+    out = {}
+    for b in (backend, "reference"):
+        leaves = [x.clone().requires_grad_(True) for x in sp]
+        with lw.use_backend(b):
+            d = lw.attention_discrepancy(leaves, tp, mask=[None, masks[1]], reduction="none")
+        out[b] = (d, torch.autograd.grad((d * w).sum(), leaves))
+    (d, grads), (d_ref, grads_ref) = out[backend], out["reference"]
+    assert compare(d, d_ref, F64).ok
+    for k, (g, r) in enumerate(zip(grads, grads_ref)):
+        v = compare(g, r, F64)
+        assert v.ok, f"grad[{k}]: {v}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("metric,normalize", METRICS)
 def test_masked_low_precision_within_spec_tolerance(dtype, metric, normalize):
