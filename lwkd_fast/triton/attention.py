@@ -182,8 +182,10 @@ def _at_scale(nv, METRIC: tl.constexpr):
 
 
 @triton.jit
-def _attn_rows_fwd_kernel(hdr, tab, B, masks, d, ACC: tl.constexpr, METRIC: tl.constexpr,
-                          SOFTMAX: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+def _row_setup(hdr, tab, B, masks, ACC: tl.constexpr, METRIC: tl.constexpr, SOFTMAX: tl.constexpr,
+               MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """The (layer, sample) row of this program, shared by the forward and backward row kernels:
+    its layer k, sample b, N, the parameters, the map and mask rows and their statistics."""
     pid = tl.program_id(0).to(tl.int64)
     j = pid // B
     b = pid - j * B
@@ -198,6 +200,14 @@ def _attn_rows_fwd_kernel(hdr, tab, B, masks, d, ACC: tl.constexpr, METRIC: tl.c
     mk = masks + tl.load(row + _A_KOFF) + b * N
     inv_s, inv_t, r_s, r_t, mx_s, mx_t, nv = _row_stats(ms, mt, mk, N, eps, inv_tau, ACC, METRIC, SOFTMAX,
                                                         MASKED, BLOCK)
+    return k, b, N, eps, beta, inv_tau, ms, mt, mk, inv_s, inv_t, r_s, r_t, mx_s, mx_t, nv
+
+
+@triton.jit
+def _attn_rows_fwd_kernel(hdr, tab, B, masks, d, ACC: tl.constexpr, METRIC: tl.constexpr,
+                          SOFTMAX: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    k, b, N, eps, beta, inv_tau, ms, mt, mk, inv_s, inv_t, r_s, r_t, mx_s, mx_t, nv = _row_setup(
+        hdr, tab, B, masks, ACC, METRIC, SOFTMAX, MASKED, BLOCK)
 
     offs = tl.arange(0, BLOCK)
     acc = tl.full([BLOCK], 0, ACC)
@@ -230,21 +240,9 @@ def _attn_rows_bwd_kernel(hdr, tab, B, masks, grad, rowscal, ACC: tl.constexpr,
                           METRIC: tl.constexpr, SOFTMAX: tl.constexpr, MASKED: tl.constexpr,
                           BLOCK: tl.constexpr):
     """Row statistics and the projection <g_P, P> (JSD) or [r_s >= eps] <q_s, g_q> (at)."""
-    pid = tl.program_id(0).to(tl.int64)
-    j = pid // B
-    b = pid - j * B
-    row = tab + j * _A_NCOL
-    N = tl.load(row + _A_N)
-    k = tl.load(row + _A_ORIG)
-    eps = _param(hdr, _H_EPS, ACC)
-    beta = _param(hdr, _H_BETA, ACC)
-    inv_tau = 1.0 / _param(hdr, _H_TAU, ACC)
+    k, b, N, eps, beta, inv_tau, ms, mt, mk, inv_s, inv_t, r_s, r_t, mx_s, mx_t, nv = _row_setup(
+        hdr, tab, B, masks, ACC, METRIC, SOFTMAX, MASKED, BLOCK)
     gd = tl.load(grad + k * B + b).to(ACC)
-    ms = _map_row(row, _A_MSPTR, b, N, ACC)
-    mt = _map_row(row, _A_MTPTR, b, N, ACC)
-    mk = masks + tl.load(row + _A_KOFF) + b * N
-    inv_s, inv_t, r_s, r_t, mx_s, mx_t, nv = _row_stats(ms, mt, mk, N, eps, inv_tau, ACC, METRIC, SOFTMAX,
-                                                        MASKED, BLOCK)
     tsg = 2.0 * gd * _at_scale(nv, METRIC)
 
     offs = tl.arange(0, BLOCK)
