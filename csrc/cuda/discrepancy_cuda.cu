@@ -307,10 +307,20 @@ __device__ __forceinline__ acc_t distribution(acc_t a, acc_t inv, acc_t mx, acc_
   return softmax ? lwkd_exp((a - mx) * inv_tau) * inv : a * inv;
 }
 
+// The (layer, sample) row of this block, shared by the forward and backward row kernels: the
+// layer, the sample, its student / teacher map rows and mask row, and their statistics.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) attn_rows_fwd_kernel(const __grid_constant__ AttnParams P,
-                                                                 MetricParams mp, acc_t* __restrict__ d) {
-  __shared__ acc_t red[kWarps];
+struct AttnRow {
+  const AttnLayer& L;
+  int64_t b;
+  const acc_t* as;
+  const acc_t* at;
+  const acc_t* m;
+  RowStats<acc_t> st;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ AttnRow<acc_t> attn_row(const AttnParams& P, const MetricParams& mp, acc_t* red) {
   const int64_t row = blockIdx.x;
   const int l = static_cast<int>(row / P.B);
   const int64_t b = row - l * P.B;
@@ -318,7 +328,18 @@ __global__ void __launch_bounds__(kThreads) attn_rows_fwd_kernel(const __grid_co
   const acc_t* as = static_cast<const acc_t*>(L.maps_s) + b * L.N;
   const acc_t* at = static_cast<const acc_t*>(L.maps_t) + b * L.N;
   const acc_t* m = mask_row<acc_t>(L, b);
-  const RowStats<acc_t> st = row_stats(as, at, L.N, mp, red, m);
+  return AttnRow<acc_t>{L, b, as, at, m, row_stats(as, at, L.N, mp, red, m)};
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) attn_rows_fwd_kernel(const __grid_constant__ AttnParams P,
+                                                                 MetricParams mp, acc_t* __restrict__ d) {
+  __shared__ acc_t red[kWarps];
+  const AttnRow<acc_t> r = attn_row(P, mp, red);
+  const AttnLayer& L = r.L;
+  const int64_t b = r.b;
+  const acc_t *as = r.as, *at = r.at, *m = r.m;
+  const RowStats<acc_t>& st = r.st;
   const bool jsd = mp.metric == Metric::kJsd;
   const bool softmax = jsd && mp.normalize == Normalize::kSoftmax;
   const acc_t inv_tau = acc_t(1) / acc_t(mp.tau), beta = acc_t(mp.beta);
@@ -346,14 +367,11 @@ __global__ void __launch_bounds__(kThreads) attn_rows_bwd_kernel(const __grid_co
                                                                  const acc_t* __restrict__ grad,
                                                                  acc_t* __restrict__ rowscal) {
   __shared__ acc_t red[kWarps];
-  const int64_t row = blockIdx.x;
-  const int l = static_cast<int>(row / P.B);
-  const int64_t b = row - l * P.B;
-  const AttnLayer& L = P.layer[l];
-  const acc_t* as = static_cast<const acc_t*>(L.maps_s) + b * L.N;
-  const acc_t* at = static_cast<const acc_t*>(L.maps_t) + b * L.N;
-  const acc_t* m = mask_row<acc_t>(L, b);
-  const RowStats<acc_t> st = row_stats(as, at, L.N, mp, red, m);
+  const AttnRow<acc_t> r = attn_row(P, mp, red);
+  const AttnLayer& L = r.L;
+  const int64_t b = r.b;
+  const acc_t *as = r.as, *at = r.at, *m = r.m;
+  const RowStats<acc_t>& st = r.st;
   const bool jsd = mp.metric == Metric::kJsd;
   const bool softmax = jsd && mp.normalize == Normalize::kSoftmax;
   const acc_t inv_tau = acc_t(1) / acc_t(mp.tau), beta = acc_t(mp.beta), eps = acc_t(mp.eps);
