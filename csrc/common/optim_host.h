@@ -10,7 +10,7 @@
 #include <optional>
 
 #include <cmath>
-#include <string>
+#include <initializer_list>
 #include <vector>
 
 #include "common/host_prep.h"
@@ -175,32 +175,23 @@ inline double read_host_scalar(const at::Tensor& t) {
                                         : double(*t.const_data_ptr<float>());
 }
 
-// The checks and the part of the plan both step ops share: list lengths, the factor vector, the
-// skip flag and each group's layer and base rate (hyper-parameters: see the two ops below).
-inline StepPlan begin_step_plan(const char* op, Algorithm algo, at::TensorList params, at::TensorList grads,
-                                const at::Tensor& factors, at::IntArrayRef tensor_group,
-                                at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
-                                const c10::List<std::optional<at::Tensor>>& group_lr_tensor) {
-  StepPlan plan;
-  plan.op = op;
-  plan.algo = algo;
-  const size_t N = params.size();
-  const size_t G = group_layer.size();
-  TORCH_CHECK(grads.size() == N, op, ": ", N, " params but ", grads.size(), " grads");
-  TORCH_CHECK(tensor_group.size() == N, op, ": ", N, " params but ", tensor_group.size(),
-              " tensor_group entries");
-  TORCH_CHECK(group_lr.size() == G, op, ": ", G, " groups (group_layer) but ", group_lr.size(),
-              " group_lr values");
-  TORCH_CHECK(group_lr_tensor.size() == G || group_lr_tensor.size() == 0, op, ": ", G,
-              " groups but ", group_lr_tensor.size(), " group_lr_tensor entries");
-  plan.groups.resize(G);
-  return plan;
-}
+// The arguments both step ops share, as their schemas name them (csrc/ops.cpp).
+struct StepArgs {
+  at::TensorList params;
+  at::TensorList grads;
+  const at::Tensor& factors;
+  at::IntArrayRef tensor_group;
+  at::IntArrayRef group_layer;
+  at::ArrayRef<double> group_lr;
+  const c10::List<std::optional<at::Tensor>>& group_lr_tensor;
+  const std::optional<at::Tensor>& found_inf;
+};
 
-// One hyper-parameter list of a step op: one value per group.
-inline void check_group_list(const char* op, const char* name, size_t n, size_t G) {
-  TORCH_CHECK(n == G, op, ": ", name, " must hold one value per group (", G, "), got ", n);
-}
+// One named hyper-parameter list of a step op and its length (one value per group).
+struct GroupList {
+  const char* name;
+  size_t size;
+};
 
 inline void check_factors(StepPlan& plan, const at::Tensor& factors, const std::optional<at::Tensor>& found_inf) {
   const char* op = plan.op;
@@ -213,21 +204,20 @@ inline void check_factors(StepPlan& plan, const at::Tensor& factors, const std::
 }
 
 // Group k's layer and base rate (a host value, or the address of a 0-dim tensor on the device).
-inline void plan_group_rate(StepPlan& plan, size_t k, at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
-                            const c10::List<std::optional<at::Tensor>>& group_lr_tensor) {
+inline void plan_group_rate(StepPlan& plan, size_t k, const StepArgs& a) {
   const char* op = plan.op;
   const at::Tensor& factors = plan.factors;
   const int64_t K = factors.size(0);
   StepGroup& g = plan.groups[k];
-  const int64_t layer = group_layer[k];
+  const int64_t layer = a.group_layer[k];
   TORCH_CHECK(layer >= -1 && layer < K, op, ": group ", k, " has layer ", layer,
               " but the factor vector has K=", K, " entries (use -1 for the head group)");
   g.layer = static_cast<int32_t>(layer);
-  g.lr = group_lr[k];
+  g.lr = a.group_lr[k];
   g.lr_ptr = nullptr;
   g.lr_is_double = 0;
-  if (group_lr_tensor.size() != plan.groups.size()) return;
-  const std::optional<at::Tensor> t = group_lr_tensor.get(k);
+  if (a.group_lr_tensor.size() != plan.groups.size()) return;
+  const std::optional<at::Tensor> t = a.group_lr_tensor.get(k);
   if (!t.has_value() || !t->defined()) return;
   TORCH_CHECK(t->numel() == 1, op, ": group ", k, ": lr tensor must have one element, got shape ", t->sizes());
   TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": group ", k,
@@ -243,16 +233,46 @@ inline void plan_group_rate(StepPlan& plan, size_t k, at::IntArrayRef group_laye
   }
 }
 
+// The checks and the part of the plan both step ops share: list lengths (the op's named
+// hyper-parameter lists included), the factor vector, the skip flag and, group by group, the
+// layer and base rate, then `fill_group(plan, k)`: the op's hyper-parameters of group k.
+template <typename FillGroup>
+inline StepPlan begin_step_plan(const char* op, Algorithm algo, const StepArgs& a,
+                                std::initializer_list<GroupList> hyper_lists, FillGroup fill_group) {
+  StepPlan plan;
+  plan.op = op;
+  plan.algo = algo;
+  const size_t N = a.params.size();
+  const size_t G = a.group_layer.size();
+  TORCH_CHECK(a.grads.size() == N, op, ": ", N, " params but ", a.grads.size(), " grads");
+  TORCH_CHECK(a.tensor_group.size() == N, op, ": ", N, " params but ", a.tensor_group.size(),
+              " tensor_group entries");
+  TORCH_CHECK(a.group_lr.size() == G, op, ": ", G, " groups (group_layer) but ", a.group_lr.size(),
+              " group_lr values");
+  TORCH_CHECK(a.group_lr_tensor.size() == G || a.group_lr_tensor.size() == 0, op, ": ", G,
+              " groups but ", a.group_lr_tensor.size(), " group_lr_tensor entries");
+  for (const GroupList& l : hyper_lists)
+    TORCH_CHECK(l.size == G, op, ": ", l.name, " must hold one value per group (", G, "), got ", l.size);
+  check_factors(plan, a.factors, a.found_inf);
+  plan.groups.resize(G);
+  for (size_t k = 0; k < G; ++k) {
+    plan_group_rate(plan, k, a);
+    fill_group(plan, k);
+  }
+  plan.tensors.resize(N);
+  plan.dtypes.resize(N);
+  return plan;
+}
+
 // Tensor i's parameter and gradient (checked; the gradient copied into the parameter's memory
 // order where it differs); the state pointers are filled in by the op.
-inline StepTensor& plan_tensor(StepPlan& plan, size_t i, at::TensorList params, at::TensorList grads,
-                               at::IntArrayRef tensor_group) {
+inline StepTensor& plan_tensor(StepPlan& plan, size_t i, const StepArgs& a) {
   const char* op = plan.op;
   const at::Tensor& factors = plan.factors;
   const size_t G = plan.groups.size();
-  const at::Tensor& p = params[i];
+  const at::Tensor& p = a.params[i];
   StepTensor& t = plan.tensors[i];
-  const int64_t gi = tensor_group[i];
+  const int64_t gi = a.tensor_group[i];
   TORCH_CHECK(gi >= 0 && static_cast<size_t>(gi) < G, op, ": tensor_group[", i, "] = ", gi,
               " is not a group index (", G, " groups)");
   TORCH_CHECK(p.defined() && is_param_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
@@ -261,7 +281,7 @@ inline StepTensor& plan_tensor(StepPlan& plan, size_t i, at::TensorList params, 
               " but the factor vector is on ", factors.device());
   TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i, "] (shape ", p.sizes(),
               ", strides ", p.strides(), ") is not dense; the fused step updates dense parameters");
-  const at::Tensor& g = grads[i];
+  const at::Tensor& g = a.grads[i];
   TORCH_CHECK(g.defined(), op, ": grads[", i, "] is undefined (skip parameters without a gradient)");
   TORCH_CHECK(g.layout() == at::kStrided, op, ": grads[", i, "] is sparse; the fused step needs dense gradients");
   TORCH_CHECK(g.sizes() == p.sizes(), op, ": grads[", i, "] has shape ", g.sizes(), " but params[", i,
@@ -291,27 +311,13 @@ inline StepTensor& plan_tensor(StepPlan& plan, size_t i, at::TensorList params, 
 }
 
 // lwkd::layerwise_sgd_step: the typed per-group lists packed into the kernels' group record
-// (hyper[kSgd*], booleans as 1.0 / 0.0).
-inline StepPlan make_sgd_step_plan(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffer,
-                                   const at::Tensor& factors, at::IntArrayRef tensor_group, at::IntArrayRef fresh,
-                                   at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
-                                   const c10::List<std::optional<at::Tensor>>& group_lr_tensor,
+// (hyper[kSgd*], booleans as 1.0 / 0.0), then the momentum buffers and fresh flags per tensor.
+inline StepPlan make_sgd_step_plan(const StepArgs& a, at::TensorList momentum_buffer, at::IntArrayRef fresh,
                                    at::ArrayRef<double> weight_decay, at::ArrayRef<double> momentum,
                                    at::ArrayRef<double> dampening, const c10::List<bool>& nesterov,
-                                   const c10::List<bool>& maximize, const std::optional<at::Tensor>& found_inf) {
+                                   const c10::List<bool>& maximize) {
   constexpr const char* op = "lwkd::layerwise_sgd_step";
-  StepPlan plan = begin_step_plan(op, Algorithm::kSgd, params, grads, factors, tensor_group, group_layer,
-                                  group_lr, group_lr_tensor);
-  const size_t N = params.size();
-  const size_t G = plan.groups.size();
-  check_group_list(op, "weight_decay", weight_decay.size(), G);
-  check_group_list(op, "momentum", momentum.size(), G);
-  check_group_list(op, "dampening", dampening.size(), G);
-  check_group_list(op, "nesterov", nesterov.size(), G);
-  check_group_list(op, "maximize", maximize.size(), G);
-  check_factors(plan, factors, found_inf);
-  for (size_t k = 0; k < G; ++k) {
-    plan_group_rate(plan, k, group_layer, group_lr, group_lr_tensor);
+  const auto fill = [&](StepPlan& plan, size_t k) {
     double* h = plan.groups[k].hyper;
     h[kSgdWeightDecay] = weight_decay[k];
     h[kSgdMomentum] = momentum[k];
@@ -322,7 +328,13 @@ inline StepPlan make_sgd_step_plan(at::TensorList params, at::TensorList grads, 
     TORCH_CHECK(!(h[kSgdNesterov] != 0.0 && (h[kSgdMomentum] <= 0.0 || h[kSgdDampening] != 0.0)),
                 op, ": group ", k, ": nesterov needs momentum > 0 and dampening = 0");
     plan.any_momentum |= h[kSgdMomentum] != 0.0;
-  }
+  };
+  StepPlan plan = begin_step_plan(op, Algorithm::kSgd, a,
+                                  {{"weight_decay", weight_decay.size()}, {"momentum", momentum.size()},
+                                   {"dampening", dampening.size()}, {"nesterov", nesterov.size()},
+                                   {"maximize", maximize.size()}},
+                                  fill);
+  const size_t N = a.params.size();
   TORCH_CHECK(momentum_buffer.size() == N || (momentum_buffer.size() == 0 && !plan.any_momentum), op,
               ": SGD with momentum needs one momentum buffer per parameter (", N, "), got ",
               momentum_buffer.size());
@@ -331,13 +343,11 @@ inline StepPlan make_sgd_step_plan(at::TensorList params, at::TensorList grads, 
     TORCH_CHECK(i >= 0 && static_cast<size_t>(i) < N, op, ": fresh index ", i, " out of range for ", N, " params");
     is_fresh[i] = 1;
   }
-  plan.tensors.resize(N);
-  plan.dtypes.resize(N);
   for (size_t i = 0; i < N; ++i) {
-    StepTensor& t = plan_tensor(plan, i, params, grads, tensor_group);
+    StepTensor& t = plan_tensor(plan, i, a);
     t.fresh = is_fresh[i];
     if (plan.groups[t.group].hyper[kSgdMomentum] != 0.0) {
-      check_state_like(op, momentum_buffer[i], params[i], i, "momentum_buffers");
+      check_state_like(op, momentum_buffer[i], a.params[i], i, "momentum_buffers");
       t.s1 = momentum_buffer[i].data_ptr();
     } else {
       TORCH_CHECK(!t.fresh, op, ": fresh index ", i, " names a parameter whose group has no momentum");
@@ -347,30 +357,14 @@ inline StepPlan make_sgd_step_plan(at::TensorList params, at::TensorList grads, 
 }
 
 // lwkd::layerwise_adamw_step: the typed per-group lists packed into the kernels' group record
-// (hyper[kAdam*], booleans as 1.0 / 0.0).
-inline StepPlan make_adamw_step_plan(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
-                                     at::TensorList exp_avg_sq, at::TensorList max_exp_avg_sq, at::TensorList steps,
-                                     const at::Tensor& factors, at::IntArrayRef tensor_group,
-                                     at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
-                                     const c10::List<std::optional<at::Tensor>>& group_lr_tensor,
+// (hyper[kAdam*], booleans as 1.0 / 0.0), then the moments and step count per tensor.
+inline StepPlan make_adamw_step_plan(const StepArgs& a, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                                     at::TensorList max_exp_avg_sq, at::TensorList steps,
                                      at::ArrayRef<double> weight_decay, at::ArrayRef<double> beta1,
                                      at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
-                                     const c10::List<bool>& amsgrad, const c10::List<bool>& maximize,
-                                     const std::optional<at::Tensor>& found_inf) {
+                                     const c10::List<bool>& amsgrad, const c10::List<bool>& maximize) {
   constexpr const char* op = "lwkd::layerwise_adamw_step";
-  StepPlan plan = begin_step_plan(op, Algorithm::kAdamW, params, grads, factors, tensor_group, group_layer,
-                                  group_lr, group_lr_tensor);
-  const size_t N = params.size();
-  const size_t G = plan.groups.size();
-  check_group_list(op, "weight_decay", weight_decay.size(), G);
-  check_group_list(op, "beta1", beta1.size(), G);
-  check_group_list(op, "beta2", beta2.size(), G);
-  check_group_list(op, "eps", eps.size(), G);
-  check_group_list(op, "amsgrad", amsgrad.size(), G);
-  check_group_list(op, "maximize", maximize.size(), G);
-  check_factors(plan, factors, found_inf);
-  for (size_t k = 0; k < G; ++k) {
-    plan_group_rate(plan, k, group_layer, group_lr, group_lr_tensor);
+  const auto fill = [&](StepPlan& plan, size_t k) {
     double* h = plan.groups[k].hyper;
     h[kAdamWeightDecay] = weight_decay[k];
     h[kAdamBeta1] = beta1[k];
@@ -379,18 +373,22 @@ inline StepPlan make_adamw_step_plan(at::TensorList params, at::TensorList grads
     h[kAdamAmsgrad] = amsgrad.get(k) ? 1.0 : 0.0;
     h[kAdamMaximize] = maximize.get(k) ? 1.0 : 0.0;
     plan.any_amsgrad |= h[kAdamAmsgrad] != 0.0;
-  }
+  };
+  StepPlan plan = begin_step_plan(op, Algorithm::kAdamW, a,
+                                  {{"weight_decay", weight_decay.size()}, {"beta1", beta1.size()},
+                                   {"beta2", beta2.size()}, {"eps", eps.size()}, {"amsgrad", amsgrad.size()},
+                                   {"maximize", maximize.size()}},
+                                  fill);
+  const size_t N = a.params.size();
   TORCH_CHECK(exp_avg.size() == N && exp_avg_sq.size() == N && steps.size() == N, op,
               ": AdamW needs exp_avg, exp_avg_sq and step for every parameter (", N, "), got ",
               exp_avg.size(), ", ", exp_avg_sq.size(), " and ", steps.size());
   TORCH_CHECK(max_exp_avg_sq.size() == N || (max_exp_avg_sq.size() == 0 && !plan.any_amsgrad), op,
               ": AdamW with amsgrad needs max_exp_avg_sq for every parameter (", N, "), got ",
               max_exp_avg_sq.size());
-  plan.tensors.resize(N);
-  plan.dtypes.resize(N);
   for (size_t i = 0; i < N; ++i) {
-    StepTensor& t = plan_tensor(plan, i, params, grads, tensor_group);
-    const at::Tensor& p = params[i];
+    StepTensor& t = plan_tensor(plan, i, a);
+    const at::Tensor& p = a.params[i];
     check_state_like(op, exp_avg[i], p, i, "exp_avgs");
     check_state_like(op, exp_avg_sq[i], p, i, "exp_avg_sqs");
     t.s1 = exp_avg[i].data_ptr();
@@ -409,5 +407,40 @@ inline StepPlan make_adamw_step_plan(at::TensorList params, at::TensorList grads
   }
   return plan;
 }
+
+// The kernels of both step ops on one device type, written once: `Guard` is constructed from the
+// factors' device before the plan is built (building it may copy a gradient into its
+// parameter's layout), `Run` is the device's step over a checked plan.  Registered with
+// m.impl("layerwise_sgd_step", &StepOps<...>::sgd) by csrc/cpu and csrc/cuda.
+struct NoDeviceGuard {
+  explicit NoDeviceGuard(const at::Device&) {}
+};
+
+template <typename Guard, void (*Run)(const StepPlan&)>
+struct StepOps {
+  static void sgd(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffer,
+                  const at::Tensor& factors, at::IntArrayRef tensor_group, at::IntArrayRef fresh,
+                  at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
+                  const c10::List<std::optional<at::Tensor>>& group_lr_tensor, at::ArrayRef<double> weight_decay,
+                  at::ArrayRef<double> momentum, at::ArrayRef<double> dampening, const c10::List<bool>& nesterov,
+                  const c10::List<bool>& maximize, const std::optional<at::Tensor>& found_inf) {
+    const Guard guard(factors.device());
+    const StepArgs a{params, grads, factors, tensor_group, group_layer, group_lr, group_lr_tensor, found_inf};
+    Run(make_sgd_step_plan(a, momentum_buffer, fresh, weight_decay, momentum, dampening, nesterov, maximize));
+  }
+
+  static void adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                    at::TensorList max_exp_avg_sq, at::TensorList steps, const at::Tensor& factors,
+                    at::IntArrayRef tensor_group, at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
+                    const c10::List<std::optional<at::Tensor>>& group_lr_tensor, at::ArrayRef<double> weight_decay,
+                    at::ArrayRef<double> beta1, at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
+                    const c10::List<bool>& amsgrad, const c10::List<bool>& maximize,
+                    const std::optional<at::Tensor>& found_inf) {
+    const Guard guard(factors.device());
+    const StepArgs a{params, grads, factors, tensor_group, group_layer, group_lr, group_lr_tensor, found_inf};
+    Run(make_adamw_step_plan(a, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, weight_decay, beta1, beta2, eps,
+                             amsgrad, maximize));
+  }
+};
 
 }  // namespace lwkd

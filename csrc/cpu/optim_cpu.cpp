@@ -3,7 +3,7 @@
 // lwkd::layerwise_rates   the per-layer rate rule: K values, one sequential pass in double.
 // lwkd::layerwise_sgd_step, lwkd::layerwise_adamw_step
 //                         the fused per-layer SGD / AdamW step over every tensor of every group
-//                         (one plan from the typed lists, make_*_step_plan, then run_step_cpu).
+//                         (StepOps: one plan from the typed lists, make_*_step_plan, then run_step_cpu).
 //
 // Work distribution of the step: the tensors of the work list are laid end to end in one
 // virtual element range [0, E); at::parallel_for hands every thread an equal slice of that
@@ -255,37 +255,14 @@ void run_step_cpu(const StepPlan& plan) {
   });
 }
 
-void layerwise_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffer,
-                            const at::Tensor& factors, at::IntArrayRef tensor_group, at::IntArrayRef fresh,
-                            at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
-                            const c10::List<std::optional<at::Tensor>>& group_lr_tensor,
-                            at::ArrayRef<double> weight_decay, at::ArrayRef<double> momentum,
-                            at::ArrayRef<double> dampening, const c10::List<bool>& nesterov,
-                            const c10::List<bool>& maximize, const std::optional<at::Tensor>& found_inf) {
-  run_step_cpu(make_sgd_step_plan(params, grads, momentum_buffer, factors, tensor_group, fresh, group_layer,
-                                  group_lr, group_lr_tensor, weight_decay, momentum, dampening, nesterov,
-                                  maximize, found_inf));
-}
-
-void layerwise_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
-                              at::TensorList exp_avg_sq, at::TensorList max_exp_avg_sq, at::TensorList steps,
-                              const at::Tensor& factors, at::IntArrayRef tensor_group,
-                              at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
-                              const c10::List<std::optional<at::Tensor>>& group_lr_tensor,
-                              at::ArrayRef<double> weight_decay, at::ArrayRef<double> beta1,
-                              at::ArrayRef<double> beta2, at::ArrayRef<double> eps, const c10::List<bool>& amsgrad,
-                              const c10::List<bool>& maximize, const std::optional<at::Tensor>& found_inf) {
-  run_step_cpu(make_adamw_step_plan(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, factors,
-                                    tensor_group, group_layer, group_lr, group_lr_tensor, weight_decay, beta1,
-                                    beta2, eps, amsgrad, maximize, found_inf));
-}
+using CpuStepOps = StepOps<NoDeviceGuard, run_step_cpu>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lwkd, CPU, m) {
   m.impl("layerwise_rates", &layerwise_rates_cpu);
-  m.impl("layerwise_sgd_step", &layerwise_sgd_step_cpu);
-  m.impl("layerwise_adamw_step", &layerwise_adamw_step_cpu);
+  m.impl("layerwise_sgd_step", &CpuStepOps::sgd);
+  m.impl("layerwise_adamw_step", &CpuStepOps::adamw);
 }
 
 TORCH_LIBRARY_IMPL(lwkd, CompositeExplicitAutograd, m) {

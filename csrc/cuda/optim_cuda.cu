@@ -4,8 +4,8 @@
 //                         normalised discrepancies x_j, their count), then one thread per layer
 //                         applies the rule (and updates its running reference); the counter of
 //                         steps with an unusable discrepancy is bumped on the device.
-// lwkd::layerwise_sgd_step, lwkd::layerwise_adamw_step (one plan from the typed lists,
-//                         make_*_step_plan, then run_step_cuda)
+// lwkd::layerwise_sgd_step, lwkd::layerwise_adamw_step (StepOps: one plan from the typed
+//                         lists, make_*_step_plan, then run_step_cuda)
 //                         multi-tensor apply: the host packs a table (groups, tensors, and one
 //                         (tensor, chunk) task per block) into one DeviceTable (cuda/work_table.cuh:
 //                         pinned memory, one asynchronous H2D transfer), and ONE kernel launch
@@ -345,7 +345,7 @@ __global__ void bump_steps_kernel(const StepTensor* __restrict__ tensors, int64_
   }
 }
 
-// The step of a checked plan (both ops); the caller's device guard is in place.
+// The step of a checked plan (both ops); StepOps has put the device guard in place.
 void run_step_cuda(const StepPlan& plan) {
   const float* fi = plan.found_inf;  // device address (or null); read only by the kernels
   const size_t N = plan.tensors.size();
@@ -412,40 +412,14 @@ void run_step_cuda(const StepPlan& plan) {
   // caching allocator reuses their blocks only for work queued later on this stream.
 }
 
-// (the guard comes first: building the plan may copy a gradient into its parameter's layout)
-void layerwise_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffer,
-                             const at::Tensor& factors, at::IntArrayRef tensor_group, at::IntArrayRef fresh,
-                             at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
-                             const c10::List<std::optional<at::Tensor>>& group_lr_tensor,
-                             at::ArrayRef<double> weight_decay, at::ArrayRef<double> momentum,
-                             at::ArrayRef<double> dampening, const c10::List<bool>& nesterov,
-                             const c10::List<bool>& maximize, const std::optional<at::Tensor>& found_inf) {
-  const c10::cuda::CUDAGuard guard(factors.device());
-  run_step_cuda(make_sgd_step_plan(params, grads, momentum_buffer, factors, tensor_group, fresh, group_layer,
-                                   group_lr, group_lr_tensor, weight_decay, momentum, dampening, nesterov,
-                                   maximize, found_inf));
-}
-
-void layerwise_adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
-                               at::TensorList exp_avg_sq, at::TensorList max_exp_avg_sq, at::TensorList steps,
-                               const at::Tensor& factors, at::IntArrayRef tensor_group,
-                               at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
-                               const c10::List<std::optional<at::Tensor>>& group_lr_tensor,
-                               at::ArrayRef<double> weight_decay, at::ArrayRef<double> beta1,
-                               at::ArrayRef<double> beta2, at::ArrayRef<double> eps, const c10::List<bool>& amsgrad,
-                               const c10::List<bool>& maximize, const std::optional<at::Tensor>& found_inf) {
-  const c10::cuda::CUDAGuard guard(factors.device());
-  run_step_cuda(make_adamw_step_plan(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, factors,
-                                     tensor_group, group_layer, group_lr, group_lr_tensor, weight_decay, beta1,
-                                     beta2, eps, amsgrad, maximize, found_inf));
-}
+using CudaStepOps = StepOps<c10::cuda::CUDAGuard, run_step_cuda>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lwkd, CUDA, m) {
   m.impl("layerwise_rates", &layerwise_rates_cuda);
-  m.impl("layerwise_sgd_step", &layerwise_sgd_step_cuda);
-  m.impl("layerwise_adamw_step", &layerwise_adamw_step_cuda);
+  m.impl("layerwise_sgd_step", &CudaStepOps::sgd);
+  m.impl("layerwise_adamw_step", &CudaStepOps::adamw);
 }
 
 }  // namespace lwkd

@@ -56,13 +56,14 @@ def reference_adamw_step(params: List[torch.Tensor], grads: List[torch.Tensor], 
                          found_inf: Optional[torch.Tensor] = None) -> None:
     """The fused AdamW step written with ``torch._foreach_*`` ops, one batch of calls per group:
     torch.optim's multi-tensor AdamW with the group's device rate (see :func:`_with_skip`)."""
+    def group_step(k, idx, rate, ps, gs):
+        _adamw_group(k, idx, rate, ps, gs, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, weight_decay, beta1, beta2,
+                     eps, amsgrad, maximize)
+
     def run():
         if steps:
             torch._foreach_add_(list(steps), 1.0)
-        _per_group(factors, tensor_group, group_layer, group_lr, group_lr_tensor, params, grads,
-                   lambda k, idx, rate, ps, gs: _adamw_group(k, idx, rate, ps, gs, exp_avg, exp_avg_sq,
-                                                              max_exp_avg_sq, steps, weight_decay, beta1, beta2,
-                                                              eps, amsgrad, maximize))
+        _per_group(factors, tensor_group, group_layer, group_lr, group_lr_tensor, params, grads, group_step)
 
     _with_skip(found_inf, (params, exp_avg, exp_avg_sq, max_exp_avg_sq, steps), run)
 
