@@ -64,23 +64,30 @@ TORCH_LIBRARY(lwkd, m) {
       "float[] base_lr, Tensor? base_lr_tensor, float momentum, float gamma, float s_min, "
       "float s_max, float eps, Tensor? found_inf=None, Tensor(c!)? ref_state=None, "
       "float ref_momentum=0.99) -> Tensor");
-  // The fused per-layer optimizer step: every tensor of every group in one pass, each reading
-  // its rate eta = lr_g * factors[layer_g] (layer -1: the head, eta = lr_g) on the device.
-  //   algorithm "sgd":   state1 = momentum buffers (empty when no group has momentum);
-  //                      group_hyper per group: weight_decay, momentum, dampening, nesterov,
-  //                      maximize, (unused); `fresh` lists tensors whose buffer starts now.
-  //   algorithm "adamw": state1/2/3 = exp_avg, exp_avg_sq, max_exp_avg_sq (state3 empty when
-  //                      no group uses amsgrad); steps = float32 step counts, incremented here;
-  //                      group_hyper per group: weight_decay, beta1, beta2, eps, amsgrad, maximize.
+  // The fused per-layer optimizer step, one op per algorithm: every tensor of every group in one
+  // pass, each reading its rate eta = lr_g * factors[layer_g] (layer -1: the head, eta = lr_g) on
+  // the device.  Per group g: group_layer, group_lr (0.0 where group_lr_tensor holds a 0-dim
+  // tensor rate; group_lr_tensor may be empty) and one entry of each named hyper-parameter list,
+  // meaning what it means for torch.optim.SGD / AdamW.  tensor_group maps each tensor to its group.
+  //   layerwise_sgd_step: momentum_buffer empty when no group has momentum; `fresh` lists
+  //                       tensors whose buffer starts now (buf = g).
+  //   layerwise_adamw_step: max_exp_avg_sq empty when no group uses amsgrad; steps = float32
+  //                       step counts, incremented here.
   // Entries of state lists whose group does not use them may be any placeholder tensor.
   // `found_inf` (optional, last): as for layerwise_rates; when it is nonzero the whole step is
   // skipped on the device: no parameter, state tensor or step count changes.
   m.set_python_module("lwkd_fast.optim");
   m.def(
-      "layerwise_step(str algorithm, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
-      "Tensor(c!)[] state2, Tensor(d!)[] state3, Tensor(e!)[] steps, Tensor factors, "
-      "int[] tensor_group, int[] fresh, int[] group_layer, float[] group_lr, "
-      "Tensor?[] group_lr_tensor, float[] group_hyper, Tensor? found_inf=None) -> ()");
+      "layerwise_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffer, "
+      "Tensor factors, int[] tensor_group, int[] fresh, int[] group_layer, float[] group_lr, "
+      "Tensor?[] group_lr_tensor, float[] weight_decay, float[] momentum, float[] dampening, "
+      "bool[] nesterov, bool[] maximize, Tensor? found_inf=None) -> ()");
+  m.def(
+      "layerwise_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, "
+      "Tensor(c!)[] exp_avg_sq, Tensor(d!)[] max_exp_avg_sq, Tensor(e!)[] steps, Tensor factors, "
+      "int[] tensor_group, int[] group_layer, float[] group_lr, Tensor?[] group_lr_tensor, "
+      "float[] weight_decay, float[] beta1, float[] beta2, float[] eps, bool[] amsgrad, "
+      "bool[] maximize, Tensor? found_inf=None) -> ()");
   // Instruction set of the CPU step loops: "" queries, "auto" | "default" | "avx2" | "avx512"
   // selects (for tests and benchmarks); returns the one in use.
   m.def("_optim_cpu_isa(str isa) -> str");

@@ -117,7 +117,7 @@ def write_json(path: Optional[str], obj) -> None:
 # What runs here, and why
 # ------------------------------------------------------------------------------------------------
 
-OP_FAMILIES = (("discrepancy ops", "attention_discrepancy"), ("rate rule + optimizer step", "layerwise_step"))
+OP_FAMILIES = (("discrepancy ops", "attention_discrepancy"), ("rate rule + optimizer step", "layerwise_sgd_step"))
 
 
 def _load_ops():

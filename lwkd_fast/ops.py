@@ -113,7 +113,8 @@ NATIVE_OPS = (
     "map_discrepancy",
     "map_discrepancy_backward",
     "layerwise_rates",
-    "layerwise_step",
+    "layerwise_sgd_step",
+    "layerwise_adamw_step",
 )
 
 
@@ -307,8 +308,10 @@ OP_TABLE: Dict[str, OpRow] = {
                                    "lwkd_fast.reference:attention_discrepancy", result=0),
     "map_discrepancy": OpRow("lwkd_fast.triton:map_discrepancy", "lwkd_fast.reference:map_discrepancy"),
     "layerwise_rates": OpRow("lwkd_fast.triton.optim:layerwise_rates", "lwkd_fast.rule:reference_rates"),
-    "layerwise_step": OpRow("lwkd_fast.triton.optim:layerwise_step",
-                            "lwkd_fast.optim.reference:reference_step"),
+    "layerwise_sgd_step": OpRow("lwkd_fast.triton.optim:layerwise_sgd_step",
+                                "lwkd_fast.optim.reference:reference_sgd_step"),
+    "layerwise_adamw_step": OpRow("lwkd_fast.triton.optim:layerwise_adamw_step",
+                                  "lwkd_fast.optim.reference:reference_adamw_step"),
 }
 
 

@@ -20,7 +20,7 @@ try:  # the CUDA kernels through the CPU execution layer, where it builds
     cuda_emu.load()
 except Exception as exc:  # (a missing compiler, or no source checkout)
     print(f"cuda_emu not loaded: {exc}")
-BACKENDS = [b for b in ops.BACKENDS if ops.backend_status(b, "layerwise_step", "cpu")[0]]
+BACKENDS = [b for b in ops.BACKENDS if ops.backend_status(b, "layerwise_sgd_step", "cpu")[0]]
 KEYS = {"sgd": ["momentum_buffer"], "adamw": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]}
 
 

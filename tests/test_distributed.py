@@ -28,7 +28,7 @@ STEPS = 10
 RESUME_AT = 5
 BATCH_PER_RANK = 4
 WORLD = 2
-BACKENDS = optim_backends("layerwise_step")
+BACKENDS = optim_backends("layerwise_sgd_step")
 # FSDP2 on every backend here; under the Triton interpreter (about a second per step) only AdamW,
 # the algorithm with the most state, and compared with the native one-process run (every backend
 # equals torch.optim to float32 tolerance), which saves a second interpreted run

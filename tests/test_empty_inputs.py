@@ -75,7 +75,7 @@ def test_native_map_ops_called_directly_refuse_empty_samples(backend):
             lib.map_discrepancy_backward(torch.ones(2, 3), s, t, metric, 0.5, 1e-12)
 
 
-@pytest.mark.parametrize("backend", optim_backends("layerwise_step"))
+@pytest.mark.parametrize("backend", optim_backends("layerwise_adamw_step"))
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_adamw_counts_the_step_when_every_tensor_is_empty(backend, amsgrad):
     """torch.optim.AdamW increments the step count of a parameter with zero elements; so must the

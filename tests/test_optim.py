@@ -24,7 +24,7 @@ from lwkd_fast.testing import compare
 from conftest import requires_native
 from optim_helpers import NoHostSync, optim_backends
 
-BACKENDS = optim_backends("layerwise_step")
+BACKENDS = optim_backends("layerwise_sgd_step")
 K = 3
 
 
@@ -584,26 +584,25 @@ def test_errors_name_the_problem():
 @requires_native
 def test_native_op_errors():
     q = torch.zeros(3)
-    hyper = [0.0, 0.9, 0.0, 0.0, 0.0, 0.0]
-    step = torch.ops.lwkd.layerwise_step
+    hyper = ([0.0], [0.9], [0.0], [False], [False])  # weight_decay, momentum, dampening, nesterov, maximize
+    step = torch.ops.lwkd.layerwise_sgd_step
     sliced = torch.zeros(4, 6)[:, ::2]  # the op itself updates dense tensors (the optimizer copies in and out)
     with pytest.raises(RuntimeError, match=r"params\[0\] .* is not dense"):
-        step("sgd", [sliced], [torch.ones(4, 3)], [], [], [], [], torch.ones(1), [0], [], [0], [0.1], [None],
-             [0.0] * 6)
+        step([sliced], [torch.ones(4, 3)], [], torch.ones(1), [0], [], [0], [0.1], [None],
+             [0.0], [0.0], [0.0], [False], [False])
     with pytest.raises(RuntimeError, match=r"grads\[0\] has dtype Double but params\[0\] has dtype Float"):
-        step("sgd", [q], [torch.ones(3, dtype=torch.float64)], [torch.zeros(3)], [], [], [], torch.ones(1), [0], [],
-             [0], [0.1], [None], hyper)
+        step([q], [torch.ones(3, dtype=torch.float64)], [torch.zeros(3)], torch.ones(1), [0], [],
+             [0], [0.1], [None], *hyper)
     with pytest.raises(RuntimeError, match=r"grads\[0\] has shape \[4\] but params\[0\] has shape \[3\]"):
-        step("sgd", [q], [torch.ones(4)], [torch.zeros(3)], [], [], [], torch.ones(1), [0], [], [0], [0.1], [None], hyper)
+        step([q], [torch.ones(4)], [torch.zeros(3)], torch.ones(1), [0], [], [0], [0.1], [None], *hyper)
     with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\] has shape \[2\] but params\[0\] has shape \[3\]"):
-        step("sgd", [q], [torch.ones(3)], [torch.zeros(2)], [], [], [], torch.ones(1), [0], [], [0], [0.1], [None], hyper)
+        step([q], [torch.ones(3)], [torch.zeros(2)], torch.ones(1), [0], [], [0], [0.1], [None], *hyper)
     with pytest.raises(RuntimeError, match="group 0 has layer 1 but the factor vector has K=1 entries"):
-        step("sgd", [q], [torch.ones(3)], [torch.zeros(3)], [], [], [], torch.ones(1), [0], [], [1], [0.1], [None], hyper)
-    with pytest.raises(RuntimeError, match="unknown algorithm 'adam'"):
-        step("adam", [q], [torch.ones(3)], [], [], [], [], torch.ones(1), [0], [], [0], [0.1], [None], hyper)
+        step([q], [torch.ones(3)], [torch.zeros(3)], torch.ones(1), [0], [], [1], [0.1], [None], *hyper)
     with pytest.raises(RuntimeError, match=r"steps\[0\] must be a one-element float32 tensor"):
-        step("adamw", [q], [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3)], [], [torch.zeros((), dtype=torch.int64)],
-             torch.ones(1), [0], [], [0], [0.1], [None], [0.0, 0.9, 0.999, 1e-8, 0.0, 0.0])
+        torch.ops.lwkd.layerwise_adamw_step([q], [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3)], [],
+                                            [torch.zeros((), dtype=torch.int64)], torch.ones(1), [0], [0], [0.1],
+                                            [None], [0.0], [0.9], [0.999], [1e-8], [False], [False])
     assert torch.equal(q, torch.zeros(3))
 
 
@@ -615,9 +614,9 @@ def test_native_step_opcheck():
     ms = [torch.zeros(5), torch.zeros(2, 3)]
     vs = [torch.zeros(5), torch.zeros(2, 3)]
     steps = [torch.zeros(()), torch.zeros(())]
-    args = ("adamw", ps, gs, ms, vs, [], steps, torch.ones(2), [0, 1], [], [0, -1], [1e-2, 1e-2], [None, None],
-            [1e-2, 0.9, 0.999, 1e-8, 0.0, 0.0] * 2)
-    torch.library.opcheck(torch.ops.lwkd.layerwise_step.default, args,
+    args = (ps, gs, ms, vs, [], steps, torch.ones(2), [0, 1], [0, -1], [1e-2, 1e-2], [None, None],
+            [1e-2] * 2, [0.9] * 2, [0.999] * 2, [1e-8] * 2, [False] * 2, [False] * 2)
+    torch.library.opcheck(torch.ops.lwkd.layerwise_adamw_step.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -880,12 +879,12 @@ def test_found_inf_and_source_errors_name_the_problem():
 @requires_native
 def test_native_found_inf_errors():
     q = torch.zeros(3)
-    hyper = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    step = torch.ops.lwkd.layerwise_step
-    args = ("sgd", [q], [torch.ones(3)], [], [], [], [], torch.ones(1), [0], [], [0], [0.1], [None], hyper)
-    with pytest.raises(RuntimeError, match=r"layerwise_step: found_inf must be a 0-dim .* got shape \[2\]"):
+    step = torch.ops.lwkd.layerwise_sgd_step
+    args = ([q], [torch.ones(3)], [], torch.ones(1), [0], [], [0], [0.1], [None], [0.0], [0.0], [0.0], [False],
+            [False])
+    with pytest.raises(RuntimeError, match=r"layerwise_sgd_step: found_inf must be a 0-dim .* got shape \[2\]"):
         step(*args, torch.zeros(2))
-    with pytest.raises(RuntimeError, match="layerwise_step: found_inf has dtype Double; expected float32"):
+    with pytest.raises(RuntimeError, match="layerwise_sgd_step: found_inf has dtype Double; expected float32"):
         step(*args, torch.zeros((), dtype=torch.float64))
     with pytest.raises(RuntimeError, match="layerwise_rates: found_inf has dtype Long; expected float32"):
         torch.ops.lwkd.layerwise_rates(torch.ones(2), torch.ones(2), None, [0.1], None, 0.9, 1.0, 0.1, 10.0, 1e-12,
@@ -935,14 +934,16 @@ def test_native_step_opcheck_with_found_inf():
     torch.manual_seed(0)
     for flag in (torch.zeros(()), torch.ones(())):
         ps = [torch.randn(5), torch.randn(2, 3)]
-        args = ("adamw", ps, [torch.randn(5), torch.randn(2, 3)], [torch.zeros(5), torch.zeros(2, 3)],
-                [torch.zeros(5), torch.zeros(2, 3)], [], [torch.zeros(()), torch.zeros(())], torch.ones(2), [0, 1], [],
-                [0, -1], [1e-2, 1e-2], [None, None], [1e-2, 0.9, 0.999, 1e-8, 0.0, 0.0] * 2, flag)
-        torch.library.opcheck(torch.ops.lwkd.layerwise_step.default, args,
+        args = (ps, [torch.randn(5), torch.randn(2, 3)], [torch.zeros(5), torch.zeros(2, 3)],
+                [torch.zeros(5), torch.zeros(2, 3)], [], [torch.zeros(()), torch.zeros(())], torch.ones(2), [0, 1],
+                [0, -1], [1e-2, 1e-2], [None, None], [1e-2] * 2, [0.9] * 2, [0.999] * 2, [1e-8] * 2, [False] * 2,
+                [False] * 2, flag)
+        torch.library.opcheck(torch.ops.lwkd.layerwise_adamw_step.default, args,
                               test_utils=("test_schema", "test_faketensor"))
-        sgd = ("sgd", [torch.randn(4)], [torch.randn(4)], [torch.zeros(4)], [], [], [], torch.ones(1), [0], [0], [0],
-               [0.1], [None], [0.0, 0.9, 0.0, 0.0, 0.0, 0.0], flag)
-        torch.library.opcheck(torch.ops.lwkd.layerwise_step.default, sgd, test_utils=("test_schema", "test_faketensor"))
+        sgd = ([torch.randn(4)], [torch.randn(4)], [torch.zeros(4)], torch.ones(1), [0], [0], [0],
+               [0.1], [None], [0.0], [0.9], [0.0], [False], [False], flag)
+        torch.library.opcheck(torch.ops.lwkd.layerwise_sgd_step.default, sgd,
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton kernels unavailable here")
@@ -950,11 +951,11 @@ def test_triton_step_opcheck_with_found_inf():
     from lwkd_fast.triton import optim as tri
 
     torch.manual_seed(0)
-    args = ("adamw", [torch.randn(5), torch.randn(2, 3)], [torch.randn(5), torch.randn(2, 3)],
+    args = ([torch.randn(5), torch.randn(2, 3)], [torch.randn(5), torch.randn(2, 3)],
             [torch.zeros(5), torch.zeros(2, 3)], [torch.zeros(5), torch.zeros(2, 3)], [],
-            [torch.zeros(()), torch.zeros(())], torch.ones(2), [0, 1], [], [0, -1], [1e-2, 1e-2], [None, None],
-            [1e-2, 0.9, 0.999, 1e-8, 0.0, 0.0] * 2, torch.ones(()))
-    torch.library.opcheck(tri.layerwise_step, args, test_utils=("test_schema", "test_faketensor"))
+            [torch.zeros(()), torch.zeros(())], torch.ones(2), [0, 1], [0, -1], [1e-2, 1e-2], [None, None],
+            [1e-2] * 2, [0.9] * 2, [0.999] * 2, [1e-8] * 2, [False] * 2, [False] * 2, torch.ones(()))
+    torch.library.opcheck(tri.layerwise_adamw_step, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_all_reduce_sync_skips_on_every_rank(monkeypatch):

@@ -244,11 +244,11 @@ def test_triton_rule_opcheck():
 @requires_native
 def test_native_kernels_registered():
     """CPU kernels always; CUDA kernels whenever the extension was built with its .cu files."""
-    for op in ("layerwise_rates", "layerwise_step"):
+    for op in ("layerwise_rates", "layerwise_sgd_step", "layerwise_adamw_step"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lwkd::{op}", "CPU")
         if built_with_cuda():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lwkd::{op}", "CUDA"), op
-    assert "layerwise_rates" in ops.native_kernels() and "layerwise_step" in ops.native_kernels()
+    assert all(op in ops.native_kernels() for op in ("layerwise_rates", "layerwise_sgd_step", "layerwise_adamw_step"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

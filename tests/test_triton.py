@@ -504,8 +504,8 @@ def _one_call_of_every_op():
     m = torch.ones(2, device=DEVICE)
     O.layerwise_rates(torch.rand(2, device=DEVICE), m, None, [0.1], None, 0.9, 1.0, 0.1, 10.0, 1e-12)
     p, g = _rand(3, 4, seed=5), _rand(3, 4, seed=6)
-    O.layerwise_step(*_sgd_args([p], [g], [torch.zeros_like(p)], momentum=0.9))
-    O.layerwise_step(*_adamw_args([p], [g]))
+    O.layerwise_sgd_step(*_sgd_args([p], [g], [torch.zeros_like(p)], momentum=0.9))
+    O.layerwise_adamw_step(*_adamw_args([p], [g]))
 
 
 def test_every_launch_runs_under_the_device_guard(monkeypatch):
@@ -544,7 +544,7 @@ def test_tensors_on_a_second_gpu_run_there():  # pragma: no cover - depends on t
         d = D.attention_discrepancy(s, t, 2.0, "jsd", 0.5, "sum", 1.0, 1e-12, 1)
         p, g = torch.randn(5, 7, device=dev), torch.randn(5, 7, device=dev)
         want = p.clone()
-        O.layerwise_step(*_sgd_args([p], [g], [], momentum=0.0, factors=torch.ones(1, device=dev)))
+        O.layerwise_sgd_step(*_sgd_args([p], [g], [], momentum=0.0, factors=torch.ones(1, device=dev)))
     torch.testing.assert_close(d.cpu(), reference.attention_discrepancy([x.cpu() for x in s], [x.cpu() for x in t],
                                                                         metric="jsd"))
     torch.testing.assert_close(p.cpu(), (want - 0.1 * g).cpu())
@@ -558,9 +558,9 @@ def test_tensors_on_a_second_gpu_run_there():  # pragma: no cover - depends on t
 
 def _sgd_args(params, grads, bufs, momentum=0.9, factors=None, fresh=(), tgroup=None, layers=(0,)):
     factors = torch.ones(1, device=DEVICE) if factors is None else factors
-    hyper = [0.0, momentum, 0.0, 0.0, 0.0, 0.0] * len(layers)
-    return ("sgd", params, grads, bufs, [], [], [], factors, tgroup or [0] * len(params), list(fresh), list(layers),
-            [0.1] * len(layers), [], hyper)
+    G = len(layers)  # weight_decay, momentum, dampening, nesterov, maximize per group
+    return (params, grads, bufs, factors, tgroup or [0] * len(params), list(fresh), list(layers),
+            [0.1] * G, [], [0.0] * G, [momentum] * G, [0.0] * G, [False] * G, [False] * G)
 
 
 def _adamw_args(params, grads, m=None, v=None, steps=None, amsgrad=False, lr_tensor=None, layers=(0,)):
@@ -568,9 +568,10 @@ def _adamw_args(params, grads, m=None, v=None, steps=None, amsgrad=False, lr_ten
     v = [torch.zeros_like(p) for p in params] if v is None else v
     w = [torch.zeros_like(p) for p in params] if amsgrad else []
     steps = [torch.zeros((), device=DEVICE) for _ in params] if steps is None else steps
-    hyper = [0.01, 0.9, 0.999, 1e-8, 1.0 if amsgrad else 0.0, 0.0] * len(layers)
-    return ("adamw", params, grads, m, v, w, steps, torch.ones(1, device=DEVICE), [0] * len(params), [],
-            list(layers), [1e-3] * len(layers), [lr_tensor] if lr_tensor is not None else [], hyper)
+    G = len(layers)  # weight_decay, beta1, beta2, eps, amsgrad, maximize per group
+    return (params, grads, m, v, w, steps, torch.ones(1, device=DEVICE), [0] * len(params),
+            list(layers), [1e-3] * G, [lr_tensor] if lr_tensor is not None else [], [0.01] * G, [0.9] * G,
+            [0.999] * G, [1e-8] * G, [bool(amsgrad)] * G, [False] * G)
 
 
 def test_step_refuses_state_in_another_layout():
@@ -580,14 +581,14 @@ def test_step_refuses_state_in_another_layout():
     g = torch.randn_like(p)
     with pytest.raises(ValueError, match=re.escape("exp_avgs[0] (strides (60, 20, 5, 1)) must have the memory "
                                                    "layout of params[0] (strides (60, 1, 15, 3))")):
-        O.layerwise_step(*_adamw_args([p], [g], m=[torch.zeros(p.shape, device=DEVICE)]))
+        O.layerwise_adamw_step(*_adamw_args([p], [g], m=[torch.zeros(p.shape, device=DEVICE)]))
     with pytest.raises(ValueError, match=re.escape("momentum_buffers[0] (strides (60, 20, 5, 1)) must have")):
-        O.layerwise_step(*_sgd_args([p], [g], [torch.zeros(p.shape, device=DEVICE)]))
+        O.layerwise_sgd_step(*_sgd_args([p], [g], [torch.zeros(p.shape, device=DEVICE)]))
 
 
 def test_step_in_channels_last_matches_the_reference():
     """Parameter and state channels_last, gradient contiguous (copied into the parameter's order)."""
-    from lwkd_fast.optim import reference_step
+    from lwkd_fast.optim import reference_adamw_step
 
     p = _rand(2, 3, 4, 5, seed=1).to(memory_format=torch.channels_last)
     g = _rand(2, 3, 4, 5, seed=2)
@@ -597,8 +598,8 @@ def test_step_in_channels_last_matches_the_reference():
     v_o, v_r = [torch.zeros_like(p)], [torch.zeros_like(p)]
     st_o, st_r = [torch.zeros((), device=DEVICE)], [torch.zeros((), device=DEVICE)]
     for _ in range(2):
-        O.layerwise_step(*_adamw_args(ours, [g], m_o, v_o, st_o))
-        reference_step(*_adamw_args(ref, [g], m_r, v_r, st_r))
+        O.layerwise_adamw_step(*_adamw_args(ours, [g], m_o, v_o, st_o))
+        reference_adamw_step(*_adamw_args(ref, [g], m_r, v_r, st_r))
     for a, b in zip(ours + m_o + v_o + st_o, ref + m_r + v_r + st_r):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # SPEC section 5 (float32)
     assert ours[0].is_contiguous(memory_format=torch.channels_last)
@@ -625,21 +626,21 @@ def test_step_refuses_state_of_another_parameter(case):
         steps = [torch.zeros((), device=DEVICE), torch.zeros((), dtype=torch.float64, device=DEVICE)]
         msg = "steps[1] must be a one-element float32 tensor"
     before = [p.clone() for p in ps]
-    with pytest.raises(ValueError, match="lwkd_triton::layerwise_step: " + re.escape(msg)):
-        O.layerwise_step(*_adamw_args(ps, gs, v=v, steps=steps))
+    with pytest.raises(ValueError, match="lwkd_triton::layerwise_adamw_step: " + re.escape(msg)):
+        O.layerwise_adamw_step(*_adamw_args(ps, gs, v=v, steps=steps))
     assert all(torch.equal(a, b) for a, b in zip(ps, before))  # refused before anything ran
 
 
 def test_step_and_rule_refuse_indices_out_of_range():
     p, g = _rand(4, seed=1), _rand(4, seed=2)
     with pytest.raises(ValueError, match=re.escape("tensor_group[0] = 3 is not a group index (1 groups)")):
-        O.layerwise_step(*_sgd_args([p], [g], [torch.zeros_like(p)], tgroup=[3]))
+        O.layerwise_sgd_step(*_sgd_args([p], [g], [torch.zeros_like(p)], tgroup=[3]))
     with pytest.raises(ValueError, match="group 0 has layer 1 but the factor vector has K=1 entries"):
-        O.layerwise_step(*_sgd_args([p], [g], [torch.zeros_like(p)], layers=(1,)))
+        O.layerwise_sgd_step(*_sgd_args([p], [g], [torch.zeros_like(p)], layers=(1,)))
     with pytest.raises(ValueError, match="fresh index 2 out of range for 1 params"):
-        O.layerwise_step(*_sgd_args([p], [g], [torch.zeros_like(p)], fresh=[2]))
+        O.layerwise_sgd_step(*_sgd_args([p], [g], [torch.zeros_like(p)], fresh=[2]))
     with pytest.raises(ValueError, match="SGD with momentum needs one momentum buffer per parameter"):
-        O.layerwise_step(*_sgd_args([p], [g], []))
+        O.layerwise_sgd_step(*_sgd_args([p], [g], []))
     m = torch.ones(3, device=DEVICE)
     with pytest.raises(ValueError, match=re.escape("layerwise_rates: state must have shape (2,)")):
         O.layerwise_rates(torch.rand(2, device=DEVICE), m, None, [0.1], None, 0.9, 1.0, 0.1, 10.0, 1e-12)

@@ -122,11 +122,11 @@ def _optim_cases(r):
         p, grad = r(5, 7, dtype=dtype), r(5, 7, dtype=dtype)
         factors = torch.ones(1, dtype=torch.float64 if k % 2 else torch.float32)
         flag = [torch.zeros(())] if k >= 2 else []
-        O.layerwise_step("sgd", [p], [grad], [torch.zeros_like(p)], [], [], [], factors, [0], [], [0], [0.1], [],
-                         [0.0, 0.9, 0.0, 0.0, 0.0, 0.0], *flag)
-        O.layerwise_step("adamw", [p], [grad], [torch.zeros_like(p)], [torch.zeros_like(p)], [torch.zeros_like(p)],
-                         [torch.zeros(())], factors, [0], [], [0], [1e-3], [],
-                         [0.01, 0.9, 0.999, 1e-8, float(k % 2), 0.0], *flag)
+        O.layerwise_sgd_step([p], [grad], [torch.zeros_like(p)], factors, [0], [], [0], [0.1], [],
+                             [0.0], [0.9], [0.0], [False], [False], *flag)
+        O.layerwise_adamw_step([p], [grad], [torch.zeros_like(p)], [torch.zeros_like(p)], [torch.zeros_like(p)],
+                               [torch.zeros(())], factors, [0], [0], [1e-3], [],
+                               [0.01], [0.9], [0.999], [1e-8], [bool(k % 2)], [False], *flag)
 
 
 def _aligned(constexprs):

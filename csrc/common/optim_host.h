@@ -1,5 +1,5 @@
 // Host-side argument checking and work-list construction of the optimizer ops
-// (lwkd::layerwise_rates, lwkd::layerwise_step), shared by the CPU and CUDA implementations.
+// (lwkd::layerwise_rates, lwkd::layerwise_sgd_step, lwkd::layerwise_adamw_step), shared by the CPU and CUDA implementations.
 // Host code only (uses ATen); the per-element arithmetic lives in optim_math.h.
 #pragma once
 
@@ -10,7 +10,7 @@
 #include <optional>
 
 #include <cmath>
-#include <string>
+#include <initializer_list>
 #include <vector>
 
 #include "common/host_prep.h"
@@ -112,7 +112,7 @@ inline RatesArgs check_rates_args(const at::Tensor& d, const at::Tensor& state,
 }
 
 // ---------------------------------------------------------------------------------------------
-// layerwise_step
+// layerwise_sgd_step, layerwise_adamw_step
 // ---------------------------------------------------------------------------------------------
 enum class Algorithm : int32_t { kSgd = 0, kAdamW = 1 };
 
@@ -139,6 +139,7 @@ struct StepTensor {
 };
 
 struct StepPlan {
+  const char* op = "";                  // "lwkd::layerwise_sgd_step" or "lwkd::layerwise_adamw_step"
   Algorithm algo = Algorithm::kSgd;
   std::vector<StepGroup> groups;
   std::vector<StepTensor> tensors;
@@ -150,20 +151,13 @@ struct StepPlan {
   bool any_amsgrad = false;             // AdamW
 };
 
-inline Algorithm parse_algorithm(c10::string_view algorithm) {
-  const std::string a(algorithm);
-  if (a == "sgd") return Algorithm::kSgd;
-  if (a == "adamw") return Algorithm::kAdamW;
-  TORCH_CHECK(false, "lwkd::layerwise_step: unknown algorithm '", a, "' (expected 'sgd' or 'adamw')");
-}
-
 inline bool is_param_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
 
 // A state tensor must share the parameter's shape, dtype, device and memory order.
-inline void check_state_like(const at::Tensor& s, const at::Tensor& p, size_t i, const char* name) {
-  constexpr const char* op = "lwkd::layerwise_step";
+inline void check_state_like(const char* op, const at::Tensor& s, const at::Tensor& p, size_t i,
+                             const char* name) {
   TORCH_CHECK(s.defined(), op, ": ", name, "[", i, "] is undefined");
   TORCH_CHECK(s.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", s.sizes(),
               " but params[", i, "] has shape ", p.sizes());
@@ -181,164 +175,272 @@ inline double read_host_scalar(const at::Tensor& t) {
                                         : double(*t.const_data_ptr<float>());
 }
 
-inline StepPlan make_step_plan(c10::string_view algorithm, at::TensorList params, at::TensorList grads,
-                               at::TensorList state1, at::TensorList state2, at::TensorList state3,
-                               at::TensorList steps, const at::Tensor& factors,
-                               at::IntArrayRef tensor_group, at::IntArrayRef fresh,
-                               at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
-                               const c10::List<std::optional<at::Tensor>>& group_lr_tensor,
-                               at::ArrayRef<double> group_hyper,
-                               const std::optional<at::Tensor>& found_inf) {
-  constexpr const char* op = "lwkd::layerwise_step";
-  StepPlan plan;
-  plan.algo = parse_algorithm(algorithm);
-  const bool sgd = plan.algo == Algorithm::kSgd;
-  const size_t N = params.size();
-  const size_t G = group_layer.size();
-  TORCH_CHECK(grads.size() == N, op, ": ", N, " params but ", grads.size(), " grads");
-  TORCH_CHECK(tensor_group.size() == N, op, ": ", N, " params but ", tensor_group.size(),
-              " tensor_group entries");
-  TORCH_CHECK(group_lr.size() == G, op, ": ", G, " groups (group_layer) but ", group_lr.size(),
-              " group_lr values");
-  TORCH_CHECK(group_lr_tensor.size() == G || group_lr_tensor.size() == 0, op, ": ", G,
-              " groups but ", group_lr_tensor.size(), " group_lr_tensor entries");
-  TORCH_CHECK(group_hyper.size() == G * kHyperStride, op, ": group_hyper must hold ", kHyperStride,
-              " values per group (", G * kHyperStride, "), got ", group_hyper.size());
+// The arguments both step ops share, as their schemas name them (csrc/ops.cpp).
+struct StepArgs {
+  at::TensorList params;
+  at::TensorList grads;
+  const at::Tensor& factors;
+  at::IntArrayRef tensor_group;
+  at::IntArrayRef group_layer;
+  at::ArrayRef<double> group_lr;
+  const c10::List<std::optional<at::Tensor>>& group_lr_tensor;
+  const std::optional<at::Tensor>& found_inf;
+};
+
+// One named hyper-parameter list of a step op and its length (one value per group).
+struct GroupList {
+  const char* name;
+  size_t size;
+};
+
+inline void check_factors(StepPlan& plan, const at::Tensor& factors, const std::optional<at::Tensor>& found_inf) {
+  const char* op = plan.op;
   TORCH_CHECK(factors.dim() == 1, op, ": factors must be 1-D (K,), got shape ", factors.sizes());
   TORCH_CHECK(factors.scalar_type() == at::kFloat || factors.scalar_type() == at::kDouble, op,
               ": factors has dtype ", factors.scalar_type(), "; expected float32 or float64");
   TORCH_CHECK(factors.is_contiguous(), op, ": factors must be contiguous");
   plan.factors = factors;
   plan.found_inf = check_found_inf(op, found_inf, factors.device());
-  const int64_t K = factors.size(0);
+}
 
+// Group k's layer and base rate (a host value, or the address of a 0-dim tensor on the device).
+inline void plan_group_rate(StepPlan& plan, size_t k, const StepArgs& a) {
+  const char* op = plan.op;
+  const at::Tensor& factors = plan.factors;
+  const int64_t K = factors.size(0);
+  StepGroup& g = plan.groups[k];
+  const int64_t layer = a.group_layer[k];
+  TORCH_CHECK(layer >= -1 && layer < K, op, ": group ", k, " has layer ", layer,
+              " but the factor vector has K=", K, " entries (use -1 for the head group)");
+  g.layer = static_cast<int32_t>(layer);
+  g.lr = a.group_lr[k];
+  g.lr_ptr = nullptr;
+  g.lr_is_double = 0;
+  if (a.group_lr_tensor.size() != plan.groups.size()) return;
+  const std::optional<at::Tensor> t = a.group_lr_tensor.get(k);
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->numel() == 1, op, ": group ", k, ": lr tensor must have one element, got shape ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": group ", k,
+              ": lr tensor has dtype ", t->scalar_type(), "; expected float32 or float64");
+  if (t->device() == factors.device()) {
+    g.lr_ptr = t->const_data_ptr();
+    g.lr_is_double = t->scalar_type() == at::kDouble;
+    plan.keep_alive.push_back(*t);
+  } else {
+    TORCH_CHECK(t->device().is_cpu(), op, ": group ", k, ": lr tensor is on ", t->device(),
+                " but the parameters are on ", factors.device());
+    g.lr = read_host_scalar(*t);  // host memory: no device synchronisation
+  }
+}
+
+// The checks and the part of the plan both step ops share: list lengths (the op's named
+// hyper-parameter lists included), the factor vector, the skip flag and, group by group, the
+// layer and base rate, then `fill_group(plan, k)`: the op's hyper-parameters of group k.
+template <typename FillGroup>
+inline StepPlan begin_step_plan(const char* op, Algorithm algo, const StepArgs& a,
+                                std::initializer_list<GroupList> hyper_lists, FillGroup fill_group) {
+  StepPlan plan;
+  plan.op = op;
+  plan.algo = algo;
+  const size_t N = a.params.size();
+  const size_t G = a.group_layer.size();
+  TORCH_CHECK(a.grads.size() == N, op, ": ", N, " params but ", a.grads.size(), " grads");
+  TORCH_CHECK(a.tensor_group.size() == N, op, ": ", N, " params but ", a.tensor_group.size(),
+              " tensor_group entries");
+  TORCH_CHECK(a.group_lr.size() == G, op, ": ", G, " groups (group_layer) but ", a.group_lr.size(),
+              " group_lr values");
+  TORCH_CHECK(a.group_lr_tensor.size() == G || a.group_lr_tensor.size() == 0, op, ": ", G,
+              " groups but ", a.group_lr_tensor.size(), " group_lr_tensor entries");
+  for (const GroupList& l : hyper_lists)
+    TORCH_CHECK(l.size == G, op, ": ", l.name, " must hold one value per group (", G, "), got ", l.size);
+  check_factors(plan, a.factors, a.found_inf);
   plan.groups.resize(G);
   for (size_t k = 0; k < G; ++k) {
-    StepGroup& g = plan.groups[k];
-    const int64_t layer = group_layer[k];
-    TORCH_CHECK(layer >= -1 && layer < K, op, ": group ", k, " has layer ", layer,
-                " but the factor vector has K=", K, " entries (use -1 for the head group)");
-    g.layer = static_cast<int32_t>(layer);
-    g.lr = group_lr[k];
-    g.lr_ptr = nullptr;
-    g.lr_is_double = 0;
-    for (int h = 0; h < kHyperStride; ++h) g.hyper[h] = group_hyper[k * kHyperStride + h];
-    if (group_lr_tensor.size() == G) {
-      const std::optional<at::Tensor> t = group_lr_tensor.get(k);
-      if (t.has_value() && t->defined()) {
-        TORCH_CHECK(t->numel() == 1, op, ": group ", k, ": lr tensor must have one element, got shape ", t->sizes());
-        TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": group ", k,
-                    ": lr tensor has dtype ", t->scalar_type(), "; expected float32 or float64");
-        if (t->device() == factors.device()) {
-          g.lr_ptr = t->const_data_ptr();
-          g.lr_is_double = t->scalar_type() == at::kDouble;
-          plan.keep_alive.push_back(*t);
-        } else {
-          TORCH_CHECK(t->device().is_cpu(), op, ": group ", k, ": lr tensor is on ", t->device(),
-                      " but the parameters are on ", factors.device());
-          g.lr = read_host_scalar(*t);  // host memory: no device synchronisation
-        }
-      }
-    }
-    if (sgd) {
-      TORCH_CHECK(!(g.hyper[kSgdNesterov] != 0.0 &&
-                    (g.hyper[kSgdMomentum] <= 0.0 || g.hyper[kSgdDampening] != 0.0)),
-                  op, ": group ", k, ": nesterov needs momentum > 0 and dampening = 0");
-      plan.any_momentum |= g.hyper[kSgdMomentum] != 0.0;
-    } else {
-      plan.any_amsgrad |= g.hyper[kAdamAmsgrad] != 0.0;
-    }
+    plan_group_rate(plan, k, a);
+    fill_group(plan, k);
   }
+  plan.tensors.resize(N);
+  plan.dtypes.resize(N);
+  return plan;
+}
 
-  if (sgd) {
-    TORCH_CHECK(state1.size() == N || (state1.size() == 0 && !plan.any_momentum), op,
-                ": SGD with momentum needs one momentum buffer per parameter (", N, "), got ",
-                state1.size());
-    TORCH_CHECK(state2.size() == 0 && state3.size() == 0 && steps.size() == 0, op,
-                ": SGD takes no exp_avg_sq / max_exp_avg_sq / step lists");
+// Tensor i's parameter and gradient (checked; the gradient copied into the parameter's memory
+// order where it differs); the state pointers are filled in by the op.
+inline StepTensor& plan_tensor(StepPlan& plan, size_t i, const StepArgs& a) {
+  const char* op = plan.op;
+  const at::Tensor& factors = plan.factors;
+  const size_t G = plan.groups.size();
+  const at::Tensor& p = a.params[i];
+  StepTensor& t = plan.tensors[i];
+  const int64_t gi = a.tensor_group[i];
+  TORCH_CHECK(gi >= 0 && static_cast<size_t>(gi) < G, op, ": tensor_group[", i, "] = ", gi,
+              " is not a group index (", G, " groups)");
+  TORCH_CHECK(p.defined() && is_param_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
+              p.scalar_type(), "; expected float32, float64, bfloat16 or float16");
+  TORCH_CHECK(p.device() == factors.device(), op, ": params[", i, "] is on ", p.device(),
+              " but the factor vector is on ", factors.device());
+  TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i, "] (shape ", p.sizes(),
+              ", strides ", p.strides(), ") is not dense; the fused step updates dense parameters");
+  const at::Tensor& g = a.grads[i];
+  TORCH_CHECK(g.defined(), op, ": grads[", i, "] is undefined (skip parameters without a gradient)");
+  TORCH_CHECK(g.layout() == at::kStrided, op, ": grads[", i, "] is sparse; the fused step needs dense gradients");
+  TORCH_CHECK(g.sizes() == p.sizes(), op, ": grads[", i, "] has shape ", g.sizes(), " but params[", i,
+              "] has shape ", p.sizes());
+  TORCH_CHECK(g.scalar_type() == p.scalar_type(), op, ": grads[", i, "] has dtype ", g.scalar_type(),
+              " but params[", i, "] has dtype ", p.scalar_type());
+  TORCH_CHECK(g.device() == p.device(), op, ": grads[", i, "] is on ", g.device(), " but params[", i,
+              "] is on ", p.device());
+  t.p = p.data_ptr();
+  if (g.is_non_overlapping_and_dense() && same_layout(g, p)) {
+    t.g = g.const_data_ptr();
   } else {
-    TORCH_CHECK(state1.size() == N && state2.size() == N && steps.size() == N, op,
-                ": AdamW needs exp_avg, exp_avg_sq and step for every parameter (", N, "), got ",
-                state1.size(), ", ", state2.size(), " and ", steps.size());
-    TORCH_CHECK(state3.size() == N || (state3.size() == 0 && !plan.any_amsgrad), op,
-                ": AdamW with amsgrad needs max_exp_avg_sq for every parameter (", N, "), got ",
-                state3.size());
+    // one explicit copy into the parameter's memory order (e.g. a contiguous gradient of a
+    // channels_last parameter, or an expanded gradient)
+    at::Tensor gc = at::empty_like(p);
+    gc.copy_(g);
+    t.g = gc.const_data_ptr();
+    plan.keep_alive.push_back(gc);
   }
+  t.s1 = t.s2 = t.s3 = nullptr;
+  t.step = nullptr;
+  t.numel = p.numel();
+  t.group = static_cast<int32_t>(gi);
+  t.fresh = 0;
+  plan.dtypes[i] = p.scalar_type();
+  return t;
+}
 
+// lwkd::layerwise_sgd_step: the typed per-group lists packed into the kernels' group record
+// (hyper[kSgd*], booleans as 1.0 / 0.0), then the momentum buffers and fresh flags per tensor.
+inline StepPlan make_sgd_step_plan(const StepArgs& a, at::TensorList momentum_buffer, at::IntArrayRef fresh,
+                                   at::ArrayRef<double> weight_decay, at::ArrayRef<double> momentum,
+                                   at::ArrayRef<double> dampening, const c10::List<bool>& nesterov,
+                                   const c10::List<bool>& maximize) {
+  constexpr const char* op = "lwkd::layerwise_sgd_step";
+  const auto fill = [&](StepPlan& plan, size_t k) {
+    double* h = plan.groups[k].hyper;
+    h[kSgdWeightDecay] = weight_decay[k];
+    h[kSgdMomentum] = momentum[k];
+    h[kSgdDampening] = dampening[k];
+    h[kSgdNesterov] = nesterov.get(k) ? 1.0 : 0.0;
+    h[kSgdMaximize] = maximize.get(k) ? 1.0 : 0.0;
+    h[kSgdMaximize + 1] = 0.0;  // (unused)
+    TORCH_CHECK(!(h[kSgdNesterov] != 0.0 && (h[kSgdMomentum] <= 0.0 || h[kSgdDampening] != 0.0)),
+                op, ": group ", k, ": nesterov needs momentum > 0 and dampening = 0");
+    plan.any_momentum |= h[kSgdMomentum] != 0.0;
+  };
+  StepPlan plan = begin_step_plan(op, Algorithm::kSgd, a,
+                                  {{"weight_decay", weight_decay.size()}, {"momentum", momentum.size()},
+                                   {"dampening", dampening.size()}, {"nesterov", nesterov.size()},
+                                   {"maximize", maximize.size()}},
+                                  fill);
+  const size_t N = a.params.size();
+  TORCH_CHECK(momentum_buffer.size() == N || (momentum_buffer.size() == 0 && !plan.any_momentum), op,
+              ": SGD with momentum needs one momentum buffer per parameter (", N, "), got ",
+              momentum_buffer.size());
   std::vector<char> is_fresh(N, 0);
   for (int64_t i : fresh) {
     TORCH_CHECK(i >= 0 && static_cast<size_t>(i) < N, op, ": fresh index ", i, " out of range for ", N, " params");
     is_fresh[i] = 1;
   }
-
-  plan.tensors.resize(N);
-  plan.dtypes.resize(N);
   for (size_t i = 0; i < N; ++i) {
-    const at::Tensor& p = params[i];
-    StepTensor& t = plan.tensors[i];
-    const int64_t gi = tensor_group[i];
-    TORCH_CHECK(gi >= 0 && static_cast<size_t>(gi) < G, op, ": tensor_group[", i, "] = ", gi,
-                " is not a group index (", G, " groups)");
-    const StepGroup& grp = plan.groups[gi];
-    TORCH_CHECK(p.defined() && is_param_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
-                p.scalar_type(), "; expected float32, float64, bfloat16 or float16");
-    TORCH_CHECK(p.device() == factors.device(), op, ": params[", i, "] is on ", p.device(),
-                " but the factor vector is on ", factors.device());
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i, "] (shape ", p.sizes(),
-                ", strides ", p.strides(), ") is not dense; the fused step updates dense parameters");
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.defined(), op, ": grads[", i, "] is undefined (skip parameters without a gradient)");
-    TORCH_CHECK(g.layout() == at::kStrided, op, ": grads[", i, "] is sparse; the fused step needs dense gradients");
-    TORCH_CHECK(g.sizes() == p.sizes(), op, ": grads[", i, "] has shape ", g.sizes(), " but params[", i,
-                "] has shape ", p.sizes());
-    TORCH_CHECK(g.scalar_type() == p.scalar_type(), op, ": grads[", i, "] has dtype ", g.scalar_type(),
-                " but params[", i, "] has dtype ", p.scalar_type());
-    TORCH_CHECK(g.device() == p.device(), op, ": grads[", i, "] is on ", g.device(), " but params[", i,
-                "] is on ", p.device());
-    t.p = p.data_ptr();
-    if (g.is_non_overlapping_and_dense() && same_layout(g, p)) {
-      t.g = g.const_data_ptr();
-    } else {
-      // one explicit copy into the parameter's memory order (e.g. a contiguous gradient of a
-      // channels_last parameter, or an expanded gradient)
-      at::Tensor gc = at::empty_like(p);
-      gc.copy_(g);
-      t.g = gc.const_data_ptr();
-      plan.keep_alive.push_back(gc);
-    }
-    t.s1 = t.s2 = t.s3 = nullptr;
-    t.step = nullptr;
-    t.numel = p.numel();
-    t.group = static_cast<int32_t>(gi);
+    StepTensor& t = plan_tensor(plan, i, a);
     t.fresh = is_fresh[i];
-    plan.dtypes[i] = p.scalar_type();
-    if (sgd) {
-      if (grp.hyper[kSgdMomentum] != 0.0) {
-        check_state_like(state1[i], p, i, "momentum_buffers");
-        t.s1 = state1[i].data_ptr();
-      } else {
-        TORCH_CHECK(!t.fresh, op, ": fresh index ", i, " names a parameter whose group has no momentum");
-      }
+    if (plan.groups[t.group].hyper[kSgdMomentum] != 0.0) {
+      check_state_like(op, momentum_buffer[i], a.params[i], i, "momentum_buffers");
+      t.s1 = momentum_buffer[i].data_ptr();
     } else {
-      TORCH_CHECK(!t.fresh, op, ": fresh indices apply to SGD only");
-      check_state_like(state1[i], p, i, "exp_avgs");
-      check_state_like(state2[i], p, i, "exp_avg_sqs");
-      t.s1 = state1[i].data_ptr();
-      t.s2 = state2[i].data_ptr();
-      if (grp.hyper[kAdamAmsgrad] != 0.0) {
-        check_state_like(state3[i], p, i, "max_exp_avg_sqs");
-        t.s3 = state3[i].data_ptr();
-      }
-      const at::Tensor& st = steps[i];
-      TORCH_CHECK(st.numel() == 1 && st.scalar_type() == at::kFloat, op, ": steps[", i,
-                  "] must be a one-element float32 tensor, got shape ", st.sizes(), " and dtype ",
-                  st.scalar_type());
-      TORCH_CHECK(st.device() == p.device(), op, ": steps[", i, "] is on ", st.device(),
-                  " but params[", i, "] is on ", p.device(), " (the step count lives on the device)");
-      t.step = st.data_ptr<float>();
+      TORCH_CHECK(!t.fresh, op, ": fresh index ", i, " names a parameter whose group has no momentum");
     }
   }
   return plan;
 }
+
+// lwkd::layerwise_adamw_step: the typed per-group lists packed into the kernels' group record
+// (hyper[kAdam*], booleans as 1.0 / 0.0), then the moments and step count per tensor.
+inline StepPlan make_adamw_step_plan(const StepArgs& a, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                                     at::TensorList max_exp_avg_sq, at::TensorList steps,
+                                     at::ArrayRef<double> weight_decay, at::ArrayRef<double> beta1,
+                                     at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
+                                     const c10::List<bool>& amsgrad, const c10::List<bool>& maximize) {
+  constexpr const char* op = "lwkd::layerwise_adamw_step";
+  const auto fill = [&](StepPlan& plan, size_t k) {
+    double* h = plan.groups[k].hyper;
+    h[kAdamWeightDecay] = weight_decay[k];
+    h[kAdamBeta1] = beta1[k];
+    h[kAdamBeta2] = beta2[k];
+    h[kAdamEps] = eps[k];
+    h[kAdamAmsgrad] = amsgrad.get(k) ? 1.0 : 0.0;
+    h[kAdamMaximize] = maximize.get(k) ? 1.0 : 0.0;
+    plan.any_amsgrad |= h[kAdamAmsgrad] != 0.0;
+  };
+  StepPlan plan = begin_step_plan(op, Algorithm::kAdamW, a,
+                                  {{"weight_decay", weight_decay.size()}, {"beta1", beta1.size()},
+                                   {"beta2", beta2.size()}, {"eps", eps.size()}, {"amsgrad", amsgrad.size()},
+                                   {"maximize", maximize.size()}},
+                                  fill);
+  const size_t N = a.params.size();
+  TORCH_CHECK(exp_avg.size() == N && exp_avg_sq.size() == N && steps.size() == N, op,
+              ": AdamW needs exp_avg, exp_avg_sq and step for every parameter (", N, "), got ",
+              exp_avg.size(), ", ", exp_avg_sq.size(), " and ", steps.size());
+  TORCH_CHECK(max_exp_avg_sq.size() == N || (max_exp_avg_sq.size() == 0 && !plan.any_amsgrad), op,
+              ": AdamW with amsgrad needs max_exp_avg_sq for every parameter (", N, "), got ",
+              max_exp_avg_sq.size());
+  for (size_t i = 0; i < N; ++i) {
+    StepTensor& t = plan_tensor(plan, i, a);
+    const at::Tensor& p = a.params[i];
+    check_state_like(op, exp_avg[i], p, i, "exp_avgs");
+    check_state_like(op, exp_avg_sq[i], p, i, "exp_avg_sqs");
+    t.s1 = exp_avg[i].data_ptr();
+    t.s2 = exp_avg_sq[i].data_ptr();
+    if (plan.groups[t.group].hyper[kAdamAmsgrad] != 0.0) {
+      check_state_like(op, max_exp_avg_sq[i], p, i, "max_exp_avg_sqs");
+      t.s3 = max_exp_avg_sq[i].data_ptr();
+    }
+    const at::Tensor& st = steps[i];
+    TORCH_CHECK(st.numel() == 1 && st.scalar_type() == at::kFloat, op, ": steps[", i,
+                "] must be a one-element float32 tensor, got shape ", st.sizes(), " and dtype ",
+                st.scalar_type());
+    TORCH_CHECK(st.device() == p.device(), op, ": steps[", i, "] is on ", st.device(),
+                " but params[", i, "] is on ", p.device(), " (the step count lives on the device)");
+    t.step = st.data_ptr<float>();
+  }
+  return plan;
+}
+
+// The kernels of both step ops on one device type, written once: `Guard` is constructed from the
+// factors' device before the plan is built (building it may copy a gradient into its
+// parameter's layout), `Run` is the device's step over a checked plan.  Registered with
+// m.impl("layerwise_sgd_step", &StepOps<...>::sgd) by csrc/cpu and csrc/cuda.
+struct NoDeviceGuard {
+  explicit NoDeviceGuard(const at::Device&) {}
+};
+
+template <typename Guard, void (*Run)(const StepPlan&)>
+struct StepOps {
+  static void sgd(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffer,
+                  const at::Tensor& factors, at::IntArrayRef tensor_group, at::IntArrayRef fresh,
+                  at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
+                  const c10::List<std::optional<at::Tensor>>& group_lr_tensor, at::ArrayRef<double> weight_decay,
+                  at::ArrayRef<double> momentum, at::ArrayRef<double> dampening, const c10::List<bool>& nesterov,
+                  const c10::List<bool>& maximize, const std::optional<at::Tensor>& found_inf) {
+    const Guard guard(factors.device());
+    const StepArgs a{params, grads, factors, tensor_group, group_layer, group_lr, group_lr_tensor, found_inf};
+    Run(make_sgd_step_plan(a, momentum_buffer, fresh, weight_decay, momentum, dampening, nesterov, maximize));
+  }
+
+  static void adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                    at::TensorList max_exp_avg_sq, at::TensorList steps, const at::Tensor& factors,
+                    at::IntArrayRef tensor_group, at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
+                    const c10::List<std::optional<at::Tensor>>& group_lr_tensor, at::ArrayRef<double> weight_decay,
+                    at::ArrayRef<double> beta1, at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
+                    const c10::List<bool>& amsgrad, const c10::List<bool>& maximize,
+                    const std::optional<at::Tensor>& found_inf) {
+    const Guard guard(factors.device());
+    const StepArgs a{params, grads, factors, tensor_group, group_layer, group_lr, group_lr_tensor, found_inf};
+    Run(make_adamw_step_plan(a, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, weight_decay, beta1, beta2, eps,
+                             amsgrad, maximize));
+  }
+};
 
 }  // namespace lwkd

@@ -1,7 +1,9 @@
 // CPU kernels of the optimizer ops (SPEC sections 4-5).
 //
 // lwkd::layerwise_rates   the per-layer rate rule: K values, one sequential pass in double.
-// lwkd::layerwise_step    the fused per-layer SGD / AdamW step over every tensor of every group.
+// lwkd::layerwise_sgd_step, lwkd::layerwise_adamw_step
+//                         the fused per-layer SGD / AdamW step over every tensor of every group
+//                         (StepOps: one plan from the typed lists, make_*_step_plan, then run_step_cpu).
 //
 // Work distribution of the step: the tensors of the work list are laid end to end in one
 // virtual element range [0, E); at::parallel_for hands every thread an equal slice of that
@@ -214,15 +216,8 @@ double group_rate(const StepPlan& plan, const StepGroup& grp) {
 // several microseconds).
 constexpr int64_t kMinElementsPerThread = 32768;
 
-void layerwise_step_cpu(c10::string_view algorithm, at::TensorList params, at::TensorList grads,
-                        at::TensorList state1, at::TensorList state2, at::TensorList state3,
-                        at::TensorList steps, const at::Tensor& factors, at::IntArrayRef tensor_group,
-                        at::IntArrayRef fresh, at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
-                        const c10::List<std::optional<at::Tensor>>& group_lr_tensor,
-                        at::ArrayRef<double> group_hyper, const std::optional<at::Tensor>& found_inf) {
-  const StepPlan plan = make_step_plan(algorithm, params, grads, state1, state2, state3, steps, factors,
-                                       tensor_group, fresh, group_layer, group_lr, group_lr_tensor,
-                                       group_hyper, found_inf);
+// The step of a checked plan (both ops).
+void run_step_cpu(const StepPlan& plan) {
   const size_t N = plan.tensors.size();
   if (N == 0) return;
   // skipped step: the flag is host memory here; nothing (not even a step count) changes
@@ -260,11 +255,14 @@ void layerwise_step_cpu(c10::string_view algorithm, at::TensorList params, at::T
   });
 }
 
+using CpuStepOps = StepOps<NoDeviceGuard, run_step_cpu>;
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lwkd, CPU, m) {
   m.impl("layerwise_rates", &layerwise_rates_cpu);
-  m.impl("layerwise_step", &layerwise_step_cpu);
+  m.impl("layerwise_sgd_step", &CpuStepOps::sgd);
+  m.impl("layerwise_adamw_step", &CpuStepOps::adamw);
 }
 
 TORCH_LIBRARY_IMPL(lwkd, CompositeExplicitAutograd, m) {

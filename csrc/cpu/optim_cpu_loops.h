@@ -123,6 +123,6 @@ inline void dispatch_chunk(const StepPlan& plan, size_t i, const TensorStepInfo&
     case at::kDouble: run_chunk<double>(plan, t, info, begin, end); break;
     case at::kBFloat16: run_chunk<c10::BFloat16>(plan, t, info, begin, end); break;
     case at::kHalf: run_chunk<c10::Half>(plan, t, info, begin, end); break;
-    default: TORCH_CHECK(false, "lwkd::layerwise_step: unsupported dtype ", plan.dtypes[i], " (", LWKD_ISA_NAME, ")");
+    default: TORCH_CHECK(false, plan.op, ": unsupported dtype ", plan.dtypes[i], " (", LWKD_ISA_NAME, ")");
   }
 }

@@ -4,7 +4,9 @@
 //                         normalised discrepancies x_j, their count), then one thread per layer
 //                         applies the rule (and updates its running reference); the counter of
 //                         steps with an unusable discrepancy is bumped on the device.
-// lwkd::layerwise_step    multi-tensor apply: the host packs a table (groups, tensors, and one
+// lwkd::layerwise_sgd_step, lwkd::layerwise_adamw_step (StepOps: one plan from the typed
+//                         lists, make_*_step_plan, then run_step_cuda)
+//                         multi-tensor apply: the host packs a table (groups, tensors, and one
 //                         (tensor, chunk) task per block) into one DeviceTable (cuda/work_table.cuh:
 //                         pinned memory, one asynchronous H2D transfer), and ONE kernel launch
 //                         updates every chunk of every tensor of every group (one launch per
@@ -343,17 +345,8 @@ __global__ void bump_steps_kernel(const StepTensor* __restrict__ tensors, int64_
   }
 }
 
-void layerwise_step_cuda(c10::string_view algorithm, at::TensorList params, at::TensorList grads,
-                         at::TensorList state1, at::TensorList state2, at::TensorList state3,
-                         at::TensorList steps, const at::Tensor& factors, at::IntArrayRef tensor_group,
-                         at::IntArrayRef fresh, at::IntArrayRef group_layer, at::ArrayRef<double> group_lr,
-                         const c10::List<std::optional<at::Tensor>>& group_lr_tensor,
-                         at::ArrayRef<double> group_hyper, const std::optional<at::Tensor>& found_inf) {
-  // the guard comes first: building the plan may copy a gradient into its parameter's layout
-  const c10::cuda::CUDAGuard guard(factors.device());
-  const StepPlan plan = make_step_plan(algorithm, params, grads, state1, state2, state3, steps, factors,
-                                       tensor_group, fresh, group_layer, group_lr, group_lr_tensor,
-                                       group_hyper, found_inf);
+// The step of a checked plan (both ops); StepOps has put the device guard in place.
+void run_step_cuda(const StepPlan& plan) {
   const float* fi = plan.found_inf;  // device address (or null); read only by the kernels
   const size_t N = plan.tensors.size();
   if (N == 0) return;
@@ -368,7 +361,7 @@ void layerwise_step_cuda(c10::string_view algorithm, at::TensorList params, at::
     for (size_t i = 0; i < N; ++i) {
       if (plan.dtypes[i] != k) continue;
       const int64_t chunks = cuda::cdiv(plan.tensors[i].numel, kChunk);
-      TORCH_CHECK(chunks < (int64_t(1) << 31), "lwkd::layerwise_step: params[", i, "] is too large");
+      TORCH_CHECK(chunks < (int64_t(1) << 31), plan.op, ": params[", i, "] is too large");
       for (int64_t c = 0; c < chunks; ++c) tasks.push_back(BlockTask{static_cast<int32_t>(i), static_cast<int32_t>(c)});
     }
     ranges.emplace_back(first, tasks.size());
@@ -381,7 +374,7 @@ void layerwise_step_cuda(c10::string_view algorithm, at::TensorList params, at::
   const size_t off_groups = work.add(plan.groups);
   const size_t off_tensors = work.add(plan.tensors);
   const size_t off_tasks = work.add(tasks);
-  const at::Tensor table = work.upload(factors.device());
+  const at::Tensor table = work.upload(plan.factors.device());
   const auto* d_groups = DeviceTable::view<StepGroup>(table, off_groups);
   const auto* d_tensors = DeviceTable::view<StepTensor>(table, off_tensors);
   const auto* d_tasks = DeviceTable::view<BlockTask>(table, off_tasks);
@@ -419,11 +412,14 @@ void layerwise_step_cuda(c10::string_view algorithm, at::TensorList params, at::
   // caching allocator reuses their blocks only for work queued later on this stream.
 }
 
+using CudaStepOps = StepOps<c10::cuda::CUDAGuard, run_step_cuda>;
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lwkd, CUDA, m) {
   m.impl("layerwise_rates", &layerwise_rates_cuda);
-  m.impl("layerwise_step", &layerwise_step_cuda);
+  m.impl("layerwise_sgd_step", &CudaStepOps::sgd);
+  m.impl("layerwise_adamw_step", &CudaStepOps::adamw);
 }
 
 }  // namespace lwkd

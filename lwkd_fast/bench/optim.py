@@ -18,6 +18,7 @@ import torch
 
 from .. import ops, optim, rule
 from ..benchmarking import measure_round_robin
+from ..optim.step_op import OPS as STEP_OPS
 from .core import ROOFLINE, Ctx, Row, read_proxy, suite
 
 K = 4
@@ -129,9 +130,9 @@ def torch_fused_tensor_lr(kind: str, device="cpu"):
 
 def variants(device: torch.device):
     v = {"torch foreach + sync": torch_foreach_sync, "torch fused + tensor lr": torch_fused_tensor_lr}
-    if ops.backend_status("native", "layerwise_step", device.type)[0]:
+    if all(ops.backend_status("native", op, device.type)[0] for op in STEP_OPS):
         v["lwkd fused (native)"] = lambda kind, device: lwkd_fused(kind, "native", device)
-    if device.type == "cuda" and ops.backend_status("triton", "layerwise_step", "cuda")[0]:
+    if device.type == "cuda" and all(ops.backend_status("triton", op, "cuda")[0] for op in STEP_OPS):
         v["lwkd fused (triton)"] = lambda kind, device: lwkd_fused(kind, "triton", device)
     return v
 

@@ -7,7 +7,7 @@ module the tests use too (``lwkd_fast.testing``).
 
     discrepancy.py   attention_discrepancy, map_discrepancy
     rule.py          layerwise_rates (the rate rule)
-    step.py          layerwise_step (the fused optimizer step)
+    step.py          layerwise_sgd_step, layerwise_adamw_step (the fused optimizer step)
     derivatives.py   the Jacobian / HVP strategies (reference backend only)
 """
 

@@ -1,5 +1,5 @@
-"""`lwkd-fast check` cases of the fused step (``layerwise_step``) against torch.optim in float64 with the oracle's rates, and
-the device-side skip flag against the run that omits the skipped steps."""
+"""`lwkd-fast check` cases of the fused step (``layerwise_sgd_step`` / ``layerwise_adamw_step``) against
+torch.optim in float64 with the oracle's rates, and the device-side skip flag against the run that omits the skipped steps."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import torch
 
 from .. import rule
 from ..optim import LayerwiseAdamW, LayerwiseSGD
-from ..optim.step_op import OP
+from ..optim.step_op import ADAMW_OP, SGD_OP
 from ..testing import Verdict, compare
 from .case import Case
+
+_OP = {"sgd": SGD_OP, "adamw": ADAMW_OP}  # the step op of each case kind
 
 
 def _check_params(device, dtype):
@@ -151,10 +153,10 @@ def lwkd_checks(backend: str, device: torch.device) -> Iterable:
     the device-side skip flag (``found_inf``) against the run that omits the skipped steps."""
     for dtype in (torch.float32, torch.bfloat16):
         for kind, label, cfg in _STEP_CASES:
-            yield Case(OP, f"{kind} {label}", dtype,
+            yield Case(_OP[kind], f"{kind} {label}", dtype,
                        lambda kind=kind, cfg=cfg, dtype=dtype: _check_run(kind, cfg, device, dtype))
     for kind, label, cfg in (("sgd", "momentum+nesterov+wd", dict(lr=0.05, momentum=0.9, nesterov=True,
                                                                   weight_decay=1e-2)),
                              ("adamw", "amsgrad", dict(lr=1e-2, amsgrad=True))):
-        yield Case(OP, f"{kind} {label}: skipped steps (found_inf)", torch.float32,
+        yield Case(_OP[kind], f"{kind} {label}: skipped steps (found_inf)", torch.float32,
                    lambda kind=kind, cfg=cfg: _check_skip(kind, cfg, device))

@@ -79,8 +79,9 @@ No host synchronisation: ``step()`` reads no device value on the host (``.item()
 which parameters have a gradient).  Parameters whose ``grad`` is None are skipped and their
 state is untouched, as in torch.
 
-Backends (op name ``"layerwise_step"``): ``native`` (``torch.ops.lwkd.layerwise_step``: C++
-CPU work list under ``at::parallel_for``; CUDA multi-tensor apply), ``triton``
+Backends of the two step ops ``"layerwise_sgd_step"`` and ``"layerwise_adamw_step"`` (named
+per-group hyper-parameter lists, see csrc/ops.cpp): ``native`` (``torch.ops.lwkd.layerwise_*_step``:
+C++ CPU work list under ``at::parallel_for``; CUDA multi-tensor apply), ``triton``
 (:mod:`lwkd_fast.triton.optim`, a pointer-table kernel) and ``reference`` (:mod:`.reference`, built
 on ``torch._foreach_*``).  All take the same arguments, the optional skip flag ``found_inf``
 last (native CPU: read from host memory, early return; CUDA: every kernel -- the rule, the
@@ -90,7 +91,7 @@ in the kernel and folded into every load/store mask; reference: ``torch.where`` 
 The package, one concern a file (docs/ARCHITECTURE.md): :mod:`.base` (construction, the rule's
 state, the step) with its mixins :mod:`.groups`, :mod:`.placement`, :mod:`.skipping` and
 :mod:`.checkpoint`; :mod:`.sgd` and :mod:`.adamw` (the two optimizers); :mod:`.worklist` (the work
-list a step hands to the op); :mod:`.step_op` (the op's fake and its backends);
+list a step hands to the op); :mod:`.step_op` (the ops' names and their backend call; their fakes are here);
 :mod:`.reference` (the ``torch._foreach_*`` backend); :mod:`.tensors` (DTensor / layout helpers);
 :mod:`.checks` (``lwkd-fast check``'s cases).  Every name lives here as it did when this was one
 module: the public classes keep ``__module__ == "lwkd_fast.optim"``, so pickles name them as before.
@@ -106,23 +107,29 @@ _EAGER_HOST_READ = True  # learn skip flags on the host as soon as that costs no
 
 from .adamw import LayerwiseAdamW  # noqa: E402
 from .base import DEFAULT_RATE_NORMALIZE, _SYNC_CHOICES, _LayerwiseOptimizer  # noqa: E402
-from .reference import _group_rate, _reference_step, _scale, reference_step  # noqa: E402
+from .reference import _group_rate, _scale, reference_adamw_step, reference_sgd_step  # noqa: E402
 from .sgd import LayerwiseSGD  # noqa: E402
 from .skipping import _Unsettled  # noqa: E402
-from .step_op import OP, _run_step  # noqa: E402
+from .step_op import ADAMW_OP, OPS, SGD_OP, _run_step  # noqa: E402
 from .tensors import (_describe, _dtensor_type, _is_dense, _is_dtensor, _is_number, _local,  # noqa: E402
                       _same_layout, _scalar_on, _work_layout)
-from .worklist import HYPER, _WorkList  # noqa: E402
+from .worklist import _WorkList  # noqa: E402
 
 
 # (here, not in .step_op: csrc/ops.cpp's m.set_python_module names this module as the fake's)
 def _register_fake(ns: str) -> None:
-    @torch.library.register_fake(f"{ns}::layerwise_step")
-    def _step_fake(algorithm, params, grads, state1, state2, state3, steps, factors, tensor_group, fresh,
-                   group_layer, group_lr, group_lr_tensor, group_hyper, found_inf=None):
+    @torch.library.register_fake(f"{ns}::layerwise_sgd_step")
+    def _sgd_step_fake(params, grads, momentum_buffer, factors, tensor_group, fresh, group_layer, group_lr,
+                       group_lr_tensor, weight_decay, momentum, dampening, nesterov, maximize, found_inf=None):
+        return None
+
+    @torch.library.register_fake(f"{ns}::layerwise_adamw_step")
+    def _adamw_step_fake(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, factors, tensor_group,
+                         group_layer, group_lr, group_lr_tensor, weight_decay, beta1, beta2, eps, amsgrad,
+                         maximize, found_inf=None):
         return None
 
 
 ops.on_native_namespace(_register_fake)
 
-__all__ = ["LayerwiseSGD", "LayerwiseAdamW", "reference_step"]
+__all__ = ["LayerwiseSGD", "LayerwiseAdamW", "reference_sgd_step", "reference_adamw_step"]

@@ -8,6 +8,7 @@ import torch
 
 from .. import rule
 from .base import DEFAULT_RATE_NORMALIZE, _LayerwiseOptimizer, _split_arguments
+from .step_op import ADAMW_OP, _run_step
 from .tensors import _is_number, _local
 from .worklist import _WorkList
 
@@ -23,6 +24,7 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
 
     __module__ = "lwkd_fast.optim"  # where pickles (and old checkpoints' pickles) find the class
     _algorithm = "adamw"
+    _op = ADAMW_OP
     _name = "LayerwiseAdamW"
     _DEFAULT_KEYS = ('lr', 'betas', 'eps', 'weight_decay', 'amsgrad', 'maximize')  # torch.optim's defaults, in this order
     _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -48,10 +50,16 @@ class LayerwiseAdamW(_LayerwiseOptimizer):
         if not _is_number(group["weight_decay"]) or not group["weight_decay"] >= 0.0:
             raise ValueError(f"{n}: group {i}: invalid weight_decay value {group['weight_decay']!r}")
 
-    def _hyper(self, group) -> List[float]:
-        b1, b2 = group["betas"]
-        return [float(group["weight_decay"]), float(b1), float(b2), float(group["eps"]),
-                1.0 if group["amsgrad"] else 0.0, 1.0 if group["maximize"] else 0.0]
+    def _hyper_lists(self, groups) -> Tuple[List[float], List[float], List[float], List[float], List[bool],
+                                            List[bool]]:
+        """weight_decay, beta1, beta2, eps, amsgrad, maximize of ``layerwise_adamw_step``."""
+        return ([float(g["weight_decay"]) for g in groups], [float(g["betas"][0]) for g in groups],
+                [float(g["betas"][1]) for g in groups], [float(g["eps"]) for g in groups],
+                [bool(g["amsgrad"]) for g in groups], [bool(g["maximize"]) for g in groups])
+
+    def _launch(self, backend, work, params, grads, groups_args, found_inf) -> None:
+        _run_step(backend, ADAMW_OP, params, grads, work.s1, work.s2, work.s3, work.steps, self._factors,
+                  work.tgroup, *groups_args, found_inf=found_inf)
 
     def _state_flags(self, group) -> bool:
         return bool(group["amsgrad"])

@@ -13,7 +13,6 @@ from .checkpoint import _Checkpointing
 from .groups import _Groups
 from .placement import _Placement
 from .skipping import _SkipTracking, _Unsettled
-from .step_op import OP, _run_step
 from .worklist import _WorkList, _group_args
 
 DEFAULT_RATE_NORMALIZE = "none"  # the rule of the optimizers unless told otherwise (SPEC section 4)
@@ -35,6 +34,7 @@ class _LayerwiseOptimizer(_Checkpointing, _SkipTracking, _Placement, _Groups, to
     placement, skipped steps, checkpoints)."""
 
     _algorithm = ""
+    _op = ""  # the step op (.step_op)
     _name = ""
 
     def __init__(self, groups, defaults: Dict[str, Any], *, rate_momentum: float, gamma: float,
@@ -168,7 +168,12 @@ class _LayerwiseOptimizer(_Checkpointing, _SkipTracking, _Placement, _Groups, to
 
 
     # ---- the step --------------------------------------------------------------------------------
-    def _hyper(self, group: Dict[str, Any]) -> List[float]:
+    def _hyper_lists(self, groups: Sequence[Dict[str, Any]]) -> Tuple[List[Any], ...]:
+        """The step op's named hyper-parameter lists, one entry per group, in its schema's order."""
+        raise NotImplementedError
+
+    def _launch(self, backend: str, work: "_WorkList", params, grads, groups_args, found_inf) -> None:
+        """The step op's call on ``backend`` for the work list (``params`` / ``grads``: its kernel inputs)."""
         raise NotImplementedError
 
     def _state_flags(self, group) -> bool:
@@ -302,17 +307,16 @@ class _LayerwiseOptimizer(_Checkpointing, _SkipTracking, _Placement, _Groups, to
                 self._settle()
             if d is not None:
                 self._update_rates(d, fi, skip)
-            groups_args = _group_args(self.param_groups, self._hyper)
+            groups_args = (*_group_args(self.param_groups), *self._hyper_lists(self.param_groups))
             self._zero_fresh = fi is not None
             work, grads = self._work_list()
             if work.params:
                 params, grads, copies = work.kernel_inputs(grads)
-                backend = ops.select_backend(OP, dev)
+                backend = ops.select_backend(self._op, dev)
                 if self._unsettled and self._algorithm == "sgd" and work.s1:
                     self._split_step(backend, work, params, grads, groups_args, fi, skip)
                 else:
-                    _run_step(backend, self._algorithm, params, grads, work.s1, work.s2, work.s3, work.steps,
-                              self._factors, work.tgroup, work.fresh, *groups_args, found_inf=fi)
+                    self._launch(backend, work, params, grads, groups_args, fi)
                 for param, dense in copies:  # copy-out of the non-dense parameters' working copies
                     param.copy_(dense)
             created = work.commit(self.state)

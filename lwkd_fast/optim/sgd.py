@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from .. import rule
 from .base import DEFAULT_RATE_NORMALIZE, _LayerwiseOptimizer, _split_arguments
+from .step_op import SGD_OP, _run_step
 from .tensors import _is_number, _local
 from .worklist import _WorkList
 
@@ -33,6 +34,7 @@ class LayerwiseSGD(_LayerwiseOptimizer):
 
     __module__ = "lwkd_fast.optim"  # where pickles (and old checkpoints' pickles) find the class
     _algorithm = "sgd"
+    _op = SGD_OP
     _name = "LayerwiseSGD"
     _DEFAULT_KEYS = ('lr', 'momentum', 'dampening', 'weight_decay', 'nesterov', 'maximize')  # torch.optim's defaults, in this order
     _STATE_KEYS = ("momentum_buffer",)
@@ -59,9 +61,19 @@ class LayerwiseSGD(_LayerwiseOptimizer):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"{n}: group {i}: Nesterov momentum requires a momentum and zero dampening")
 
-    def _hyper(self, group) -> List[float]:
-        return [float(group["weight_decay"]), float(group["momentum"]), float(group["dampening"]),
-                1.0 if group["nesterov"] else 0.0, 1.0 if group["maximize"] else 0.0, 0.0]
+    def _hyper_lists(self, groups) -> Tuple[List[float], List[float], List[float], List[bool], List[bool]]:
+        """weight_decay, momentum, dampening, nesterov, maximize of ``layerwise_sgd_step``."""
+        return ([float(g["weight_decay"]) for g in groups], [float(g["momentum"]) for g in groups],
+                [float(g["dampening"]) for g in groups], [bool(g["nesterov"]) for g in groups],
+                [bool(g["maximize"]) for g in groups])
+
+    def _launch(self, backend, work, params, grads, groups_args, found_inf) -> None:
+        self._sgd_call(backend, params, grads, work.s1, work.tgroup, work.fresh, groups_args, found_inf)
+
+    def _sgd_call(self, backend, params, grads, bufs, tgroup, fresh, groups_args, found_inf) -> None:
+        """``layerwise_sgd_step`` on these tensors (also the split step's, see .skipping)."""
+        _run_step(backend, SGD_OP, params, grads, bufs, self._factors, tgroup, fresh, *groups_args,
+                  found_inf=found_inf)
 
     def _state_flags(self, group) -> bool:
         return group["momentum"] != 0

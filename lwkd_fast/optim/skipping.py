@@ -20,7 +20,6 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .step_op import _run_step
 from .worklist import _WorkList
 
 
@@ -134,9 +133,8 @@ class _SkipTracking:
 
         def call(idx, fresh, flag):
             pos = {i: k for k, i in enumerate(idx)}
-            _run_step(backend, "sgd", [params[i] for i in idx], [grads[i] for i in idx],
-                      [work.s1[i] for i in idx], [], [], [], self._factors, [work.tgroup[i] for i in idx],
-                      [pos[i] for i in fresh], *groups_args, found_inf=flag)
+            self._sgd_call(backend, [params[i] for i in idx], [grads[i] for i in idx], [work.s1[i] for i in idx],
+                           [work.tgroup[i] for i in idx], [pos[i] for i in fresh], groups_args, flag)
 
         if rest:
             call(rest, [i for i in rest if i in fresh_set], fi)

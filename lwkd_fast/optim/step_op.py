@@ -1,16 +1,19 @@
-"""The step op ``layerwise_step``: its name and the call to the chosen backend (native, triton or
-the reference: the row of ``lwkd_fast.ops.OP_TABLE``).  Its fake kernel is registered in ``lwkd_fast/optim/__init__.py``: csrc/ops.cpp
-names ``lwkd_fast.optim`` as the module of the op's fake (``m.set_python_module``)."""
+"""The step ops ``layerwise_sgd_step`` and ``layerwise_adamw_step``: their names and the call to the
+chosen backend (native, triton or the reference: the rows of ``lwkd_fast.ops.OP_TABLE``).  Their fake
+kernels are registered in ``lwkd_fast/optim/__init__.py``: csrc/ops.cpp names ``lwkd_fast.optim`` as
+the module of the ops' fakes (``m.set_python_module``)."""
 
 from __future__ import annotations
 
 from .. import ops
 
-OP = "layerwise_step"
+SGD_OP = "layerwise_sgd_step"
+ADAMW_OP = "layerwise_adamw_step"
+OPS = (SGD_OP, ADAMW_OP)
 
 
-def _run_step(backend: str, *args, found_inf=None) -> None:
-    """``layerwise_step(*args)`` on ``backend``; ``found_inf`` is passed (last) only when given."""
+def _run_step(backend: str, op: str, *args, found_inf=None) -> None:
+    """``op(*args)`` on ``backend``; ``found_inf`` is passed (last) only when given."""
     if found_inf is not None:
         args = (*args, found_inf)
-    ops.run_op(backend, OP, *args)
+    ops.run_op(backend, op, *args)

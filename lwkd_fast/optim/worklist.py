@@ -1,22 +1,20 @@
-"""The step plan: the flattened work list one fused step hands to ``layerwise_step``."""
+"""The step plan: the flattened work list one fused step hands to its step op
+(``layerwise_sgd_step`` / ``layerwise_adamw_step``)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .tensors import _is_dense, _is_dtensor, _local
 
-HYPER = 6  # doubles per group in the step op's `group_hyper` (see csrc/ops.cpp)
-
-
-def _group_args(groups: Sequence[Dict[str, Any]], hyper_of: Callable[[Dict[str, Any]], List[float]]
-                ) -> Tuple[List[int], List[float], List[Optional[torch.Tensor]], List[float]]:
-    """The per-group arguments of the step op: each group's layer (-1 for the head), its base rate
-    (a float; 0.0 where it is a tensor), the tensor rate (or None) and its ``HYPER`` doubles
-    (``hyper_of(group)``, the algorithm's hyper-parameters)."""
-    group_layer, group_lr, group_lr_tensor, hyper = [], [], [], []
+def _group_args(groups: Sequence[Dict[str, Any]]
+                ) -> Tuple[List[int], List[float], List[Optional[torch.Tensor]]]:
+    """The per-group rate arguments of both step ops: each group's layer (-1 for the head), its base
+    rate (a float; 0.0 where it is a tensor) and the tensor rate (or None).  The hyper-parameter
+    lists that follow them are the optimizer's (``_hyper_lists``)."""
+    group_layer, group_lr, group_lr_tensor = [], [], []
     for group in groups:
         group_layer.append(-1 if group["layer"] is None else int(group["layer"]))
         lr = group["lr"]
@@ -26,8 +24,7 @@ def _group_args(groups: Sequence[Dict[str, Any]], hyper_of: Callable[[Dict[str, 
         else:
             group_lr.append(float(lr))
             group_lr_tensor.append(None)
-        hyper.extend(hyper_of(group))
-    return group_layer, group_lr, group_lr_tensor, hyper
+    return group_layer, group_lr, group_lr_tensor
 
 
 class _WorkList:

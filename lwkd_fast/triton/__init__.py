@@ -26,7 +26,8 @@ OP_MODULES = {
     "attention_discrepancy": ".discrepancy",
     "map_discrepancy": ".discrepancy",
     "layerwise_rates": ".optim",
-    "layerwise_step": ".optim",
+    "layerwise_sgd_step": ".optim",
+    "layerwise_adamw_step": ".optim",
 }
 
 

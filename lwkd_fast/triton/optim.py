@@ -2,10 +2,11 @@
 
 Both are wrapped as ``torch.library.custom_op`` (namespace ``lwkd_triton``) with fake kernels and
 take exactly the arguments of the native ops ``torch.ops.lwkd.layerwise_rates`` /
-``torch.ops.lwkd.layerwise_step`` (see csrc/ops.cpp), so the Python front ends call every backend
-the same way.
+``layerwise_sgd_step`` / ``layerwise_adamw_step`` (see csrc/ops.cpp), so the Python front ends call
+every backend the same way.
 
-``layerwise_step`` is ONE launch per parameter dtype present for all tensors of all groups,
+The step (either op: their named per-group lists are packed once, by ``_pack_hyper``, into the
+kernel's group table) is ONE launch per parameter dtype present for all tensors of all groups,
 through a pointer table: an int64 table holds, per tensor, the addresses of the parameter, the
 gradient, the state tensors and the step count; each program takes one (tensor, chunk) task,
 casts the addresses to typed pointers (``int.to(tl.pointer_type(...))``) and updates its chunk.
@@ -54,11 +55,11 @@ from . import _common
 from ._common import div_rn, is_dense, on_device, same_layout, sqrt_rn
 from ._host import _interpreting
 
-__all__ = ["layerwise_rates", "layerwise_step", "OPS", "INTERPRETED"]
+__all__ = ["layerwise_rates", "layerwise_sgd_step", "layerwise_adamw_step", "OPS", "INTERPRETED"]
 
 INTERPRETED = _interpreting()
 
-OPS = ("layerwise_rates", "layerwise_step")
+OPS = ("layerwise_rates", "layerwise_sgd_step", "layerwise_adamw_step")
 
 
 def _quiet():
@@ -79,7 +80,7 @@ _DTYPE_CODE = {torch.float32: _DT_F32, torch.float64: _DT_F64, torch.bfloat16: _
 # there, whatever its size), GPU-sized otherwise
 _STEP_BLOCK = 16384 if INTERPRETED else 4096
 _STEP_WARPS = 8
-_HYPER = 6  # doubles per group in group_hyper (see csrc/ops.cpp)
+_HYPER = 6  # doubles per group in the kernel's group table (csrc/common/optim_math.h's kHyperStride)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,7 +233,8 @@ def layerwise_rates(d: torch.Tensor, state: torch.Tensor, nonfinite: Optional[to
 
 
 _RATES = "layerwise_rates"
-_STEP_OP = "layerwise_step"
+_SGD_OP = "layerwise_sgd_step"
+_ADAMW_OP = "layerwise_adamw_step"
 
 
 def _fail(op: str, msg: str):
@@ -474,63 +476,91 @@ def _as_table(rows, dtype, device) -> torch.Tensor:
     return t
 
 
-@torch.library.custom_op(
-    "lwkd_triton::layerwise_step", mutates_args=("params", "state1", "state2", "state3", "steps")
-)
-def layerwise_step(algorithm: str, params: List[torch.Tensor], grads: List[torch.Tensor],
-                   state1: List[torch.Tensor], state2: List[torch.Tensor], state3: List[torch.Tensor],
-                   steps: List[torch.Tensor], factors: torch.Tensor, tensor_group: List[int],
-                   fresh: List[int], group_layer: List[int], group_lr: List[float],
-                   group_lr_tensor: List[Optional[torch.Tensor]], group_hyper: List[float],
-                   found_inf: Optional[torch.Tensor] = None) -> None:
-    """Triton implementation of ``lwkd::layerwise_step`` (same arguments and checks; see csrc/ops.cpp)."""
-    plan = _StepPlan(algorithm, params, grads, state1, state2, state3, steps, factors, tensor_group, fresh,
-                     group_layer, group_lr, group_lr_tensor, group_hyper, found_inf)
-    with on_device(factors.device, _STEP_OP):
+@torch.library.custom_op("lwkd_triton::layerwise_sgd_step", mutates_args=("params", "momentum_buffer"))
+def layerwise_sgd_step(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffer: List[torch.Tensor],
+                       factors: torch.Tensor, tensor_group: List[int], fresh: List[int], group_layer: List[int],
+                       group_lr: List[float], group_lr_tensor: List[Optional[torch.Tensor]],
+                       weight_decay: List[float], momentum: List[float], dampening: List[float],
+                       nesterov: List[bool], maximize: List[bool], found_inf: Optional[torch.Tensor] = None) -> None:
+    """Triton implementation of ``lwkd::layerwise_sgd_step`` (same arguments and checks; see csrc/ops.cpp)."""
+    hyper = (("weight_decay", weight_decay), ("momentum", momentum), ("dampening", dampening),
+             ("nesterov", nesterov), ("maximize", maximize))
+    plan = _StepPlan(_SGD_OP, params, grads, (momentum_buffer, [], [], []), factors, tensor_group, fresh,
+                     group_layer, group_lr, group_lr_tensor, hyper, found_inf)
+    with on_device(factors.device, _SGD_OP):
         plan.run()
+
+
+@torch.library.custom_op("lwkd_triton::layerwise_adamw_step",
+                         mutates_args=("params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "steps"))
+def layerwise_adamw_step(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avg: List[torch.Tensor],
+                         exp_avg_sq: List[torch.Tensor], max_exp_avg_sq: List[torch.Tensor],
+                         steps: List[torch.Tensor], factors: torch.Tensor, tensor_group: List[int],
+                         group_layer: List[int], group_lr: List[float],
+                         group_lr_tensor: List[Optional[torch.Tensor]], weight_decay: List[float],
+                         beta1: List[float], beta2: List[float], eps: List[float], amsgrad: List[bool],
+                         maximize: List[bool], found_inf: Optional[torch.Tensor] = None) -> None:
+    """Triton implementation of ``lwkd::layerwise_adamw_step`` (same arguments and checks; see csrc/ops.cpp)."""
+    hyper = (("weight_decay", weight_decay), ("beta1", beta1), ("beta2", beta2), ("eps", eps),
+             ("amsgrad", amsgrad), ("maximize", maximize))
+    plan = _StepPlan(_ADAMW_OP, params, grads, (exp_avg, exp_avg_sq, max_exp_avg_sq, steps), factors,
+                     tensor_group, [], group_layer, group_lr, group_lr_tensor, hyper, found_inf)
+    with on_device(factors.device, _ADAMW_OP):
+        plan.run()
+
+
+def _pack_hyper(op: str, G: int, named) -> List[List[float]]:
+    """The kernel's per-group record from the op's named lists (``(name, values)`` in the order of
+    csrc/common/optim_math.h's kSgd* / kAdam* indices; booleans as 1.0 / 0.0, unused slots 0.0)."""
+    for name, values in named:
+        if len(values) != G:
+            _fail(op, f"{name} must hold one value per group ({G}), got {len(values)}")
+    rows = [[float(values[k]) for _, values in named] for k in range(G)]
+    return [row + [0.0] * (_HYPER - len(row)) for row in rows]
 
 
 class _StepPlan:
     """The checked work list of one step call -- the checks of csrc/common/optim_host.h's
-    make_step_plan, so that the kernel never addresses memory a tensor does not own -- and its
-    launch."""
+    make_sgd_step_plan / make_adamw_step_plan, so that the kernel never addresses memory a tensor
+    does not own -- and its launch.  ``states``: (s1, s2, s3, steps) -- SGD's momentum buffers and
+    three empty lists, or AdamW's exp_avg, exp_avg_sq, max_exp_avg_sq and step counts."""
 
-    def __init__(self, algorithm, params, grads, state1, state2, state3, steps, factors, tensor_group, fresh,
-                 group_layer, group_lr, group_lr_tensor, group_hyper, found_inf):
-        if algorithm not in ("sgd", "adamw"):
-            _fail(_STEP_OP, f"unknown algorithm {algorithm!r} (expected 'sgd' or 'adamw')")
-        self.sgd = algorithm == "sgd"
-        self.params, self.steps, self.factors, self.found_inf = params, steps, factors, found_inf
+    def __init__(self, op, params, grads, states, factors, tensor_group, fresh, group_layer, group_lr,
+                 group_lr_tensor, hyper, found_inf):
+        self.op, self.sgd = op, op == _SGD_OP
+        self.params, self.steps, self.factors, self.found_inf = params, states[3], factors, found_inf
         self.device = factors.device
-        self._check_lists(params, grads, tensor_group, group_layer, group_lr, group_lr_tensor, group_hyper)
-        _check_found_inf(_STEP_OP, found_inf, self.device)
-        self.hyper = [[float(x) for x in group_hyper[k * _HYPER:(k + 1) * _HYPER]] for k in range(len(group_layer))]
+        self._check_lists(params, grads, tensor_group, group_layer, group_lr, group_lr_tensor)
+        self.hyper = _pack_hyper(op, len(group_layer), hyper)
+        self._check_factors(group_layer)
+        _check_found_inf(op, found_inf, self.device)
         self.group_lr = self._group_rates(group_layer, group_lr, group_lr_tensor)
         self.group_layer = [int(x) for x in group_layer]
-        self._check_state_lists(len(params), state1, state2, state3, steps)
+        self._check_state_lists(len(params), *states)
         fresh_set = self._check_fresh(fresh, len(params))
         self.rows, self.numels, self.tgroups, self.fresh_flags = [], [], [], []
         self.keep_alive = []  # gradient copies made to match a parameter's layout (live until the launch)
         for i, (p, g) in enumerate(zip(params, grads)):
-            self._add_tensor(i, p, g, int(tensor_group[i]), i in fresh_set, state1, state2, state3, steps)
+            self._add_tensor(i, p, g, int(tensor_group[i]), i in fresh_set, *states)
 
-    def _check_lists(self, params, grads, tensor_group, group_layer, group_lr, group_lr_tensor, group_hyper):
+    def _check_lists(self, params, grads, tensor_group, group_layer, group_lr, group_lr_tensor):
         N, G = len(params), len(group_layer)
         if len(grads) != N or len(tensor_group) != N:
-            _fail(_STEP_OP, f"{N} params but {len(grads)} grads and {len(tensor_group)} tensor_group entries")
-        if len(group_lr) != G or len(group_lr_tensor) not in (0, G) or len(group_hyper) != G * _HYPER:
-            _fail(_STEP_OP, f"{G} groups (group_layer) but {len(group_lr)} group_lr values, "
-                            f"{len(group_lr_tensor)} group_lr_tensor entries and {len(group_hyper)} group_hyper "
-                            f"values ({_HYPER} per group)")
+            _fail(self.op, f"{N} params but {len(grads)} grads and {len(tensor_group)} tensor_group entries")
+        if len(group_lr) != G or len(group_lr_tensor) not in (0, G):
+            _fail(self.op, f"{G} groups (group_layer) but {len(group_lr)} group_lr values and "
+                           f"{len(group_lr_tensor)} group_lr_tensor entries")
+
+    def _check_factors(self, group_layer):
         f = self.factors
         if f.dim() != 1 or f.dtype not in (torch.float32, torch.float64) or not f.is_contiguous():
-            _fail(_STEP_OP, f"factors must be a contiguous 1-D float32 or float64 tensor (K,), got shape "
-                            f"{tuple(f.shape)}, dtype {f.dtype}, strides {f.stride()}")
+            _fail(self.op, f"factors must be a contiguous 1-D float32 or float64 tensor (K,), got shape "
+                           f"{tuple(f.shape)}, dtype {f.dtype}, strides {f.stride()}")
         K = f.shape[0]
         for k, layer in enumerate(group_layer):
             if not -1 <= layer < K:
-                _fail(_STEP_OP, f"group {k} has layer {layer} but the factor vector has K={K} entries "
-                                "(use -1 for the head group)")
+                _fail(self.op, f"group {k} has layer {layer} but the factor vector has K={K} entries "
+                               "(use -1 for the head group)")
 
     def _group_rates(self, group_layer, group_lr, group_lr_tensor):
         """Base rate of each group as a host float, or None where the kernel reads a 0-dim device
@@ -541,14 +571,14 @@ class _StepPlan:
         for k in range(len(group_layer)):
             h = self.hyper[k]
             if self.sgd and h[3] != 0.0 and (h[1] <= 0.0 or h[2] != 0.0):
-                _fail(_STEP_OP, f"group {k}: nesterov needs momentum > 0 and dampening = 0")
+                _fail(self.op, f"group {k}: nesterov needs momentum > 0 and dampening = 0")
             t = group_lr_tensor[k] if group_lr_tensor else None
             rate = float(group_lr[k])
             if t is not None:
                 if t.numel() != 1 or t.dtype not in (torch.float32, torch.float64):
-                    _fail(_STEP_OP, f"group {k}: lr tensor must be one float32 or float64 element, got shape "
+                    _fail(self.op, f"group {k}: lr tensor must be one float32 or float64 element, got shape "
                                     f"{tuple(t.shape)} and dtype {t.dtype}")
-                values = _host_values(t, self.device, _STEP_OP, f"group {k}'s lr tensor")
+                values = _host_values(t, self.device, self.op, f"group {k}'s lr tensor")
                 if values is None:
                     self.device_lr.append((k, t))
                 else:
@@ -561,39 +591,35 @@ class _StepPlan:
         any_ams = any(h[4] != 0.0 for h in self.hyper)
         if self.sgd:
             if not (len(state1) == N or (len(state1) == 0 and not any_mom)):
-                _fail(_STEP_OP, f"SGD with momentum needs one momentum buffer per parameter ({N}), got {len(state1)}")
-            if state2 or state3 or steps:
-                _fail(_STEP_OP, "SGD takes no exp_avg_sq / max_exp_avg_sq / step lists")
+                _fail(self.op, f"SGD with momentum needs one momentum buffer per parameter ({N}), got {len(state1)}")
         else:
             if not (len(state1) == N and len(state2) == N and len(steps) == N):
-                _fail(_STEP_OP, f"AdamW needs exp_avg, exp_avg_sq and step for every parameter ({N}), got "
+                _fail(self.op, f"AdamW needs exp_avg, exp_avg_sq and step for every parameter ({N}), got "
                                 f"{len(state1)}, {len(state2)} and {len(steps)}")
             if not (len(state3) == N or (len(state3) == 0 and not any_ams)):
-                _fail(_STEP_OP, f"AdamW with amsgrad needs max_exp_avg_sq for every parameter ({N}), got {len(state3)}")
+                _fail(self.op, f"AdamW with amsgrad needs max_exp_avg_sq for every parameter ({N}), got {len(state3)}")
 
     def _check_fresh(self, fresh, N):
         for i in fresh:
             if not 0 <= i < N:
-                _fail(_STEP_OP, f"fresh index {i} out of range for {N} params")
-            if not self.sgd:
-                _fail(_STEP_OP, "fresh indices apply to SGD only")
+                _fail(self.op, f"fresh index {i} out of range for {N} params")
         return set(int(i) for i in fresh)
 
     def _add_tensor(self, i, p, g, gi, is_fresh, state1, state2, state3, steps):
         G = len(self.group_layer)
         if not 0 <= gi < G:
-            _fail(_STEP_OP, f"tensor_group[{i}] = {gi} is not a group index ({G} groups)")
+            _fail(self.op, f"tensor_group[{i}] = {gi} is not a group index ({G} groups)")
         if p.dtype not in _DTYPE_CODE:
-            _fail(_STEP_OP, f"params[{i}] has dtype {p.dtype}; expected float32, float64, bfloat16 or float16")
+            _fail(self.op, f"params[{i}] has dtype {p.dtype}; expected float32, float64, bfloat16 or float16")
         if p.device != self.device:
-            _fail(_STEP_OP, f"params[{i}] is on {p.device} but the factor vector is on {self.device}")
+            _fail(self.op, f"params[{i}] is on {p.device} but the factor vector is on {self.device}")
         if not is_dense(p):
-            _fail(_STEP_OP, f"params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) is not dense; the fused "
+            _fail(self.op, f"params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) is not dense; the fused "
                             "step updates dense parameters")
         if g.layout != torch.strided:
-            _fail(_STEP_OP, f"grads[{i}] is sparse; the fused step needs dense gradients")
+            _fail(self.op, f"grads[{i}] is sparse; the fused step needs dense gradients")
         if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-            _fail(_STEP_OP, f"grads[{i}] has shape {tuple(g.shape)}, dtype {g.dtype} on {g.device} but params[{i}] "
+            _fail(self.op, f"grads[{i}] has shape {tuple(g.shape)}, dtype {g.dtype} on {g.device} but params[{i}] "
                             f"has shape {tuple(p.shape)}, dtype {p.dtype} on {p.device}")
         if not (is_dense(g) and same_layout(g, p)):
             g = torch.empty_like(p).copy_(g)  # one copy into the parameter's memory order
@@ -602,20 +628,20 @@ class _StepPlan:
         s1 = s2 = s3 = st = None
         if self.sgd:
             if h[1] != 0.0:
-                s1 = _state_like(state1[i], p, i, "momentum_buffers")
+                s1 = _state_like(self.op, state1[i], p, i, "momentum_buffers")
             elif is_fresh:
-                _fail(_STEP_OP, f"fresh index {i} names a parameter whose group has no momentum")
+                _fail(self.op, f"fresh index {i} names a parameter whose group has no momentum")
         else:
-            s1 = _state_like(state1[i], p, i, "exp_avgs")
-            s2 = _state_like(state2[i], p, i, "exp_avg_sqs")
+            s1 = _state_like(self.op, state1[i], p, i, "exp_avgs")
+            s2 = _state_like(self.op, state2[i], p, i, "exp_avg_sqs")
             if h[4] != 0.0:
-                s3 = _state_like(state3[i], p, i, "max_exp_avg_sqs")
+                s3 = _state_like(self.op, state3[i], p, i, "max_exp_avg_sqs")
             st = steps[i]
             if st.numel() != 1 or st.dtype != torch.float32:
-                _fail(_STEP_OP, f"steps[{i}] must be a one-element float32 tensor, got shape {tuple(st.shape)} and "
+                _fail(self.op, f"steps[{i}] must be a one-element float32 tensor, got shape {tuple(st.shape)} and "
                                 f"dtype {st.dtype}")
             if st.device != p.device:
-                _fail(_STEP_OP, f"steps[{i}] is on {st.device} but params[{i}] is on {p.device} (the step count "
+                _fail(self.op, f"steps[{i}] is on {st.device} but params[{i}] is on {p.device} (the step count "
                                 "lives on the device)")
         self.rows.append([p.data_ptr(), g.data_ptr()] + [0 if x is None else x.data_ptr() for x in (s1, s2, s3, st)])
         self.numels.append(p.numel())
@@ -660,22 +686,28 @@ class _StepPlan:
                 )
 
 
-def _state_like(s: torch.Tensor, p: torch.Tensor, i: int, name: str) -> torch.Tensor:
+def _state_like(op: str, s: torch.Tensor, p: torch.Tensor, i: int, name: str) -> torch.Tensor:
     """A state tensor shares its parameter's shape, dtype, device and memory order (the kernel
     walks it by the parameter's element offsets), as native's check_state_like demands."""
     if s.shape != p.shape:
-        _fail(_STEP_OP, f"{name}[{i}] has shape {tuple(s.shape)} but params[{i}] has shape {tuple(p.shape)}")
+        _fail(op, f"{name}[{i}] has shape {tuple(s.shape)} but params[{i}] has shape {tuple(p.shape)}")
     if s.dtype != p.dtype:
-        _fail(_STEP_OP, f"{name}[{i}] has dtype {s.dtype} but params[{i}] has dtype {p.dtype}")
+        _fail(op, f"{name}[{i}] has dtype {s.dtype} but params[{i}] has dtype {p.dtype}")
     if s.device != p.device:
-        _fail(_STEP_OP, f"{name}[{i}] is on {s.device} but params[{i}] is on {p.device}")
+        _fail(op, f"{name}[{i}] is on {s.device} but params[{i}] is on {p.device}")
     if not (is_dense(s) and same_layout(s, p)):
-        _fail(_STEP_OP, f"{name}[{i}] (strides {s.stride()}) must have the memory layout of params[{i}] "
-                        f"(strides {p.stride()})")
+        _fail(op, f"{name}[{i}] (strides {s.stride()}) must have the memory layout of params[{i}] "
+                   f"(strides {p.stride()})")
     return s
 
 
-@layerwise_step.register_fake
-def _(algorithm, params, grads, state1, state2, state3, steps, factors, tensor_group, fresh, group_layer,
-      group_lr, group_lr_tensor, group_hyper, found_inf=None):
+@layerwise_sgd_step.register_fake
+def _(params, grads, momentum_buffer, factors, tensor_group, fresh, group_layer, group_lr, group_lr_tensor,
+      weight_decay, momentum, dampening, nesterov, maximize, found_inf=None):
+    return None
+
+
+@layerwise_adamw_step.register_fake
+def _(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, factors, tensor_group, group_layer, group_lr,
+      group_lr_tensor, weight_decay, beta1, beta2, eps, amsgrad, maximize, found_inf=None):
     return None
