@@ -308,7 +308,8 @@ __device__ __forceinline__ acc_t distribution(acc_t a, acc_t inv, acc_t mx, acc_
 }
 
 // The (layer, sample) row of this block, shared by the forward and backward row kernels: the
-// layer, the sample, its student / teacher map rows and mask row, and their statistics.
+// layer, the sample, its student / teacher map rows and mask row, their statistics, and the
+// metric's constants.
 template <typename acc_t>
 struct AttnRow {
   const AttnLayer& L;
@@ -317,6 +318,8 @@ struct AttnRow {
   const acc_t* at;
   const acc_t* m;
   RowStats<acc_t> st;
+  bool jsd, softmax;
+  acc_t inv_tau, beta;
 };
 
 template <typename acc_t>
@@ -328,7 +331,9 @@ __device__ __forceinline__ AttnRow<acc_t> attn_row(const AttnParams& P, const Me
   const acc_t* as = static_cast<const acc_t*>(L.maps_s) + b * L.N;
   const acc_t* at = static_cast<const acc_t*>(L.maps_t) + b * L.N;
   const acc_t* m = mask_row<acc_t>(L, b);
-  return AttnRow<acc_t>{L, b, as, at, m, row_stats(as, at, L.N, mp, red, m)};
+  const bool jsd = mp.metric == Metric::kJsd;
+  return AttnRow<acc_t>{L, b, as, at, m, row_stats(as, at, L.N, mp, red, m), jsd,
+                        jsd && mp.normalize == Normalize::kSoftmax, acc_t(1) / acc_t(mp.tau), acc_t(mp.beta)};
 }
 
 template <typename acc_t>
@@ -336,26 +341,20 @@ __global__ void __launch_bounds__(kThreads) attn_rows_fwd_kernel(const __grid_co
                                                                  MetricParams mp, acc_t* __restrict__ d) {
   __shared__ acc_t red[kWarps];
   const AttnRow<acc_t> r = attn_row(P, mp, red);
-  const AttnLayer& L = r.L;
-  const int64_t b = r.b;
-  const acc_t *as = r.as, *at = r.at, *m = r.m;
   const RowStats<acc_t>& st = r.st;
-  const bool jsd = mp.metric == Metric::kJsd;
-  const bool softmax = jsd && mp.normalize == Normalize::kSoftmax;
-  const acc_t inv_tau = acc_t(1) / acc_t(mp.tau), beta = acc_t(mp.beta);
   acc_t acc = 0;
-  for (int64_t i = threadIdx.x; i < L.N; i += kThreads) {
-    const acc_t v = valid(m, i);
-    if (jsd) {
-      acc += jsd_term(distribution(as[i], st.inv_s, st.mx_s, inv_tau, softmax, v),
-                      distribution(at[i], st.inv_t, st.mx_t, inv_tau, softmax, v), beta);
+  for (int64_t i = threadIdx.x; i < r.L.N; i += kThreads) {
+    const acc_t v = valid(r.m, i);
+    if (r.jsd) {
+      acc += jsd_term(distribution(r.as[i], st.inv_s, st.mx_s, r.inv_tau, r.softmax, v),
+                      distribution(r.at[i], st.inv_t, st.mx_t, r.inv_tau, r.softmax, v), r.beta);
     } else {
-      acc += v * sqdist_term(as[i], at[i], st.inv_s, st.inv_t);
+      acc += v * sqdist_term(r.as[i], r.at[i], st.inv_s, st.inv_t);
     }
   }
   acc = block_sum(acc, red);
-  const acc_t scale = at_scale(mp, m, L.N, red);
-  if (threadIdx.x == 0) d[L.k * P.B + b] = unless_overflow(acc * scale, st.r_s, st.r_t);
+  const acc_t scale = at_scale(mp, r.m, r.L.N, red);
+  if (threadIdx.x == 0) d[r.L.k * P.B + r.b] = unless_overflow(acc * scale, st.r_s, st.r_t);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -368,30 +367,24 @@ __global__ void __launch_bounds__(kThreads) attn_rows_bwd_kernel(const __grid_co
                                                                  acc_t* __restrict__ rowscal) {
   __shared__ acc_t red[kWarps];
   const AttnRow<acc_t> r = attn_row(P, mp, red);
-  const AttnLayer& L = r.L;
-  const int64_t b = r.b;
-  const acc_t *as = r.as, *at = r.at, *m = r.m;
   const RowStats<acc_t>& st = r.st;
-  const bool jsd = mp.metric == Metric::kJsd;
-  const bool softmax = jsd && mp.normalize == Normalize::kSoftmax;
-  const acc_t inv_tau = acc_t(1) / acc_t(mp.tau), beta = acc_t(mp.beta), eps = acc_t(mp.eps);
-  const acc_t gd = grad[L.k * P.B + b];
-  const acc_t two_scale_gd = acc_t(2) * at_scale(mp, m, L.N, red) * gd;
+  const acc_t gd = grad[r.L.k * P.B + r.b];
+  const acc_t two_scale_gd = acc_t(2) * at_scale(mp, r.m, r.L.N, red) * gd;
   acc_t acc = 0;
-  for (int64_t i = threadIdx.x; i < L.N; i += kThreads) {
-    const acc_t v = valid(m, i);
-    if (jsd) {
-      const acc_t ps = distribution(as[i], st.inv_s, st.mx_s, inv_tau, softmax, v);
-      const acc_t pt = distribution(at[i], st.inv_t, st.mx_t, inv_tau, softmax, v);
-      acc += gd * jsd_grad_ps(ps, pt, beta) * ps;
+  for (int64_t i = threadIdx.x; i < r.L.N; i += kThreads) {
+    const acc_t v = valid(r.m, i);
+    if (r.jsd) {
+      const acc_t ps = distribution(r.as[i], st.inv_s, st.mx_s, r.inv_tau, r.softmax, v);
+      const acc_t pt = distribution(r.at[i], st.inv_t, st.mx_t, r.inv_tau, r.softmax, v);
+      acc += gd * jsd_grad_ps(ps, pt, r.beta) * ps;
     } else {
-      acc += v * as[i] * st.inv_s * sqdist_grad_q(as[i], at[i], st.inv_s, st.inv_t, two_scale_gd);
+      acc += v * r.as[i] * st.inv_s * sqdist_grad_q(r.as[i], r.at[i], st.inv_s, st.inv_t, two_scale_gd);
     }
   }
   acc_t proj = block_sum(acc, red);
-  if (!softmax && !passes_clamp(st.r_s, eps)) proj = acc_t(0);
+  if (!r.softmax && !passes_clamp(st.r_s, acc_t(mp.eps))) proj = acc_t(0);
   if (threadIdx.x == 0) {
-    acc_t* o = rowscal + (L.k * P.B + b) * kRowScal;
+    acc_t* o = rowscal + (r.L.k * P.B + r.b) * kRowScal;
     o[0] = st.inv_s;
     o[1] = st.inv_t;
     o[2] = proj;
