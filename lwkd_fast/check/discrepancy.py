@@ -42,25 +42,23 @@ ATTENTION_CONFIGS = (
 MAP_CONFIGS = (dict(metric="cos"), dict(metric="jsd", beta=0.7))
 
 
-def attention_case_fns(cfg):
+def _case_fns(public_op, reference_op, cfg):
     """(public, reference) callables returning per-sample (K, B) values for one config."""
     def public(s, t):
-        return ops.attention_discrepancy(s, t, reduction="none", **cfg)
+        return public_op(s, t, reduction="none", **cfg)
 
     def ref(s, t, compute_dtype):
-        return reference.attention_discrepancy(s, t, compute_dtype=compute_dtype, **cfg)
+        return reference_op(s, t, compute_dtype=compute_dtype, **cfg)
 
     return public, ref
+
+
+def attention_case_fns(cfg):
+    return _case_fns(ops.attention_discrepancy, reference.attention_discrepancy, cfg)
 
 
 def map_case_fns(cfg):
-    def public(s, t):
-        return ops.map_discrepancy(s, t, reduction="none", **cfg)
-
-    def ref(s, t, compute_dtype):
-        return reference.map_discrepancy(s, t, compute_dtype=compute_dtype, **cfg)
-
-    return public, ref
+    return _case_fns(ops.map_discrepancy, reference.map_discrepancy, cfg)
 
 
 def _label(cfg):
