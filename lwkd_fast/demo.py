@@ -745,7 +745,7 @@ STUDENT_CFG = dict(student_width=8, lr=0.05, gamma=1.0,
 DEFAULT_SETTINGS = ("scarce",)   # what fits in ~2 minutes on 2 cores (CI runs it)
 DEFAULT_SEEDS = 3
 # --full: enough seeds that a 1-point paired difference is called with ~80% power at the spread
-# of the paired differences measured here: 1.84 points in a 20-seed run of 'scarce' (README), so
+# of the paired differences measured in 'scarce' (1.84 points over its first 20 seeds; README), so
 # seeds_needed(1.84, 18) = 54 over both settings' 18 comparisons
 FULL = dict(settings=tuple(SETTINGS), seeds=54)
 
