@@ -1,7 +1,7 @@
 // Every schema of the `lwkd` operator library, defined once.  Kernels live in csrc/cpu and
 // csrc/cuda and only register implementations; fake (meta) kernels and autograd formulas are
-// registered from Python in lwkd_fast/ops.py (named below with set_python_module so that torch
-// can point at it when the extension is loaded on its own).
+// registered from Python in lwkd_fast/registry.py, all of them (named below with set_python_module
+// so that torch can point at it when the extension is loaded on its own).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -18,7 +18,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(lwkd, m) {
-  m.set_python_module("lwkd_fast.ops");
+  m.set_python_module("lwkd_fast.registry");
 
   // ---- discrepancies (SPEC sections 1-2) -----------------------------------------------------
   // Attention-map discrepancy of K layer pairs in one call.  Returns the per-sample values
@@ -56,9 +56,6 @@ TORCH_LIBRARY(lwkd, m) {
   // `ref_state` (optional): the (2, K) running reference of normalize "running" (row 0 the moving
   // averages of D, row 1 their accumulated weights; zeros at the start), same dtype as `state`,
   // updated in place with decay `ref_momentum`; absent: normalize "none" (ref_momentum unused).
-  // Fake kernels: lwkd_fast/rule.py and lwkd_fast/optim/__init__.py (set_python_module applies to the
-  // definitions that follow it).
-  m.set_python_module("lwkd_fast.rule");
   m.def(
       "layerwise_rates(Tensor discrepancies, Tensor(a!) state, Tensor(b!)? nonfinite, "
       "float[] base_lr, Tensor? base_lr_tensor, float momentum, float gamma, float s_min, "
@@ -76,7 +73,6 @@ TORCH_LIBRARY(lwkd, m) {
   // Entries of state lists whose group does not use them may be any placeholder tensor.
   // `found_inf` (optional, last): as for layerwise_rates; when it is nonzero the whole step is
   // skipped on the device: no parameter, state tensor or step count changes.
-  m.set_python_module("lwkd_fast.optim");
   m.def(
       "layerwise_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffer, "
       "Tensor factors, int[] tensor_group, int[] fresh, int[] group_layer, float[] group_lr, "

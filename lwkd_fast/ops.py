@@ -331,7 +331,8 @@ def dispatch(op: str, device: torch.device, *args, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------------
-# Native ops: fake kernels and autograd
+# Native operator libraries (lwkd, and the ones register_native_backend adds); the fake kernels and
+# autograd formulas of their ops are in lwkd_fast/registry.py
 # ------------------------------------------------------------------------------------------------
 
 
@@ -358,109 +359,6 @@ def register_native_backend(name: str, namespace: str, device_types: Sequence[st
     BACKENDS.append(name)
     for register in _NAMESPACE_HOOKS:
         register(namespace)
-
-
-def _no_double_backward(ns: str, op: str) -> None:
-    """Differentiating ``ns::op`` (a backward op) raises."""
-    def setup(ctx, inputs, output):
-        pass
-
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"lwkd_fast: differentiating {ns}::{op} (double backward through a discrepancy kernel) "
-            "is not supported; run that computation under lwkd_fast.use_backend('reference')"
-        )
-
-    torch.library.register_autograd(f"{ns}::{op}", backward, setup_context=setup)
-
-
-def _masks_grad(ctx) -> tuple:
-    """The attention backward's masks slot mirrors how torch flattened the input: no slot when the
-    call omitted the argument; a list holding any None is one leaf, a list of tensors only a list."""
-    if not ctx.has_masks_arg:
-        return ()
-    whole = ctx.masks is None or any(m is None for m in ctx.masks)
-    return (None if whole else [None] * len(ctx.masks),)
-
-
-def _register_attention_ops(ns: str) -> None:
-    """Fake kernels and autograd of ``ns::attention_discrepancy`` (and its backward) in one library
-    of the native schema: the native ones, and lwkd_fast.triton.attention's (``lwkd_triton``)."""
-    lib = getattr(torch.ops, ns)
-
-    @torch.library.register_fake(f"{ns}::attention_discrepancy")
-    def _attention_fake(student, teacher, p, metric, beta, normalize, tau, eps, channel_dim, masks=None):
-        dt = reference.acc_dtype(*student, *teacher)
-        B = student[0].shape[0]
-        d = student[0].new_empty((len(student), B), dtype=dt)
-        maps_s = [x.new_empty((B, reference.bcn_locations(x, channel_dim)), dtype=dt) for x in student]
-        maps_t = [x.new_empty((B, reference.bcn_locations(x, channel_dim)), dtype=dt) for x in teacher]
-        return d, maps_s, maps_t
-
-    @torch.library.register_fake(f"{ns}::attention_discrepancy_backward")
-    def _attention_bwd_fake(grad, student, maps_s, maps_t, p, metric, beta, normalize, tau, eps, channel_dim,
-                            masks=None):
-        return [torch.empty_like(x) for x in student]
-
-    def _attention_setup(ctx, inputs, output):
-        student, _teacher, p, metric, beta, normalize, tau, eps, channel_dim, *masks = inputs
-        _d, maps_s, maps_t = output
-        ctx.mark_non_differentiable(*maps_s, *maps_t)  # kept for the backward only
-        ctx.K = len(student)
-        ctx.args = (p, metric, beta, normalize, tau, eps, channel_dim)
-        ctx.masks = masks[0] if masks else None  # constants (no gradient)
-        ctx.has_masks_arg = bool(masks)  # the call passed the optional argument
-        ctx.save_for_backward(*student, *maps_s, *maps_t)
-
-    def _attention_backward(ctx, grad_d, _grad_maps_s, _grad_maps_t):
-        K = ctx.K
-        saved = ctx.saved_tensors
-        student, maps_s, maps_t = saved[:K], saved[K : 2 * K], saved[2 * K :]
-        if grad_d is None:
-            grads = [None] * K
-        else:
-            grads = lib.attention_discrepancy_backward(grad_d, student, maps_s, maps_t, *ctx.args, ctx.masks)
-        return (list(grads), [None] * K, None, None, None, None, None, None, None) + _masks_grad(ctx)
-
-    torch.library.register_autograd(
-        f"{ns}::attention_discrepancy", _attention_backward, setup_context=_attention_setup
-    )
-    _no_double_backward(ns, "attention_discrepancy_backward")
-
-
-def _register_map_ops(ns: str) -> None:
-    """Fake kernels and autograd of the native ``ns::map_discrepancy`` (lwkd_triton's map op has
-    its own schema, fake and autograd: its backward reuses the forward's row statistics)."""
-    lib = getattr(torch.ops, ns)
-
-    @torch.library.register_fake(f"{ns}::map_discrepancy")
-    def _map_fake(student, teacher, metric, beta, eps):
-        dt = reference.acc_dtype(*student, *teacher)
-        return student[0].new_empty((len(student), student[0].shape[0]), dtype=dt)
-
-    @torch.library.register_fake(f"{ns}::map_discrepancy_backward")
-    def _map_bwd_fake(grad, student, teacher, metric, beta, eps):
-        return [torch.empty_like(x) for x in student]
-
-    def _map_setup(ctx, inputs, output):
-        student, teacher, metric, beta, eps = inputs
-        ctx.K = len(student)
-        ctx.args = (metric, beta, eps)
-        ctx.save_for_backward(*student, *teacher)
-
-    def _map_backward(ctx, grad_d):
-        K = ctx.K
-        saved = ctx.saved_tensors
-        grads = lib.map_discrepancy_backward(grad_d, saved[:K], saved[K:], *ctx.args)
-        return list(grads), [None] * K, None, None, None
-
-    torch.library.register_autograd(f"{ns}::map_discrepancy", _map_backward, setup_context=_map_setup)
-    _no_double_backward(ns, "map_discrepancy_backward")
-
-
-on_native_namespace(_register_attention_ops)
-on_native_namespace(_register_map_ops)
-
 
 # ------------------------------------------------------------------------------------------------
 # Validation
@@ -832,3 +730,7 @@ def map_discrepancy(
         t = [b if m is None else b.detach() * m.to(b.dtype) for b, m in zip(t, masks)]
     d = dispatch(op, s[0].device, s, t, metric=metric, beta=float(beta), eps=float(eps))
     return _reduce(d, reduction)
+
+
+# the fake kernels and autograd of every native op (csrc/ops.cpp names that module)
+from . import registry  # noqa: E402,F401

@@ -134,16 +134,6 @@ def reference_rates(
     return eta.to(state.dtype).contiguous()
 
 
-def _register_fake(ns: str) -> None:
-    @torch.library.register_fake(f"{ns}::layerwise_rates")
-    def _rates_fake(discrepancies, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min,
-                    s_max, eps, found_inf=None, ref_state=None, ref_momentum=DEFAULT_REF_MOMENTUM):
-        return torch.empty_like(state, memory_format=torch.contiguous_format)
-
-
-ops.on_native_namespace(_register_fake)
-
-
 # ------------------------------------------------------------------------------------------------
 # Validation and the public function
 # ------------------------------------------------------------------------------------------------

@@ -91,17 +91,13 @@ in the kernel and folded into every load/store mask; reference: ``torch.where`` 
 The package, one concern a file (docs/ARCHITECTURE.md): :mod:`.base` (construction, the rule's
 state, the step) with its mixins :mod:`.groups`, :mod:`.placement`, :mod:`.skipping` and
 :mod:`.checkpoint`; :mod:`.sgd` and :mod:`.adamw` (the two optimizers); :mod:`.worklist` (the work
-list a step hands to the op); :mod:`.step_op` (the ops' names and their backend call; their fakes are here);
+list a step hands to the op); :mod:`.step_op` (the ops' names and their backend call; their fakes are in lwkd_fast.registry);
 :mod:`.reference` (the ``torch._foreach_*`` backend); :mod:`.tensors` (DTensor / layout helpers);
-:mod:`.checks` (``lwkd-fast check``'s cases).  Every name lives here as it did when this was one
+``lwkd-fast check``'s cases of the step are in lwkd_fast.check.step.  Every name lives here as it did when this was one
 module: the public classes keep ``__module__ == "lwkd_fast.optim"``, so pickles name them as before.
 """
 
 from __future__ import annotations
-
-import torch
-
-from .. import ops
 
 _EAGER_HOST_READ = True  # learn skip flags on the host as soon as that costs no wait (tests turn it off)
 
@@ -114,22 +110,5 @@ from .step_op import ADAMW_OP, OPS, SGD_OP, _run_step  # noqa: E402
 from .tensors import (_describe, _dtensor_type, _is_dense, _is_dtensor, _is_number, _local,  # noqa: E402
                       _same_layout, _scalar_on, _work_layout)
 from .worklist import _WorkList  # noqa: E402
-
-
-# (here, not in .step_op: csrc/ops.cpp's m.set_python_module names this module as the fake's)
-def _register_fake(ns: str) -> None:
-    @torch.library.register_fake(f"{ns}::layerwise_sgd_step")
-    def _sgd_step_fake(params, grads, momentum_buffer, factors, tensor_group, fresh, group_layer, group_lr,
-                       group_lr_tensor, weight_decay, momentum, dampening, nesterov, maximize, found_inf=None):
-        return None
-
-    @torch.library.register_fake(f"{ns}::layerwise_adamw_step")
-    def _adamw_step_fake(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, factors, tensor_group,
-                         group_layer, group_lr, group_lr_tensor, weight_decay, beta1, beta2, eps, amsgrad,
-                         maximize, found_inf=None):
-        return None
-
-
-ops.on_native_namespace(_register_fake)
 
 __all__ = ["LayerwiseSGD", "LayerwiseAdamW", "reference_sgd_step", "reference_adamw_step"]

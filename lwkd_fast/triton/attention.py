@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import ops, reference
+from .. import reference, registry
 from ._common import sqrt_rn
 from ._jit import (A_NCOL, JSD, _A_CHUNK, _A_KOFF, _A_MSPTR, _A_MTPTR, _A_N, _A_NCH, _A_NCOL, _A_ORIG, _A_SC,
     _A_SPTR, _A_SSB, _A_SSC, _A_SSN, _A_TC, _A_TPTR, _A_TSB, _A_TSC, _A_TSN, _A_TSTART, _H_BETA, _H_EPS, _H_P,
@@ -554,4 +554,4 @@ for _name, _impl, _student_pos in (("attention_discrepancy", _attention_forward_
     _LIB.define(SCHEMAS[_name])
     for _key in ("CPU", "CUDA"):
         _LIB.impl(_name, _under_guard(_name, _impl, _student_pos), _key)
-ops._register_attention_ops("lwkd_triton")
+registry.register_attention_ops("lwkd_triton")
