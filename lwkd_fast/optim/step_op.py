@@ -1,7 +1,6 @@
 """The step ops ``layerwise_sgd_step`` and ``layerwise_adamw_step``: their names and the call to the
 chosen backend (native, triton or the reference: the rows of ``lwkd_fast.ops.OP_TABLE``).  Their fake
-kernels are registered in ``lwkd_fast/optim/__init__.py``: csrc/ops.cpp names ``lwkd_fast.optim`` as
-the module of the ops' fakes (``m.set_python_module``)."""
+kernels are registered in ``lwkd_fast/registry.py`` with those of every other native op."""
 
 from __future__ import annotations
 
