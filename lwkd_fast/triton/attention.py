@@ -1,6 +1,6 @@
 """Attention discrepancy on Triton (SPEC section 1): the map, row and gradient kernels, their
 host code (forward / backward), and the ``lwkd_triton::attention_discrepancy`` ops, defined with
-the native schema and served by the native fake kernels and autograd (lwkd_fast.ops).  The
+the native schema and served by the native fake kernels and autograd (lwkd_fast.registry).  The
 design is described in lwkd_fast.triton.discrepancy.
 """
 
@@ -525,7 +525,7 @@ def _attention_backward_impl(grad, student, maps_s, maps_t, p, metric, beta, nor
 
 # ------------------------------------------------------------------------------------------------
 # The ops: the native schema (csrc/ops.cpp), implemented here for CPU tensors (interpreter) and
-# CUDA tensors; their fake kernels and autograd are the native ones (lwkd_fast.ops)
+# CUDA tensors; their fake kernels and autograd are the native ones (lwkd_fast.registry)
 # ------------------------------------------------------------------------------------------------
 
 SCHEMAS = {

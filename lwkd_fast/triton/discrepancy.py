@@ -8,7 +8,7 @@ callers and tests use; the code lives by concern in four modules of this package
     _host.py      host helpers: block sizes (CONFIG), validation, (B, C, N) views and their
                   layout / divisibility, the work table (_Table), gradient buffers, the launch wrapper
     attention.py  the attention kernels, their host code, the lwkd_triton::attention_discrepancy
-                  ops: the native schema (csrc/ops.cpp), fakes and autograd of lwkd_fast.ops
+                  ops: the native schema (csrc/ops.cpp), fakes and autograd of lwkd_fast.registry
     maps.py       the derivative-map kernels, their host code, the lwkd_triton::map_discrepancy
                   custom ops with their own schema, fakes and autograd (the backward reuses the
                   forward's row statistics; the native backward recomputes them)
