@@ -298,7 +298,7 @@ def test_launch_groups_follow_dtype_and_layout(launches):
 @pytest.mark.skipif(not hasattr(torch.ops.lwkd, "attention_discrepancy"), reason="the native extension is not built")
 def test_attention_ops_have_the_native_schema():
     """One contract: the Triton attention ops are defined with csrc/ops.cpp's schemas (and so
-    served by the fakes and autograd that lwkd_fast.ops registers for every such namespace)."""
+    served by the fakes and autograd that lwkd_fast.registry registers for every such namespace)."""
     for op in ("attention_discrepancy", "attention_discrepancy_backward"):
         native = str(getattr(torch.ops.lwkd, op).default._schema)
         assert str(getattr(torch.ops.lwkd_triton, op).default._schema) == native.replace("lwkd::", "lwkd_triton::")
