@@ -20,11 +20,17 @@ _H_TAU = tl.constexpr(2)
 _H_EPS = tl.constexpr(3)
 HDR = 4
 
+# the columns every layer row begins with (attention and map rows alike; _layer_tile reads them)
+_R_TSTART = tl.constexpr(0)   # global index of the layer's first tile
+_R_N = tl.constexpr(1)        # positions (elements) per sample
+_R_CHUNK = tl.constexpr(2)    # positions per tile
+_R_NCH = tl.constexpr(3)      # tiles per sample
+
 # attention layer rows
-_A_TSTART = tl.constexpr(0)   # global index of the layer's first tile
-_A_N = tl.constexpr(1)        # positions per sample
-_A_CHUNK = tl.constexpr(2)    # positions per tile
-_A_NCH = tl.constexpr(3)      # tiles per sample
+_A_TSTART = _R_TSTART
+_A_N = _R_N
+_A_CHUNK = _R_CHUNK
+_A_NCH = _R_NCH
 _A_ORIG = tl.constexpr(4)     # layer index k in the caller's order
 _A_KOFF = tl.constexpr(5)     # element offset of the layer's (B, N) block in the flat mask buffer
 _A_MSPTR = tl.constexpr(6)    # the layer's contiguous (B, N) maps: student, teacher (pointers)
@@ -43,10 +49,10 @@ A_NCOL = 18
 _A_NCOL = tl.constexpr(A_NCOL)
 
 # map-op layer rows
-_M_TSTART = tl.constexpr(0)
-_M_N = tl.constexpr(1)
-_M_CHUNK = tl.constexpr(2)
-_M_NCH = tl.constexpr(3)
+_M_TSTART = _R_TSTART
+_M_N = _R_N
+_M_CHUNK = _R_CHUNK
+_M_NCH = _R_NCH
 _M_ORIG = tl.constexpr(4)
 _M_SPTR = tl.constexpr(5)
 _M_SSB = tl.constexpr(6)
@@ -96,6 +102,25 @@ def _find_layer(tab, n_layers, gt, COL: tl.constexpr, NCOL: tl.constexpr, KPAD: 
     ks = tl.arange(0, KPAD)
     starts = tl.load(tab + ks * NCOL + COL, mask=ks < n_layers, other=_I64_MAX)
     return _sum((starts <= gt).to(tl.int32)) - 1
+
+
+@triton.jit
+def _layer_tile(tab, n_layers, tile0, NCOL: tl.constexpr, KPAD: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile of a work table whose rows are NCOL wide: (global tile gt, layer row,
+    sample b, chunk ci of nch per sample, positions N, and the chunk's begin, end of its full
+    BLOCK blocks, and end)."""
+    gt = tl.program_id(0).to(tl.int64) + tile0
+    row = tab + _find_layer(tab, n_layers, gt, _R_TSTART, NCOL, KPAD) * NCOL
+    local = gt - tl.load(row + _R_TSTART)
+    N = tl.load(row + _R_N)
+    chunk = tl.load(row + _R_CHUNK)
+    nch = tl.load(row + _R_NCH)
+    b = local // nch
+    ci = local - b * nch
+    i_begin = tl.multiple_of(ci * chunk, BLOCK)  # the host makes chunk a multiple of BLOCK
+    i_end = tl.minimum(i_begin + chunk, N)
+    i_full = i_begin + (i_end - i_begin) // BLOCK * BLOCK
+    return gt, row, b, ci, nch, N, i_begin, i_full, i_end
 
 
 @triton.jit

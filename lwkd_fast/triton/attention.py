@@ -12,9 +12,9 @@ import triton.language as tl
 
 from .. import reference, registry
 from ._common import sqrt_rn
-from ._jit import (A_NCOL, JSD, _A_CHUNK, _A_KOFF, _A_MSPTR, _A_MTPTR, _A_N, _A_NCH, _A_NCOL, _A_ORIG, _A_SC,
-    _A_SPTR, _A_SSB, _A_SSC, _A_SSN, _A_TC, _A_TPTR, _A_TSB, _A_TSC, _A_TSN, _A_TSTART, _H_BETA, _H_EPS, _H_P,
-    _H_TAU, _abs_pow_grad, _base, _chan_mean, _find_layer, _from_acc, _inv_clamp, _jsd_grad_ps, _jsd_term,
+from ._jit import (A_NCOL, JSD, _A_KOFF, _A_MSPTR, _A_MTPTR, _A_N, _A_NCOL, _A_ORIG, _A_SC,
+    _A_SPTR, _A_SSB, _A_SSC, _A_SSN, _A_TC, _A_TPTR, _A_TSB, _A_TSC, _A_TSN, _H_BETA, _H_EPS, _H_P,
+    _H_TAU, _abs_pow_grad, _base, _chan_mean, _from_acc, _layer_tile, _inv_clamp, _jsd_grad_ps, _jsd_term,
     _load_tile, _map_row, _max, _param, _store_tile, _sum, _tile_ptrs, _to_acc, _unless_overflow)
 from ._host import (CONFIG, _TL_DTYPES, _Table, _acc_dtype, _blocks, _cdiv, _check_features_nonempty,
     _check_params, _check_saved, _feat_desc, _grad_view, _guard, _launch, _metric_code, _next_pow2,
@@ -24,23 +24,6 @@ from ._host import (CONFIG, _TL_DTYPES, _Table, _acc_dtype, _blocks, _cdiv, _che
 # ------------------------------------------------------------------------------------------------
 # Attention: forward
 # ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _feat_tile(tab, n_layers, tile0, KPAD: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's feature tile: (layer row, sample b, positions N, and the chunk's begin, end
-    and end of its full BLOCK_N blocks)."""
-    gt = tl.program_id(0).to(tl.int64) + tile0
-    row = tab + _find_layer(tab, n_layers, gt, _A_TSTART, _A_NCOL, KPAD) * _A_NCOL
-    local = gt - tl.load(row + _A_TSTART)
-    N = tl.load(row + _A_N)
-    chunk = tl.load(row + _A_CHUNK)
-    nch = tl.load(row + _A_NCH)
-    b = local // nch
-    i_begin = tl.multiple_of((local - b * nch) * chunk, BLOCK_N)  # chunk is a multiple of BLOCK_N
-    i_end = tl.minimum(i_begin + chunk, N)
-    i_full = i_begin + (i_end - i_begin) // BLOCK_N * BLOCK_N
-    return row, b, N, i_begin, i_end, i_full
 
 
 @triton.jit
@@ -69,7 +52,7 @@ def _attn_maps_kernel(hdr, tab, n_layers, tile0,
                       S_LAYOUT: tl.constexpr, T_LAYOUT: tl.constexpr, S_DIV: tl.constexpr,
                       S_ALIGN: tl.constexpr, T_DIV: tl.constexpr, T_ALIGN: tl.constexpr,
                       KPAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    row, b, N, i_begin, i_end, i_full = _feat_tile(tab, n_layers, tile0, KPAD, BLOCK_N)
+    _gt, row, b, _ci, _nch, N, i_begin, i_full, i_end = _layer_tile(tab, n_layers, tile0, _A_NCOL, KPAD, BLOCK_N)
     p = _param(hdr, _H_P, ACC)
 
     s_base = _base(row, _A_SPTR, _A_SSB, b, S_DT, S_DIV, S_ALIGN)
@@ -330,7 +313,7 @@ def _attn_grad_kernel(hdr, tab, n_layers, tile0, B, masks, rowscal,
                       BLOCK_C: tl.constexpr):
     """Student gradient of one (layer, sample, chunk of positions) tile; the table's second
     tensor slot holds the gradient buffer (B, C, N) view."""
-    row, b, N, i_begin, i_end, i_full = _feat_tile(tab, n_layers, tile0, KPAD, BLOCK_N)
+    _gt, row, b, _ci, _nch, N, i_begin, i_full, i_end = _layer_tile(tab, n_layers, tile0, _A_NCOL, KPAD, BLOCK_N)
     k = tl.load(row + _A_ORIG)
     p = _param(hdr, _H_P, OPT)
     inv_tau = 1.0 / _param(hdr, _H_TAU, ACC)

@@ -12,9 +12,9 @@ import triton
 import triton.language as tl
 
 from ._common import is_dense, same_layout, sqrt_rn
-from ._jit import (M_NCOL, _H_BETA, _H_EPS, _M_CHUNK, _M_GPTR, _M_GSB, _M_N, _M_NCH, _M_NCH_I, _M_NCOL,
-    _M_ORIG, _M_SPTR, _M_SSB, _M_TPTR, _M_TSB, _M_TSTART, _base, _find_layer, _from_acc, _inv_clamp,
-    _jsd_grad_ps, _jsd_term, _param, _sign, _sum, _to_acc, _unless_overflow)
+from ._jit import (M_NCOL, _H_BETA, _H_EPS, _M_GPTR, _M_GSB, _M_NCH, _M_NCH_I, _M_NCOL,
+    _M_ORIG, _M_SPTR, _M_SSB, _M_TPTR, _M_TSB, _M_TSTART, _base, _from_acc, _inv_clamp,
+    _jsd_grad_ps, _jsd_term, _layer_tile, _param, _sign, _sum, _to_acc, _unless_overflow)
 from ._host import (CONFIG, _TL_DTYPES, _Table, _acc_dtype, _cdiv, _check_maps_nonempty, _check_params,
     _check_saved, _divisibility, _guard, _launch, _metric_code, _next_pow2, _pair_lists, _round_up,
     _store_mode)
@@ -27,19 +27,9 @@ from ._host import (CONFIG, _TL_DTYPES, _Table, _acc_dtype, _cdiv, _check_maps_n
 
 @triton.jit
 def _flat_tile(tab, n_layers, tile0, KPAD: tl.constexpr, BLOCK: tl.constexpr):
-    gt = tl.program_id(0).to(tl.int64) + tile0
-    row = tab + _find_layer(tab, n_layers, gt, _M_TSTART, _M_NCOL, KPAD) * _M_NCOL
-    local = gt - tl.load(row + _M_TSTART)
-    N = tl.load(row + _M_N)
-    chunk = tl.load(row + _M_CHUNK)
-    nch = tl.load(row + _M_NCH)
-    b = local // nch
-    ci = local - b * nch
-    i_begin = tl.multiple_of(ci * chunk, BLOCK)  # chunk is a multiple of BLOCK
-    i_end = tl.minimum(i_begin + chunk, N)
-    i_full = i_begin + (i_end - i_begin) // BLOCK * BLOCK
-    first = gt - ci  # global index of the sample's first tile
-    return gt, row, b, ci, nch, i_begin, i_full, i_end, first
+    """The map rows' tile (``_layer_tile``) and the global index of its sample's first tile."""
+    gt, row, b, ci, nch, _N, i_begin, i_full, i_end = _layer_tile(tab, n_layers, tile0, _M_NCOL, KPAD, BLOCK)
+    return gt, row, b, ci, nch, i_begin, i_full, i_end, gt - ci
 
 
 @triton.jit
