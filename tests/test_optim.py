@@ -134,15 +134,17 @@ def make_torch(kind, ps, cfg, wd, **extra):
 
 
 class RefRule:
-    """The reference rule on its own state, feeding torch.optim's group rates each step."""
+    """The reference rule on its own state, feeding torch.optim's group rates each step; by
+    default the optimizers' default rule (``optim.DEFAULT_RATE_NORMALIZE``)."""
 
-    def __init__(self):
+    def __init__(self, rate_normalize=optim.DEFAULT_RATE_NORMALIZE):
         self.m = torch.ones(K)
         self.nf = torch.zeros((), dtype=torch.int64)
+        self.ref = rule.new_reference_state(K) if rate_normalize == "running" else None
 
     def rates(self, d, base_lr):
         return rule.reference_rates(d, self.m, self.nf, [base_lr], None, RULE["rate_momentum"], RULE["gamma"],
-                                    RULE["s_min"], RULE["s_max"], 1e-12)
+                                    RULE["s_min"], RULE["s_max"], 1e-12, ref_state=self.ref)
 
     def apply(self, opt, d, base_lr):
         eta = self.rates(d, base_lr).tolist()
@@ -235,9 +237,16 @@ def test_bfloat16_params(backend, kind, cfg, wd):
         # (only where torch's fused step itself holds the float64 rule: torch 2.13's fused bf16
         # SGD on the CPU does not -- found by .ci/second-torch -- and the float64 run is the oracle)
         fused_ok = compare(ps_fused[i].detach(), ps64[i].detach(), torch.bfloat16, eager=ps_eager[i].detach()).ok
+        # An element that ends near 0 after passing through larger values can differ by more than
+        # that from torch's fused step (its earlier ulps persist); there ours must then be at
+        # least as close to the float64 run as torch's fused step is.
         if backend != "reference" and fused_ok:
-            torch.testing.assert_close(ps[i].float(), ps_fused[i].float(), rtol=3 * 2 ** -8, atol=1e-3,
-                                       msg=lambda m, i=i: f"param {i}: {m}")
+            a, f, r = ps[i].detach().double(), ps_fused[i].detach().double(), ps64[i].detach()
+            close = (a - f).abs() <= 1e-3 + 3 * 2 ** -8 * f.abs()
+            no_worse = (a - r).abs() <= (f - r).abs()
+            assert bool((close | no_worse).all()), (
+                f"param {i}: ours {a[~(close | no_worse)].tolist()} vs torch fused "
+                f"{f[~(close | no_worse)].tolist()}, float64 {r[~(close | no_worse)].tolist()}")
 
 
 def _native_run(kind, cfg, wd, dtype, steps=4):
@@ -516,10 +525,11 @@ def test_nonfinite_discrepancy_keeps_layer_rate(backend):
     with lw.use_backend(backend):
         set_grads(ps, grads[0], torch.float32)
         opt.step(torch.tensor([0.5, 1.0, 2.0]))
-        r0 = opt.rates.clone()
+        r0, ref0 = opt.rates.clone(), opt.rate_reference.clone()
         set_grads(ps, grads[1], torch.float32)
-        opt.step(torch.tensor([0.5, float("inf"), 2.0]))
+        opt.step(torch.tensor([1.5, float("inf"), 2.0]))  # (layer 0 rises: its rate moves under both rules)
     assert opt.rates[1] == r0[1] and opt.rates[0] != r0[0]
+    assert torch.equal(opt.rate_reference[:, 1], ref0[:, 1]) and not torch.equal(opt.rate_reference[:, 0], ref0[:, 0])
     assert int(opt.nonfinite_steps) == 1
 
 
@@ -1158,7 +1168,7 @@ def test_optimizer_built_before_the_model_moves(backend, kind, cfg):
     ref = (torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(
         [{"params": ref_model[0].parameters()}, {"params": ref_model[1].parameters()},
          {"params": ref_model[3].parameters()}], **cfg, foreach=False)
-    m = torch.ones(2)
+    m, ref_state = torch.ones(2), rule.new_reference_state(2)
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     for s in range(3):
         d = torch.tensor([0.2 + s, 0.7])
@@ -1166,7 +1176,7 @@ def test_optimizer_built_before_the_model_moves(backend, kind, cfg):
         with lw.use_backend(backend), NoHostSync():
             opt.step(d)  # the rate state is created on the CPU here, without a host read
         opt.zero_grad()
-        eta = rule.reference_rates(d, m, None, [cfg["lr"]], None, 0.9, 1.0, 0.1, 10.0, 1e-12)
+        eta = rule.reference_rates(d, m, None, [cfg["lr"]], None, 0.9, 1.0, 0.1, 10.0, 1e-12, ref_state=ref_state)
         for gi in range(2):
             ref.param_groups[gi]["lr"] = float(eta[gi])
         ref_model(x).square().mean().backward()

@@ -91,9 +91,12 @@ def lwkd_fused(kind: str, backend: str = "native", device="cpu"):
 
 
 def _torch_rule(kind, device):
+    """The optimizers' default rule (with its running reference when that is ``"running"``) in
+    plain torch: the rates a user without the fused step computes each step."""
     m = torch.ones(K, device=device)
+    ref = rule.new_reference_state(K, device=device) if optim.DEFAULT_RATE_NORMALIZE == "running" else None
     d = discrepancies(device)
-    return lambda: rule.reference_rates(d, m, None, [LR[kind]], None, 0.9, 1.0, 0.1, 10.0, 1e-12)
+    return lambda: rule.reference_rates(d, m, None, [LR[kind]], None, 0.9, 1.0, 0.1, 10.0, 1e-12, ref_state=ref)
 
 
 def torch_foreach_sync(kind: str, device="cpu"):

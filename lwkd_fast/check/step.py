@@ -8,12 +8,13 @@ from typing import Any, Dict, Iterable
 import torch
 
 from .. import rule
-from ..optim import LayerwiseAdamW, LayerwiseSGD
+from ..optim import DEFAULT_RATE_NORMALIZE, LayerwiseAdamW, LayerwiseSGD
 from ..optim.step_op import ADAMW_OP, SGD_OP
 from ..testing import Verdict, compare
 from .case import Case
 
 _OP = {"sgd": SGD_OP, "adamw": ADAMW_OP}  # the step op of each case kind
+_RULE_KEYS = ("rate_momentum", "gamma", "s_min", "s_max", "rate_normalize")  # a case's options of the rule, not of torch.optim
 
 
 def _check_params(device, dtype):
@@ -55,18 +56,22 @@ def _check_run(kind: str, cfg: Dict[str, Any], device, dtype, steps: int = 4):
 
     def run_torch(tdtype, foreach):
         ps = [t.detach().to(tdtype, copy=True).requires_grad_(True) for t in base]
-        tcfg = {k: v for k, v in cfg.items() if k not in ("rate_momentum", "gamma", "s_min", "s_max")}
+        tcfg = {k: v for k, v in cfg.items() if k not in _RULE_KEYS}
         lr = tcfg.pop("lr")
         cls = torch.optim.SGD if kind == "sgd" else torch.optim.AdamW
         opt = cls(groups_of(ps), lr=lr, foreach=foreach, **tcfg)
         m = [1.0] * K
         rm = {k: cfg[k] for k in ("gamma", "s_min", "s_max") if k in cfg}
         mu = cfg.get("rate_momentum", 0.9)
+        # the optimizer's rule: its running reference (a, w) when it normalises, as the optimizer keeps it
+        ref = [[0.0] * K, [0.0] * K] if cfg.get("rate_normalize", DEFAULT_RATE_NORMALIZE) == "running" else None
         for s in range(steps):
             eta, m, _ = rule.oracle_rates([float(x) for x in ds[s].double()], m, lr, mu,
-                                          rm.get("gamma", 1.0), rm.get("s_min", 0.1), rm.get("s_max", 10.0))
-            # the optimizer's factors and rates are float32: hand torch the same rate values
+                                          rm.get("gamma", 1.0), rm.get("s_min", 0.1), rm.get("s_max", 10.0), ref=ref)
+            # the optimizer's factors, reference and rates are float32: hand torch the same rate values
             m = torch.tensor(m, dtype=torch.float32).double().tolist()
+            if ref is not None:
+                ref = torch.tensor(ref, dtype=torch.float32).double().tolist()
             eta = torch.tensor(eta, dtype=torch.float32).double().tolist()
             for grp in opt.param_groups:
                 grp["lr"] = lr if grp["layer"] is None else eta[grp["layer"]]
@@ -93,6 +98,7 @@ _STEP_CASES = (
     ("sgd", "plain", dict(lr=0.1)),
     ("sgd", "momentum+wd+dampening", dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)),
     ("sgd", "nesterov+maximize", dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True, gamma=0.5)),
+    ("sgd", "momentum, rule 'none'", dict(lr=0.05, momentum=0.9, rate_normalize="none")),
     ("adamw", "default", dict(lr=1e-2)),
     ("adamw", "amsgrad+maximize", dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True,
                                        maximize=True)),

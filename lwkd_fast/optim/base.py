@@ -15,7 +15,7 @@ from .placement import _Placement
 from .skipping import _SkipTracking, _Unsettled
 from .worklist import _WorkList, _group_args
 
-DEFAULT_RATE_NORMALIZE = "none"  # the rule of the optimizers unless told otherwise (SPEC section 4)
+DEFAULT_RATE_NORMALIZE = "running"  # the rule of the optimizers unless told otherwise (SPEC section 4)
 _SYNC_CHOICES = (None, "all_reduce")
 # the keyword options of _LayerwiseOptimizer.__init__, which every optimizer's constructor takes
 _RULE_OPTIONS = ("rate_momentum", "gamma", "s_min", "s_max", "sync", "num_layers", "rate_eps", "process_group",
@@ -39,7 +39,7 @@ class _LayerwiseOptimizer(_Checkpointing, _SkipTracking, _Placement, _Groups, to
 
     def __init__(self, groups, defaults: Dict[str, Any], *, rate_momentum: float, gamma: float,
                  s_min: float, s_max: float, sync: Optional[str], num_layers: Optional[int],
-                 rate_eps: float, process_group=None, rate_normalize: str = "none",
+                 rate_eps: float, process_group=None, rate_normalize: str = DEFAULT_RATE_NORMALIZE,
                  rate_ref_momentum: float = rule.DEFAULT_REF_MOMENTUM) -> None:
         name = self._name
         rule.check_rule_options(name, rate_momentum, gamma, s_min, s_max, rate_eps, momentum_name="rate_momentum",

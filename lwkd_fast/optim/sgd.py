@@ -22,10 +22,11 @@ class LayerwiseSGD(_LayerwiseOptimizer):
     a 0-dim tensor; schedulers drive ``param_groups[i]["lr"]``).  ``momentum``, ``dampening``,
     ``weight_decay``, ``nesterov``, ``maximize`` mean exactly what they mean for
     ``torch.optim.SGD``.  ``rate_momentum`` (mu), ``gamma``, ``s_min``, ``s_max`` (and
-    ``rate_eps``) parameterise the rule; ``rate_normalize`` chooses it: ``"none"`` (rates from D
-    itself) or ``"running"`` (each layer's D divided by its own bias-corrected running mean,
-    decay ``rate_ref_momentum``, first: rates that do not depend on a layer's scale; the
-    reference is optimizer state, :attr:`rate_reference`).  ``sync="all_reduce"`` averages the discrepancies over
+    ``rate_eps``) parameterise the rule; ``rate_normalize`` chooses it: ``"running"`` (the
+    default: each layer's D divided by its own bias-corrected running mean, decay
+    ``rate_ref_momentum``, first: rates that do not depend on a layer's scale; the reference is
+    optimizer state, :attr:`rate_reference`) or ``"none"`` (rates from D itself, the
+    earlier default; SPEC section 4 says why the default changed).  ``sync="all_reduce"`` averages the discrepancies over
     the ``torch.distributed`` group (``process_group``) before the rule.  ``num_layers`` fixes K
     (default: one past the largest layer index of the groups).
 
