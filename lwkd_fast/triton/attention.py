@@ -14,7 +14,7 @@ from .. import reference, registry
 from ._common import sqrt_rn
 from ._jit import (A_NCOL, JSD, _A_KOFF, _A_MSPTR, _A_MTPTR, _A_N, _A_NCOL, _A_ORIG, _A_SC,
     _A_SPTR, _A_SSB, _A_SSC, _A_SSN, _A_TC, _A_TPTR, _A_TSB, _A_TSC, _A_TSN, _H_BETA, _H_EPS, _H_P,
-    _H_TAU, _abs_pow_grad, _base, _chan_mean, _from_acc, _layer_tile, _inv_clamp, _jsd_grad_ps, _jsd_term,
+    _H_TAU, _abs_pow_grad, _base, _chan_mean, _from_acc, _inv_clamp, _jsd_grad_ps, _jsd_term, _layer_tile,
     _load_tile, _map_row, _max, _param, _store_tile, _sum, _tile_ptrs, _to_acc, _unless_overflow)
 from ._host import (CONFIG, _TL_DTYPES, _Table, _acc_dtype, _blocks, _cdiv, _check_features_nonempty,
     _check_params, _check_saved, _feat_desc, _grad_view, _guard, _launch, _metric_code, _next_pow2,
