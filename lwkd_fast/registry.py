@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops, reference
+from . import ops, reference, rule
 
 
 def _no_double_backward(ns: str, op: str) -> None:
@@ -114,7 +114,7 @@ def register_rates_op(ns: str) -> None:
     """Fake kernel of ``ns::layerwise_rates`` (no autograd: the rule runs under no_grad)."""
     @torch.library.register_fake(f"{ns}::layerwise_rates")
     def _rates_fake(discrepancies, state, nonfinite, base_lr, base_lr_tensor, momentum, gamma, s_min,
-                    s_max, eps, found_inf=None, ref_state=None, ref_momentum=0.99):
+                    s_max, eps, found_inf=None, ref_state=None, ref_momentum=rule.DEFAULT_REF_MOMENTUM):
         return torch.empty_like(state, memory_format=torch.contiguous_format)
 
 
